@@ -1,0 +1,317 @@
+"""Plain-PyTorch reference for GaLLoP: the contract every kernel is tested against.
+
+Selection works on 32-bit *order keys*: the float32 score's bit pattern mapped so
+that unsigned integer order equals float order (the radix-sort trick). A larger
+key is a better weight. Top-k over keys is done with histograms over the key's
+high and low 16 bits, never a full sort, and never with an O(N) score tensor:
+parameters are streamed in chunks, so extra memory is O(chunk + bins + k).
+
+Tie rule (part of the contract): among equal keys, the earlier source (the
+parameter's position in ``named_parameters()``) wins, then the lower flat index.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+
+CRITERIA = ("gallop", "saft", "pafi", "magnitude", "random")
+SCOPES = ("global", "per_tensor")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+BITS = 16  # radix digit: two levels of 2**16 bins cover the 32-bit key
+NUM_BINS = 1 << BITS
+CHUNK = 1 << 20  # elements scored at a time
+# A boundary bin with at most this many weights is resolved from a candidate
+# buffer (2 passes); a larger one (heavy ties) costs a third, low-digit pass.
+CANDIDATE_CAP = 1 << 20
+
+_U32 = 0xFFFFFFFF
+_SIGN = 0x80000000
+
+
+def num_to_select(rho: float, n: int) -> int:
+    """k = round(rho * n), half away from zero, and at least 1 when n > 0."""
+    if n == 0:
+        return 0
+    return min(n, max(1, math.floor(rho * n + 0.5)))
+
+
+# ----------------------------------------------------------------------------
+# score and order keys
+# ----------------------------------------------------------------------------
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def random_score(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform float32 in [0, 1) from a hash of (seed, global flat position).
+
+    Counter-based, so any chunk of any parameter can be scored independently and
+    every device (and kernel) gets the same numbers.
+    """
+    salt = _hash32(torch.tensor(seed & _U32, dtype=torch.int64))
+    hi = _hash32(((positions >> 32) ^ salt) & _U32)
+    h = _hash32((positions & _U32) ^ hi)
+    return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+def score(
+    criterion: str,
+    param: torch.Tensor,
+    grad: torch.Tensor | None,
+    eps: float = 1e-8,
+    *,
+    seed: int = 0,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Float32 score of every weight (flattened); a larger score is selected first.
+
+    gallop: |g| / (|theta| + eps); saft: |g|; magnitude: |theta|;
+    pafi: -|theta| (smallest magnitude first); random: uniform from ``seed`` and
+    the weight's global position ``offset + flat index``.
+    """
+    if criterion == "gallop":
+        return grad.reshape(-1).float().abs() / (param.reshape(-1).float().abs() + eps)
+    if criterion == "saft":
+        return grad.reshape(-1).float().abs()
+    if criterion == "magnitude":
+        return param.reshape(-1).float().abs()
+    if criterion == "pafi":
+        # 0 - |x| turns -0.0 into +0.0, so equal magnitudes get equal keys.
+        return 0.0 - param.reshape(-1).float().abs()
+    if criterion == "random":
+        pos = torch.arange(param.numel(), device=param.device, dtype=torch.int64) + offset
+        return random_score(pos, seed)
+    raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+
+
+def order_key(s: torch.Tensor) -> torch.Tensor:
+    """Map float32 scores to int64 keys in [0, 2**32) whose order is the float order."""
+    bits = s.view(torch.int32).to(torch.int64) & _U32
+    return torch.where(bits >= _SIGN, _U32 - bits, bits | _SIGN)
+
+
+def key_to_score(key: int) -> float:
+    """Inverse of :func:`order_key` for one key."""
+    bits = key - _SIGN if key >= _SIGN else _U32 - key
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+# ----------------------------------------------------------------------------
+# chunked top-k over keys
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One tensor in a selection: its name, (param, grad) and global flat offset."""
+
+    name: str
+    param: torch.Tensor
+    grad: torch.Tensor | None
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def _chunks(src: Source, criterion: str, eps: float, seed: int, chunk: int):
+    """Yield (start, keys) for consecutive chunks of one source; checks finiteness."""
+    p = src.param.detach().reshape(-1)
+    g = None if src.grad is None else src.grad.detach().reshape(-1)
+    for start in range(0, p.numel(), chunk):
+        stop = min(start + chunk, p.numel())
+        s = score(
+            criterion,
+            p[start:stop],
+            None if g is None else g[start:stop],
+            eps,
+            seed=seed,
+            offset=src.offset + start,
+        )
+        bad = ~torch.isfinite(s)
+        if bad.any():
+            i = start + int(bad.nonzero()[0])
+            what = "NaN" if torch.isnan(s[i - start]) else "Inf"
+            grad_txt = "" if g is None else f", grad={g[i].item()!r}"
+            raise ValueError(
+                f"parameter {src.name!r}: {criterion} score is {what} at flat index {i} "
+                f"(param={p[i].item()!r}{grad_txt}); check for NaN/Inf in the weights or "
+                f"gradients, or use eps > 0"
+            )
+        yield start, order_key(s)
+
+
+def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest key, and how many keys lie in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, k))  # first position with count >= k
+    b = NUM_BINS - 1 - i
+    return b, int(from_top[i]) - int(hist[b])
+
+
+def topk_keys(
+    sources: list[Source],
+    k: int,
+    criterion: str,
+    eps: float = 1e-8,
+    seed: int = 0,
+    chunk: int = CHUNK,
+) -> tuple[list[torch.Tensor], int | None]:
+    """Exactly k weights with the largest keys over ``sources``, ties by position.
+
+    Returns the sorted int64 flat indices selected in each source and the
+    threshold key (the k-th largest key; None when k == 0).
+    """
+    devices = [s.param.device for s in sources]
+    empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
+    if k == 0:
+        return empty, None
+
+    def stream():
+        for si, src in enumerate(sources):
+            for start, key in _chunks(src, criterion, eps, seed, chunk):
+                yield si, start, key
+
+    # Pass 1: histogram of the high digit.
+    hist = 0
+    for _, _, key in stream():
+        hist = hist + torch.bincount(key >> BITS, minlength=NUM_BINS)
+    hist = hist.cpu()
+    hi_bin, above = _boundary(hist, k)
+    need = k - above  # weights still to take from the boundary bin, in key order
+    collect = int(hist[hi_bin]) <= CANDIDATE_CAP
+
+    # Pass 2: emit everything above the boundary bin; resolve the bin itself from a
+    # candidate buffer, or histogram its low digit when it is too large to buffer.
+    picked = [[] for _ in sources]
+    cand_key, cand_src, cand_idx = [], [], []
+    low_hist = torch.zeros(NUM_BINS, dtype=torch.int64)
+    for si, start, key in stream():
+        high = key >> BITS
+        picked[si].append((high > hi_bin).nonzero().reshape(-1) + start)
+        in_bin = (high == hi_bin).nonzero().reshape(-1)
+        if collect:
+            cand_key.append(key[in_bin].cpu())
+            cand_idx.append(in_bin.cpu() + start)
+            cand_src.append(torch.full((in_bin.numel(),), si, dtype=torch.int64))
+        else:
+            low_hist += torch.bincount((key[in_bin] & (NUM_BINS - 1)).cpu(), minlength=NUM_BINS)
+
+    if collect:
+        keys = torch.cat(cand_key)
+        order = torch.sort(keys, descending=True, stable=True).indices[:need]
+        src_of, idx_of = torch.cat(cand_src)[order], torch.cat(cand_idx)[order]
+        for si in range(len(sources)):
+            picked[si].append(idx_of[src_of == si].to(devices[si]))
+        threshold = int(keys[order[-1]])
+    else:
+        lo_bin, above_lo = _boundary(low_hist, need)
+        threshold = (hi_bin << BITS) | lo_bin
+        ties = need - above_lo
+        # Pass 3 (heavy ties only): keys above the threshold inside the bin, then
+        # the first `ties` keys equal to it in position order.
+        for si, start, key in stream():
+            picked[si].append(((key > threshold) & ((key >> BITS) == hi_bin)).nonzero().reshape(-1) + start)
+            if ties:
+                eq = (key == threshold).nonzero().reshape(-1)[:ties]
+                ties -= eq.numel()
+                picked[si].append(eq + start)
+
+    out = [torch.sort(torch.cat(p)).values if p else e for p, e in zip(picked, empty)]
+    return out, threshold
+
+
+# ----------------------------------------------------------------------------
+# oracle for tests: a float64 full sort, the obvious way
+# ----------------------------------------------------------------------------
+
+
+def topk_by_sort(sources: list[Source], k: int, criterion: str, eps: float = 1e-8, seed: int = 0):
+    """Same contract as :func:`topk_keys` by materializing scores and sorting.
+
+    Meant for tests: O(N) memory. Float64 sort keys; position breaks ties.
+    """
+    scores = [score(criterion, s.param, s.grad, eps, seed=seed, offset=s.offset).double() for s in sources]
+    flat = torch.cat([x.cpu() for x in scores]) if scores else torch.empty(0, dtype=torch.float64)
+    owner = torch.cat([torch.full((s.numel,), i, dtype=torch.int64) for i, s in enumerate(sources)])
+    local = torch.cat([torch.arange(s.numel, dtype=torch.int64) for s in sources])
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    out = [torch.sort(local[order][owner[order] == i]).values for i in range(len(sources))]
+    return out, (float(flat[order[-1]]) if k else None)
+
+
+# ----------------------------------------------------------------------------
+# sparse AdamW
+# ----------------------------------------------------------------------------
+
+
+def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """t.reshape(-1)[indices], a new tensor."""
+    return t.reshape(-1)[indices]
+
+
+def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t."""
+    if t.is_contiguous():
+        t.view(-1).index_copy_(0, indices, values.to(t.dtype))
+    else:
+        t[torch.unravel_index(indices, t.shape)] = values.to(t.dtype)
+
+
+def sparse_adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """One AdamW step on the selected entries of ``param`` only.
+
+    Gathers the selected weights and gradients into float32, runs
+    torch.optim.AdamW's own single-tensor math on that compact copy with the
+    compact float32 states, and scatters the result back. Unselected weights are
+    not touched, so weight decay never reaches them.
+    """
+    theta = gather(param, indices).float()
+    g = gather(grad, indices).float()
+    _torch_adamw(
+        [theta],
+        [g],
+        [exp_avg],
+        [exp_avg_sq],
+        [max_exp_avg_sq] if amsgrad else [],
+        [step],
+        foreach=False,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )
+    scatter_(param, indices, theta)

@@ -1,0 +1,248 @@
+"""select_mask: pick the weights GaLLoP trains, and the Selection that holds them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from . import reference
+from .reference import CRITERIA, SCOPES, SUPPORTED_DTYPES, Source
+
+_NEEDS_GRAD = {"gallop": True, "saft": True, "pafi": False, "magnitude": False, "random": False}
+
+
+class Selection(Mapping):
+    """The selected weights: parameter name -> sorted int64 flat indices.
+
+    Flat indices address ``param.reshape(-1)``. Built by :func:`select_mask`;
+    saved and restored with :meth:`state_dict` / :meth:`load_state_dict`.
+    """
+
+    def __init__(
+        self,
+        indices: dict[str, torch.Tensor],
+        shapes: dict[str, torch.Size],
+        *,
+        rho: float,
+        criterion: str,
+        scope: str,
+        threshold: float | dict[str, float] | None,
+    ):
+        self._indices = dict(indices)
+        self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
+        self.rho = rho
+        self.criterion = criterion
+        self.scope = scope
+        self.threshold = threshold
+        """Score of the last weight taken: one float for scope="global", a
+        name -> float dict for "per_tensor" (None where nothing was taken)."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._indices[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __repr__(self) -> str:
+        return (
+            f"Selection(criterion={self.criterion!r}, scope={self.scope!r}, rho={self.rho}, "
+            f"num_selected={self.num_selected}, num_total={self.num_total}, tensors={len(self)})"
+        )
+
+    @property
+    def num_selected(self) -> int:
+        """Number of selected weights over all parameters."""
+        return sum(int(i.numel()) for i in self._indices.values())
+
+    @property
+    def num_total(self) -> int:
+        """Number of weights the selection was made over."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    @property
+    def density(self) -> float:
+        """num_selected / num_total."""
+        return self.num_selected / self.num_total if self.num_total else 0.0
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean masks shaped like each parameter, True where selected."""
+        out = {}
+        for name, idx in self._indices.items():
+            m = torch.zeros(math.prod(self.shapes[name]), dtype=torch.bool, device=idx.device)
+            m[idx] = True
+            out[name] = m.view(self.shapes[name])
+        return out
+
+    def to(self, device: torch.device | str) -> Selection:
+        """A copy with every index tensor on ``device``."""
+        return Selection(
+            {n: i.to(device) for n, i in self._indices.items()},
+            self.shapes,
+            rho=self.rho,
+            criterion=self.criterion,
+            scope=self.scope,
+            threshold=self.threshold,
+        )
+
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild this selection (indices on the CPU)."""
+        return {
+            "version": 1,
+            "indices": {n: i.cpu() for n, i in self._indices.items()},
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "rho": self.rho,
+            "criterion": self.criterion,
+            "scope": self.scope,
+            "threshold": self.threshold,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace this selection by one saved with :meth:`state_dict`."""
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported Selection state version {state.get('version')!r}; expected 1")
+        shapes = {n: torch.Size(s) for n, s in state["shapes"].items()}
+        indices = dict(state["indices"])
+        if set(shapes) != set(indices):
+            raise ValueError("Selection state: 'indices' and 'shapes' name different parameters")
+        for name, idx in indices.items():
+            _check_indices(name, idx, math.prod(shapes[name]))
+        self.__init__(
+            indices,
+            shapes,
+            rho=state["rho"],
+            criterion=state["criterion"],
+            scope=state["scope"],
+            threshold=state["threshold"],
+        )
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Selection:
+        """Build a Selection from :meth:`state_dict` output."""
+        sel = cls.__new__(cls)
+        sel.load_state_dict(state)
+        return sel
+
+    def check_matches(self, name: str, param: torch.Tensor) -> None:
+        """Raise ValueError unless ``param`` is the parameter this selection was made for."""
+        if name not in self._indices:
+            raise ValueError(f"parameter {name!r} is not in the selection (it has {len(self)} parameters)")
+        if param.shape != self.shapes[name]:
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(param.shape)} but was selected with shape "
+                f"{tuple(self.shapes[name])}: the model changed after selection"
+            )
+
+
+def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        raise ValueError(f"parameter {name!r}: selection indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise ValueError(
+            f"parameter {name!r}: selection index out of range [0, {numel}) "
+            f"(min {int(idx.min())}, max {int(idx.max())})"
+        )
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"parameter {name!r}: selection indices must be sorted and unique")
+
+
+# ----------------------------------------------------------------------------
+# select_mask
+# ----------------------------------------------------------------------------
+
+_TOPK_BACKENDS = {"reference": reference.topk_keys}
+
+
+def _validate_args(rho, criterion, eps, scope, backend):
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0):
+        raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if backend != "auto" and backend not in _TOPK_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(_TOPK_BACKENDS)}")
+
+
+def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool) -> list[Source]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no trainable parameters (requires_grad=True)")
+    if grads is not None:
+        unknown = set(grads) - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"grads has entries that are not trainable parameters of the model: {sorted(unknown)}")
+    sources, offset = [], 0
+    for name, p in named:
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+        g = None
+        if needs_grad:
+            g = p.grad if grads is None else grads.get(name)
+            if g is None:
+                where = "its .grad is None (run backward first)" if grads is None else "it is missing from grads"
+                raise ValueError(f"parameter {name!r} has no gradient: {where}")
+            if g.shape != p.shape:
+                raise ValueError(f"parameter {name!r}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+            if g.device != p.device:
+                raise ValueError(f"parameter {name!r}: gradient on {g.device} but parameter on {p.device}")
+            if g.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+            if g.is_sparse:
+                raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+        sources.append(Source(name, p.detach(), None if g is None else g.detach(), offset))
+        offset += p.numel()
+    return sources
+
+
+def _pick_backend(backend: str, sources: list[Source]) -> str:
+    if backend != "auto":
+        return backend
+    on_cuda = any(s.param.is_cuda for s in sources)
+    return "triton" if on_cuda and "triton" in _TOPK_BACKENDS else "reference"
+
+
+@torch.no_grad()
+def select_mask(
+    model: nn.Module,
+    grads: Mapping[str, torch.Tensor] | None = None,
+    rho: float = 0.01,
+    *,
+    criterion: str = "gallop",
+    eps: float = 1e-8,
+    scope: str = "global",
+    seed: int = 0,
+    backend: str = "auto",
+) -> Selection:
+    """Select exactly round(rho * N) trainable weights of ``model`` by ``criterion``.
+
+    ``grads`` maps parameter names to gradients (default: each parameter's
+    ``.grad``); criteria pafi, magnitude and random need none. ``scope="global"``
+    uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
+    each tensor. Ties go to the earlier parameter, then the lower flat index.
+    """
+    _validate_args(rho, criterion, eps, scope, backend)
+    sources = _sources(model, grads, _NEEDS_GRAD[criterion])
+    topk = _TOPK_BACKENDS[_pick_backend(backend, sources)]
+    shapes = {s.name: s.param.shape for s in sources}
+
+    def run(group: list[Source]):
+        k = reference.num_to_select(rho, sum(s.numel for s in group))
+        idx, key = topk(group, k, criterion, eps, seed)
+        return idx, (None if key is None else reference.key_to_score(key))
+
+    if scope == "global":
+        idx, threshold = run(sources)
+        indices = {s.name: i for s, i in zip(sources, idx)}
+    else:
+        indices, threshold = {}, {}
+        for s in sources:
+            (indices[s.name],), threshold[s.name] = run([s])
+    return Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
