@@ -169,13 +169,15 @@ def topk_keys(
     criterion: str,
     eps: float = 1e-8,
     seed: int = 0,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
 ) -> tuple[list[torch.Tensor], int | None]:
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Returns the sorted int64 flat indices selected in each source and the
-    threshold key (the k-th largest key; None when k == 0).
+    threshold key (the k-th largest key; None when k == 0). ``chunk`` defaults
+    to the module's CHUNK.
     """
+    chunk = chunk or CHUNK
     devices = [s.param.device for s in sources]
     empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
     if k == 0:
