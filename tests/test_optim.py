@@ -1,0 +1,245 @@
+"""SparseAdamW against torch.optim.AdamW run on a gathered copy of the selected weights."""
+
+import pytest
+import torch
+from helpers import DTYPES, Bag, make_bag
+
+import gallop_kernels as gk
+
+SIZES = [97, 1025, 7, 0]
+GROUPS = [({"w0", "w1"}, dict(lr=1e-2, weight_decay=0.1)), ({"w2", "w3"}, dict(lr=5e-3, weight_decay=0.0))]
+
+
+def _groups(named):
+    named = list(named)
+    return [{"params": [(n, p) for n, p in named if n in names], **hp} for names, hp in GROUPS]
+
+
+def _schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
+
+
+def _grads(bag, gen):
+    return {n: torch.randn(p.shape, generator=gen).to(p.dtype) for n, p in bag.named_parameters()}
+
+
+def _setup(dtype=torch.float32, rho=0.1, **opt_kw):
+    bag = make_bag(SIZES, dtype)
+    sel = gk.select_mask(bag, rho=rho)
+    opt = gk.SparseAdamW(_groups(bag.named_parameters()), selection=sel, betas=(0.8, 0.99), eps=1e-6, **opt_kw)
+    return bag, sel, opt
+
+
+def _run(bag, opt, sched, steps, gen):
+    for _ in range(steps):
+        opt.zero_grad()
+        for n, g in _grads(bag, gen).items():
+            getattr(bag, n).grad = g
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+def test_equals_torch_adamw_on_gathered_copy(amsgrad, maximize):
+    bag, sel, opt = _setup(amsgrad=amsgrad, maximize=maximize)
+    init = {n: p.detach().clone() for n, p in bag.named_parameters()}
+    compact = {n: torch.nn.Parameter(p.detach()[sel[n]].clone()) for n, p in bag.named_parameters()}
+    ref = torch.optim.AdamW(
+        [{"params": [compact[n] for n in sorted(names)], **hp} for names, hp in GROUPS],
+        betas=(0.8, 0.99),
+        eps=1e-6,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        foreach=False,
+    )
+    sched, ref_sched = _schedule(opt), _schedule(ref)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(50):
+        grads = _grads(bag, gen)
+        opt.zero_grad()
+        ref.zero_grad()
+        for n, g in grads.items():
+            getattr(bag, n).grad = g
+            compact[n].grad = g[sel[n]]
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        for n, p in bag.named_parameters():
+            torch.testing.assert_close(p.detach()[sel[n]], compact[n].detach(), msg=lambda m: f"{n} step {step}: {m}")
+    masks = sel.masks()
+    for n, p in bag.named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], init[n][~masks[n]]), f"{n}: unselected weights changed"
+        if sel[n].numel():
+            assert not torch.equal(p.detach()[masks[n]], init[n][masks[n]]), f"{n}: selected weights never moved"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_unselected_weights_bit_for_bit(dtype):
+    bag, sel, opt = _setup(DTYPES[dtype], rho=0.05)
+    init = {n: p.detach().clone() for n, p in bag.named_parameters()}
+    _run(bag, opt, _schedule(opt), 10, torch.Generator().manual_seed(3))
+    masks = sel.masks()
+    for n, p in bag.named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], init[n][~masks[n]]), n
+
+
+def test_state_is_compact():
+    bag, sel, opt = _setup(rho=0.01)
+    _run(bag, opt, _schedule(opt), 3, torch.Generator().manual_seed(0))
+    total = 0
+    for n, p in bag.named_parameters():
+        st = opt.state[p]
+        if sel[n].numel() == 0:
+            assert not st, f"{n}: state created for a parameter with nothing selected"
+            continue
+        assert float(st["step"]) == 3
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert st[key].shape == sel[n].shape and st[key].dtype == torch.float32
+        total += sum(t.numel() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert total == 2 * sel.num_selected < 0.05 * sum(SIZES)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    def fresh():
+        bag, sel, opt = _setup(amsgrad=True)
+        return bag, sel, opt, _schedule(opt)
+
+    bag, sel, opt, sched = fresh()
+    _run(bag, opt, sched, 50, torch.Generator().manual_seed(11))
+
+    bag2, sel2, opt2, sched2 = fresh()
+    gen = torch.Generator().manual_seed(11)
+    _run(bag2, opt2, sched2, 20, gen)
+    torch.save(
+        {"model": bag2.state_dict(), "opt": opt2.state_dict(), "sched": sched2.state_dict(), "sel": sel2.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    bag3 = make_bag(SIZES)  # same init; the loaded weights overwrite it anyway
+    bag3.load_state_dict(ckpt["model"])
+    sel3 = gk.Selection.from_state_dict(ckpt["sel"])
+    opt3 = gk.SparseAdamW(_groups(bag3.named_parameters()), selection=sel3, betas=(0.8, 0.99), eps=1e-6, amsgrad=True)
+    sched3 = _schedule(opt3)  # before loading: building a scheduler resets the lr
+    opt3.load_state_dict(ckpt["opt"])
+    sched3.load_state_dict(ckpt["sched"])
+    _run(bag3, opt3, sched3, 30, gen)
+    for (n, p), p3 in zip(bag.named_parameters(), bag3.parameters()):
+        assert torch.equal(p, p3), n
+    for p, p3 in zip(bag.parameters(), bag3.parameters()):
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], opt3.state[p3][key]), key
+
+
+def test_bf16_state_stays_float32_after_load():
+    bag, sel, opt = _setup(torch.bfloat16)
+    _run(bag, opt, _schedule(opt), 2, torch.Generator().manual_seed(0))
+    saved = opt.state_dict()
+    bag2 = make_bag(SIZES, torch.bfloat16)
+    opt2 = gk.SparseAdamW(_groups(bag2.named_parameters()), selection=sel, betas=(0.8, 0.99), eps=1e-6)
+    opt2.load_state_dict(saved)
+    for p in bag2.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in opt2.state[p]:
+                assert opt2.state[p][key].dtype == torch.float32
+
+
+def test_load_state_from_another_selection_is_refused():
+    bag, sel, opt = _setup()
+    _run(bag, opt, _schedule(opt), 1, torch.Generator().manual_seed(0))
+    other = gk.select_mask(bag, rho=0.2)
+    opt2 = gk.SparseAdamW(bag.named_parameters(), selection=other)
+    with pytest.raises(ValueError, match="different selection"):
+        opt2.load_state_dict(opt.state_dict())
+
+
+def test_params_without_grad_are_skipped():
+    bag, sel, opt = _setup()
+    init = bag.w1.detach().clone()
+    for n, p in bag.named_parameters():
+        p.grad = None if n == "w1" else torch.randn(p.shape)
+    opt.step()
+    assert torch.equal(bag.w1.detach(), init) and not opt.state[bag.w1]
+
+
+def test_clip_grad_norm_zero_grad_and_closure():
+    bag, sel, opt = _setup()
+    x = torch.randn(1025)
+
+    def closure():
+        opt.zero_grad()
+        loss = (bag.w1 * x).sum() ** 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bag.parameters(), 1.0)
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and bag.w1.grad is not None
+    assert float(bag.w1.grad.norm()) <= 1.0 + 1e-5
+    opt.zero_grad()
+    assert all(p.grad is None for p in bag.parameters())
+
+
+# ----------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------
+
+
+def test_unnamed_parameters_are_refused():
+    bag = make_bag([10])
+    sel = gk.select_mask(bag, rho=0.5)
+    with pytest.raises(TypeError, match="named_parameters"):
+        gk.SparseAdamW(bag.parameters(), selection=sel)
+
+
+def test_selection_must_match_the_model():
+    bag = make_bag([10, 20])
+    sel = gk.select_mask(bag, rho=0.5)
+    other = Bag([torch.randn(10), torch.randn(21)])
+    with pytest.raises(ValueError, match=r"'w1' has shape \(21,\).*changed after selection"):
+        gk.SparseAdamW(other.named_parameters(), selection=sel)
+    extra = Bag([torch.randn(10), torch.randn(20), torch.randn(3)])
+    with pytest.raises(ValueError, match=r"'w2' is not in the selection"):
+        gk.SparseAdamW(extra.named_parameters(), selection=sel)
+    with pytest.raises(TypeError, match="Selection"):
+        gk.SparseAdamW(bag.named_parameters(), selection={"w0": torch.tensor([0])})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (dict(eps=-1e-8), "epsilon"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+    ],
+)
+def test_bad_hyperparameters(kw, match):
+    bag = make_bag([10])
+    sel = gk.select_mask(bag, rho=0.5)
+    with pytest.raises(ValueError, match=match):
+        gk.SparseAdamW(bag.named_parameters(), selection=sel, **kw)
+
+
+def test_error_leaves_step_unapplied():
+    """A parameter changed after selection fails the step before any weight moves."""
+    bag, sel, opt = _setup()
+    for p in bag.parameters():
+        p.grad = torch.randn(p.shape)
+    before = [p.detach().clone() for p in bag.parameters()]
+    bag.w2.data = torch.randn(8)
+    bag.w2.grad = torch.randn(8)
+    with pytest.raises(ValueError, match=r"'w2'.*changed after selection"):
+        opt.step()
+    assert torch.equal(bag.w0.detach(), before[0]) and torch.equal(bag.w1.detach(), before[1])
+    assert not opt.state[bag.w0]
+
+
+def test_unsupported_dtype():
+    bag = Bag([torch.zeros(4, dtype=torch.complex64)])
+    sel = gk.Selection({"w0": torch.tensor([1])}, {"w0": (4,)}, rho=0.25, criterion="gallop", scope="global", threshold=0.0)
+    with pytest.raises(TypeError, match=r"'w0'.*dtype torch.complex64"):
+        gk.SparseAdamW(bag.named_parameters(), selection=sel)
