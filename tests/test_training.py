@@ -1,0 +1,47 @@
+"""End to end on a small transformers model: select_mask + SparseAdamW in real training loops."""
+
+import pytest
+import torch
+
+import gallop_kernels as gk
+from gallop_kernels import demo
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_demo_loss_falls_and_only_selected_weights_move():
+    lines = []
+    losses = demo.run(rho=0.05, steps=30, log=lines.append)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert lines[-1].endswith("unselected weights changed: 0"), lines[-1]
+
+
+def test_transformers_trainer_accepts_sparse_adamw(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    model = demo.make_model(0)
+    grads = demo.mean_gradients(model, [demo.toy_batch(gen, batch=4)])
+    sel = gk.select_mask(model, grads, rho=0.02)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=1e-2)
+    data = [{"input_ids": t, "labels": t} for t in demo.toy_batch(gen, batch=16, seq=16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is opt  # accelerate may wrap it
+    masks = sel.masks()
+    moved = 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]), n
+        moved += int((p.detach() != before[n]).sum())
+    assert 0 < moved <= sel.num_selected
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6
