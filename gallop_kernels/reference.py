@@ -99,8 +99,17 @@ def score(
 
 def order_key(s: torch.Tensor) -> torch.Tensor:
     """Map float32 scores to int64 keys in [0, 2**32) whose order is the float order."""
-    bits = s.view(torch.int32).to(torch.int64) & _U32
-    return torch.where(bits >= _SIGN, _U32 - bits, bits | _SIGN)
+    return _signed_key(s).to(torch.int64) + _SIGN
+
+
+def _signed_key(s: torch.Tensor) -> torch.Tensor:
+    """order_key - 2**31 as int32: the same order, at half the memory and work.
+
+    Non-negative floats already order like their bits; negative ones need their
+    magnitude bits flipped.
+    """
+    bits = s.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def key_to_score(key: int) -> float:
@@ -128,31 +137,34 @@ class Source:
         return self.param.numel()
 
 
-def _chunks(src: Source, criterion: str, eps: float, seed: int, chunk: int):
-    """Yield (start, keys) for consecutive chunks of one source; checks finiteness."""
+def _chunk_scores(src: Source, criterion: str, eps: float, seed: int, chunk: int):
+    """Yield (start, float32 scores) for consecutive chunks of one source."""
     p = src.param.detach().reshape(-1)
     g = None if src.grad is None else src.grad.detach().reshape(-1)
     for start in range(0, p.numel(), chunk):
         stop = min(start + chunk, p.numel())
-        s = score(
-            criterion,
-            p[start:stop],
-            None if g is None else g[start:stop],
-            eps,
-            seed=seed,
-            offset=src.offset + start,
-        )
-        bad = ~torch.isfinite(s)
-        if bad.any():
-            i = start + int(bad.nonzero()[0])
-            what = "NaN" if torch.isnan(s[i - start]) else "Inf"
-            grad_txt = "" if g is None else f", grad={g[i].item()!r}"
-            raise ValueError(
-                f"parameter {src.name!r}: {criterion} score is {what} at flat index {i} "
-                f"(param={p[i].item()!r}{grad_txt}); check for NaN/Inf in the weights or "
-                f"gradients, or use eps > 0"
-            )
-        yield start, order_key(s)
+        gs = None if g is None else g[start:stop]
+        yield start, score(criterion, p[start:stop], gs, eps, seed=seed, offset=src.offset + start)
+
+
+def raise_nonfinite(sources: list[Source], criterion: str, eps: float, seed: int = 0) -> None:
+    """Raise ValueError naming the first weight whose score is NaN or Inf."""
+    for src in sources:
+        for start, s in _chunk_scores(src, criterion, eps, seed, CHUNK):
+            bad = (~torch.isfinite(s)).nonzero()
+            if bad.numel():
+                i = start + int(bad[0])
+                what = "NaN" if torch.isnan(s[i - start]) else "Inf"
+                grad = "" if src.grad is None else f", grad={src.grad.reshape(-1)[i].item()!r}"
+                raise ValueError(
+                    f"parameter {src.name!r}: {criterion} score is {what} at flat index {i} "
+                    f"(param={src.param.reshape(-1)[i].item()!r}{grad}); check the weights and "
+                    f"gradients for NaN/Inf, or use eps > 0"
+                )
+
+
+# High digits of non-finite keys: +Inf/+NaN above 0xFF80, -Inf/-NaN up to 0x007F.
+_NONFINITE_LOW, _NONFINITE_HIGH = 0x0080, 0xFF80
 
 
 def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -174,8 +186,8 @@ def topk_keys(
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Returns the sorted int64 flat indices selected in each source and the
-    threshold key (the k-th largest key; None when k == 0). ``chunk`` defaults
-    to the module's CHUNK.
+    threshold key (the k-th largest :func:`order_key`; None when k == 0).
+    ``chunk`` defaults to the module's CHUNK. Raises ValueError on a NaN or Inf score.
     """
     chunk = chunk or CHUNK
     devices = [s.param.device for s in sources]
@@ -183,35 +195,39 @@ def topk_keys(
     if k == 0:
         return empty, None
 
-    def stream():
+    def stream():  # (source number, chunk start, int32 signed keys)
         for si, src in enumerate(sources):
-            for start, key in _chunks(src, criterion, eps, seed, chunk):
-                yield si, start, key
+            for start, s in _chunk_scores(src, criterion, eps, seed, chunk):
+                yield si, start, _signed_key(s)
 
-    # Pass 1: histogram of the high digit.
+    # Pass 1: histogram of the high digit (key >> 16, i.e. signed key >> 16 + 2**15).
     hist = 0
-    for _, _, key in stream():
-        hist = hist + torch.bincount(key >> BITS, minlength=NUM_BINS)
+    for _, _, sk in stream():
+        hist = hist + torch.bincount((sk >> BITS) + (NUM_BINS // 2), minlength=NUM_BINS)
     hist = hist.cpu()
+    if int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
+        raise_nonfinite(sources, criterion, eps, seed)
     hi_bin, above = _boundary(hist, k)
     need = k - above  # weights still to take from the boundary bin, in key order
     collect = int(hist[hi_bin]) <= CANDIDATE_CAP
+    bin_first = (hi_bin << BITS) - _SIGN  # signed keys of the bin are [bin_first, bin_last]
+    bin_last = bin_first + NUM_BINS - 1
 
     # Pass 2: emit everything above the boundary bin; resolve the bin itself from a
     # candidate buffer, or histogram its low digit when it is too large to buffer.
     picked = [[] for _ in sources]
     cand_key, cand_src, cand_idx = [], [], []
     low_hist = torch.zeros(NUM_BINS, dtype=torch.int64)
-    for si, start, key in stream():
-        high = key >> BITS
-        picked[si].append((high > hi_bin).nonzero().reshape(-1) + start)
-        in_bin = (high == hi_bin).nonzero().reshape(-1)
+    for si, start, sk in stream():
+        over = sk > bin_last
+        picked[si].append(over.nonzero().reshape(-1) + start)
+        in_bin = ((sk >= bin_first) & ~over).nonzero().reshape(-1)
         if collect:
-            cand_key.append(key[in_bin].cpu())
+            cand_key.append(sk[in_bin].cpu())
             cand_idx.append(in_bin.cpu() + start)
             cand_src.append(torch.full((in_bin.numel(),), si, dtype=torch.int64))
         else:
-            low_hist += torch.bincount((key[in_bin] & (NUM_BINS - 1)).cpu(), minlength=NUM_BINS)
+            low_hist += torch.bincount((sk[in_bin] - bin_first).cpu(), minlength=NUM_BINS)
 
     if collect:
         keys = torch.cat(cand_key)
@@ -222,19 +238,19 @@ def topk_keys(
         threshold = int(keys[order[-1]])
     else:
         lo_bin, above_lo = _boundary(low_hist, need)
-        threshold = (hi_bin << BITS) | lo_bin
+        threshold = bin_first + lo_bin
         ties = need - above_lo
         # Pass 3 (heavy ties only): keys above the threshold inside the bin, then
         # the first `ties` keys equal to it in position order.
-        for si, start, key in stream():
-            picked[si].append(((key > threshold) & ((key >> BITS) == hi_bin)).nonzero().reshape(-1) + start)
+        for si, start, sk in stream():
+            picked[si].append(((sk > threshold) & (sk <= bin_last)).nonzero().reshape(-1) + start)
             if ties:
-                eq = (key == threshold).nonzero().reshape(-1)[:ties]
+                eq = (sk == threshold).nonzero().reshape(-1)[:ties]
                 ties -= eq.numel()
                 picked[si].append(eq + start)
 
     out = [torch.sort(torch.cat(p)).values if p else e for p, e in zip(picked, empty)]
-    return out, threshold
+    return out, threshold + _SIGN
 
 
 # ----------------------------------------------------------------------------
