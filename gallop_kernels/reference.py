@@ -175,6 +175,16 @@ def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, int(from_top[i]) - int(hist[b])
 
 
+class LocalComm:
+    """Collectives of a single process: identities. See gallop_kernels.distributed for ranks."""
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 def topk_keys(
     sources: list[Source],
     k: int,
@@ -182,18 +192,24 @@ def topk_keys(
     eps: float = 1e-8,
     seed: int = 0,
     chunk: int | None = None,
+    comm: LocalComm | None = None,
 ) -> tuple[list[torch.Tensor], int | None]:
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Returns the sorted int64 flat indices selected in each source and the
     threshold key (the k-th largest :func:`order_key`; None when k == 0).
-    ``chunk`` defaults to the module's CHUNK. Raises ValueError on a NaN or Inf score.
+    ``chunk`` defaults to the module's CHUNK. Raises ValueError on a NaN or Inf
+    score. With a ``comm`` over several ranks, ``sources`` are this rank's shards
+    and k counts over all ranks: only histograms and the boundary bin's
+    candidates cross ranks.
     """
     chunk = chunk or CHUNK
+    comm = comm or LocalComm()
     devices = [s.param.device for s in sources]
     empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
     if k == 0:
         return empty, None
+    dev = devices[0] if devices else torch.device("cpu")
 
     def stream():  # (source number, chunk start, int32 signed keys)
         for si, src in enumerate(sources):
@@ -201,12 +217,13 @@ def topk_keys(
                 yield si, start, _signed_key(s)
 
     # Pass 1: histogram of the high digit (key >> 16, i.e. signed key >> 16 + 2**15).
-    hist = 0
+    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
     for _, _, sk in stream():
-        hist = hist + torch.bincount((sk >> BITS) + (NUM_BINS // 2), minlength=NUM_BINS)
-    hist = hist.cpu()
+        hist += torch.bincount((sk >> BITS) + (NUM_BINS // 2), minlength=NUM_BINS).to(dev)
+    hist = comm.all_sum(hist).cpu()
     if int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
         raise_nonfinite(sources, criterion, eps, seed)
+        raise ValueError(f"a {criterion} score is NaN or Inf on another rank")
     hi_bin, above = _boundary(hist, k)
     need = k - above  # weights still to take from the boundary bin, in key order
     collect = int(hist[hi_bin]) <= CANDIDATE_CAP
@@ -216,41 +233,57 @@ def topk_keys(
     # Pass 2: emit everything above the boundary bin; resolve the bin itself from a
     # candidate buffer, or histogram its low digit when it is too large to buffer.
     picked = [[] for _ in sources]
-    cand_key, cand_src, cand_idx = [], [], []
-    low_hist = torch.zeros(NUM_BINS, dtype=torch.int64)
+    cand_key, cand_pos = [], []
+    low_hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
     for si, start, sk in stream():
         over = sk > bin_last
         picked[si].append(over.nonzero().reshape(-1) + start)
         in_bin = ((sk >= bin_first) & ~over).nonzero().reshape(-1)
         if collect:
-            cand_key.append(sk[in_bin].cpu())
-            cand_idx.append(in_bin.cpu() + start)
-            cand_src.append(torch.full((in_bin.numel(),), si, dtype=torch.int64))
+            cand_key.append(sk[in_bin].to(dev, torch.int64))
+            cand_pos.append((in_bin + (sources[si].offset + start)).to(dev))
         else:
-            low_hist += torch.bincount((sk[in_bin] - bin_first).cpu(), minlength=NUM_BINS)
+            low_hist += torch.bincount(sk[in_bin] - bin_first, minlength=NUM_BINS).to(dev)
 
     if collect:
-        keys = torch.cat(cand_key)
-        order = torch.sort(keys, descending=True, stable=True).indices[:need]
-        src_of, idx_of = torch.cat(cand_src)[order], torch.cat(cand_idx)[order]
-        for si in range(len(sources)):
-            picked[si].append(idx_of[src_of == si].to(devices[si]))
-        threshold = int(keys[order[-1]])
+        keys = comm.all_cat(torch.cat(cand_key) if cand_key else torch.empty(0, dtype=torch.int64, device=dev))
+        pos = comm.all_cat(torch.cat(cand_pos) if cand_pos else torch.empty(0, dtype=torch.int64, device=dev))
+        by_pos = torch.sort(pos, stable=True).indices  # ranks' buffers arrive out of position order
+        top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
+        threshold = int(keys[top[-1]])
+        chosen = pos[top]
+        for si, src in enumerate(sources):
+            mine = chosen[(chosen >= src.offset) & (chosen < src.offset + src.numel)]
+            picked[si].append((mine - src.offset).to(devices[si]))
     else:
-        lo_bin, above_lo = _boundary(low_hist, need)
+        lo_bin, above_lo = _boundary(comm.all_sum(low_hist).cpu(), need)
         threshold = bin_first + lo_bin
-        ties = need - above_lo
-        # Pass 3 (heavy ties only): keys above the threshold inside the bin, then
-        # the first `ties` keys equal to it in position order.
-        for si, start, sk in stream():
-            picked[si].append(((sk > threshold) & (sk <= bin_last)).nonzero().reshape(-1) + start)
-            if ties:
-                eq = (sk == threshold).nonzero().reshape(-1)[:ties]
-                ties -= eq.numel()
-                picked[si].append(eq + start)
+        _take_ties(sources, stream, picked, threshold, bin_last, need - above_lo, comm, dev)
 
     out = [torch.sort(torch.cat(p)).values if p else e for p, e in zip(picked, empty)]
     return out, threshold + _SIGN
+
+
+def _take_ties(sources, stream, picked, threshold, bin_last, ties, comm, dev) -> None:
+    """Heavy-tie passes: keys above ``threshold`` in its bin, then ``ties`` keys equal
+    to it, first in position order across all sources (and ranks)."""
+    equal = torch.zeros(len(sources), dtype=torch.int64)
+    for si, start, sk in stream():
+        picked[si].append(((sk > threshold) & (sk <= bin_last)).nonzero().reshape(-1) + start)
+        equal[si] += int((sk == threshold).sum())
+    offsets = torch.tensor([s.offset for s in sources], dtype=torch.int64)
+    all_off, all_eq = (comm.all_cat(t.to(dev)).cpu() for t in (offsets, equal))
+    has = all_eq > 0  # pieces with ties have distinct offsets; empty ones may share
+    all_off, all_eq = all_off[has], all_eq[has]
+    order = torch.argsort(all_off)
+    before = torch.cumsum(all_eq[order], 0) - all_eq[order]
+    quota = dict(zip(all_off[order].tolist(), (ties - before).clamp(min=0).minimum(all_eq[order]).tolist()))
+    left = [quota.get(s.offset, 0) if int(equal[si]) else 0 for si, s in enumerate(sources)]
+    for si, start, sk in stream():
+        if left[si]:
+            eq = (sk == threshold).nonzero().reshape(-1)[: left[si]]
+            left[si] -= eq.numel()
+            picked[si].append(eq + start)
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import reference
-from .reference import CRITERIA, SCOPES, SUPPORTED_DTYPES, Source
+from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .reference import CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
 _NEEDS_GRAD = {"gallop": True, "saft": True, "pafi": False, "magnitude": False, "random": False}
 
@@ -17,8 +18,10 @@ _NEEDS_GRAD = {"gallop": True, "saft": True, "pafi": False, "magnitude": False, 
 class Selection(Mapping):
     """The selected weights: parameter name -> sorted int64 flat indices.
 
-    Flat indices address ``param.reshape(-1)``. Built by :func:`select_mask`;
-    saved and restored with :meth:`state_dict` / :meth:`load_state_dict`.
+    Flat indices address ``param.reshape(-1)``; for an FSDP2 (DTensor)
+    parameter they address this rank's local shard, and ``shapes`` holds the
+    local shapes. Built by :func:`select_mask`; saved and restored with
+    :meth:`state_dict` / :meth:`load_state_dict`.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class Selection(Mapping):
         """Raise ValueError unless ``param`` is the parameter this selection was made for."""
         if name not in self._indices:
             raise ValueError(f"parameter {name!r} is not in the selection (it has {len(self)} parameters)")
+        param = local(param)
         if param.shape != self.shapes[name]:
             raise ValueError(
                 f"parameter {name!r} has shape {tuple(param.shape)} but was selected with shape "
@@ -171,7 +175,9 @@ def _validate_args(rho, criterion, eps, scope, backend):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(_TOPK_BACKENDS)}")
 
 
-def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool) -> list[Source]:
+def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool):
+    """Validated (name, local param, local grad, global offset) Sources, and the
+    DTensor process group (None unless the parameters are FSDP2 shards)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
@@ -179,8 +185,11 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
         unknown = set(grads) - {n for n, _ in named}
         if unknown:
             raise ValueError(f"grads has entries that are not trainable parameters of the model: {sorted(unknown)}")
+    params = [p for _, p in named]
+    group = dtensor_group(params)
+    starts = shard_starts(params, group) if group is not None else [0] * len(params)
     sources, offset = [], 0
-    for name, p in named:
+    for (name, p), start in zip(named, starts):
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
         g = None
@@ -197,12 +206,17 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
                 raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
             if g.is_sparse:
                 raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
-        sources.append(Source(name, p.detach(), None if g is None else g.detach(), offset))
-        offset += p.numel()
-    return sources
+        lg = local(g)
+        sources.append(Source(name, local(p).detach(), None if lg is None else lg.detach(), offset + start))
+        offset += p.numel()  # the full parameter's size: positions are global
+    return sources, group
 
 
-def _pick_backend(backend: str, sources: list[Source]) -> str:
+def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str:
+    if distributed:
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend {backend!r} does not run across ranks yet; use backend='reference' or 'auto'")
+        return "reference"
     if backend != "auto":
         return backend
     on_cuda = any(s.param.is_cuda for s in sources)
@@ -220,6 +234,7 @@ def select_mask(
     scope: str = "global",
     seed: int = 0,
     backend: str = "auto",
+    process_group=None,
 ) -> Selection:
     """Select exactly round(rho * N) trainable weights of ``model`` by ``criterion``.
 
@@ -227,15 +242,24 @@ def select_mask(
     ``.grad``); criteria pafi, magnitude and random need none. ``scope="global"``
     uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
     each tensor. Ties go to the earlier parameter, then the lower flat index.
+
+    Across ranks: FSDP2 (DTensor) parameters are selected jointly over their
+    mesh, each rank getting the indices of its own shards; with replicated
+    parameters (DDP) pass ``process_group`` to check that every rank selected
+    the same weights. Call it on every rank then.
     """
     _validate_args(rho, criterion, eps, scope, backend)
-    sources = _sources(model, grads, _NEEDS_GRAD[criterion])
-    topk = _TOPK_BACKENDS[_pick_backend(backend, sources)]
+    sources, shard_group = _sources(model, grads, _NEEDS_GRAD[criterion])
+    comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
+    name = _pick_backend(backend, sources, shard_group is not None)
+    topk = _TOPK_BACKENDS[name]
+    extra = {"comm": comm} if name == "reference" else {}
     shapes = {s.name: s.param.shape for s in sources}
+    full_numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}  # not the shards'
 
     def run(group: list[Source]):
-        k = reference.num_to_select(rho, sum(s.numel for s in group))
-        idx, key = topk(group, k, criterion, eps, seed)
+        k = reference.num_to_select(rho, sum(full_numel[s.name] for s in group))
+        idx, key = topk(group, k, criterion, eps, seed, **extra)
         return idx, (None if key is None else reference.key_to_score(key))
 
     if scope == "global":
@@ -245,4 +269,6 @@ def select_mask(
         indices, threshold = {}, {}
         for s in sources:
             (indices[s.name],), threshold[s.name] = run([s])
+    if process_group is not None and shard_group is None:
+        check_same_selection(indices, process_group, device=sources[0].param.device)
     return Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)

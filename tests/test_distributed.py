@@ -1,0 +1,118 @@
+"""Selection and training across 2 gloo ranks (DDP and FSDP2) against one process."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import Bag
+
+import gallop_kernels as gk
+from gallop_kernels import distributed as gdist
+from gallop_kernels import reference
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+
+
+def _spawn(fn, tmp_path, *args):
+    mp.spawn(_init_and_run, args=(fn, str(tmp_path / "rendezvous"), args), nprocs=WORLD, join=True)
+
+
+def _init_and_run(rank, fn, path, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    # odd row counts make uneven shards; the 1-row bias leaves rank 1 an empty shard
+    return torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1), torch.nn.Linear(1, 5))
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 13, generator=g), torch.randn(16, 5, generator=g)
+
+
+def _loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _fsdp(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+
+
+def _selection_worker(rank, cases):
+    model = _fsdp(_model())
+    _loss(model, _batch()).backward()
+    named = [(n, p) for n, p in model.named_parameters()]
+    starts = gdist.shard_starts([p for _, p in named], None)
+    full = Bag([p.full_tensor().detach().clone() for _, p in named], [n.replace(".", "_") for n, _ in named])
+    for (_, p), q in zip(named, full.parameters()):
+        q.grad = p.grad.full_tensor()
+    for criterion, scope, rho, tie_cap in cases:
+        reference.CANDIDATE_CAP = tie_cap
+        for (_, p), q in zip(named, full.parameters()):
+            if tie_cap < 10:  # a tiny candidate buffer: make every |g| equal
+                q.grad = q.grad.sign()
+                p.grad.to_local().copy_(p.grad.to_local().sign())
+        sel = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope)
+        want = gk.select_mask(full, rho=rho, criterion=criterion, scope=scope)
+        for (name, p), start, (fname, _) in zip(named, starts, full.named_parameters()):
+            mine = sel[name] + start
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(WORLD)]
+            dist.all_gather(sizes, torch.tensor([mine.numel()]))
+            padded = torch.full((max(int(s) for s in sizes),), -1, dtype=torch.int64)
+            padded[: mine.numel()] = mine
+            parts = [torch.empty_like(padded) for _ in range(WORLD)]
+            dist.all_gather(parts, padded)
+            union = torch.sort(torch.cat([q[q >= 0] for q in parts])).values
+            assert torch.equal(union, want[fname]), (criterion, scope, rho, name, union.tolist(), want[fname].tolist())
+            assert sel.shapes[name] == p.to_local().shape
+        if scope == "global":
+            assert sel.threshold == want.threshold
+
+
+def test_fsdp2_union_of_rank_selections_equals_one_process(tmp_path):
+    cases = [
+        ("gallop", "global", 0.1, reference.CANDIDATE_CAP),
+        ("gallop", "per_tensor", 0.3, reference.CANDIDATE_CAP),
+        ("saft", "global", 0.05, reference.CANDIDATE_CAP),
+        ("pafi", "global", 0.2, reference.CANDIDATE_CAP),
+        ("random", "global", 0.2, reference.CANDIDATE_CAP),
+        ("saft", "global", 0.5, 3),  # |sign(g)| ties everywhere: low-digit and tie-quota passes
+        ("saft", "per_tensor", 0.5, 3),
+    ]
+    _spawn(_selection_worker, tmp_path, cases)
+
+
+def _ddp_selection_worker(rank):
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    _loss(model, _batch(seed=10 + rank)).backward()  # different data per rank, averaged grads
+    sel = gk.select_mask(model, rho=0.1, process_group=dist.group.WORLD)
+    single = gk.select_mask(model, rho=0.1)
+    assert all(torch.equal(sel[n], single[n]) for n in sel)
+    model.module[0].weight.grad[0, 0] += rank  # ranks now disagree
+    with pytest.raises(ValueError, match="ranks selected different weights"):
+        gk.select_mask(model, rho=0.1, process_group=dist.group.WORLD, criterion="saft")
+
+
+def test_ddp_ranks_hold_the_same_selection(tmp_path):
+    _spawn(_ddp_selection_worker, tmp_path)
