@@ -42,6 +42,8 @@ class Selection(Mapping):
         self.threshold = threshold
         """Score of the last weight taken: one float for scope="global", a
         name -> float dict for "per_tensor" (None where nothing was taken)."""
+        self.bytes_exchanged = 0
+        """Bytes this rank sent to other ranks while selecting (not saved)."""
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._indices[name]
@@ -271,4 +273,6 @@ def select_mask(
             (indices[s.name],), threshold[s.name] = run([s])
     if process_group is not None and shard_group is None:
         check_same_selection(indices, process_group, device=sources[0].param.device)
-    return Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
+    sel = Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
+    sel.bytes_exchanged = comm.bytes_sent
+    return sel

@@ -1,0 +1,58 @@
+"""The memory planner against arithmetic and against a real SparseAdamW's state."""
+
+import pytest
+import torch
+
+import gallop_kernels as gk
+from gallop_kernels.memory import markdown, memory_plan, preset_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_config():
+    return transformers.LlamaConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def test_plan_arithmetic_on_a_small_llama():
+    cfg = _tiny_config()
+    model = transformers.LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    h, i, kv = 48, 80, 2 * 12  # k_proj / v_proj output = kv heads * head_dim
+    lora_per_layer = 8 * ((h + h) + (h + kv) + (h + kv) + (h + i) + (i + h))
+    full, lora, gallop, compact = memory_plan(cfg, rho=0.05, lora_rank=8, dtype=torch.bfloat16)
+    k = round(0.05 * n)
+    assert (full.trainable, full.weights, full.gradients, full.optimizer_state, full.master_weights) == (n, 2 * n, 2 * n, 8 * n, 4 * n)
+    assert lora.trainable == 3 * lora_per_layer and lora.weights == 2 * (n + lora.trainable)
+    assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 8 * k)
+    assert compact.gradients == 4 * k + 2 * 101 * 48  # the embedding is the largest tensor
+    assert gallop.total == 2 * n + 2 * n + 8 * k + 4 * k + 8 * k
+    assert "| GaLLoP rho=0.05 |" in markdown([gallop])
+
+
+def test_measured_optimizer_state_equals_the_plan():
+    cfg = _tiny_config()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    tokens = torch.randint(0, 101, (2, 16))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    for rho in (0.01, 0.1):
+        _, _, plan, _ = memory_plan(cfg, rho=rho, dtype=torch.float32)
+        sel = gk.select_mask(model, rho=rho)
+        opt = gk.SparseAdamW(model.named_parameters(), selection=sel)
+        opt.step()
+        state = sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if key in ("exp_avg", "exp_avg_sq"))
+        assert state == plan.optimizer_state == 8 * sel.num_selected
+        assert sum(i.numel() * i.element_size() for i in sel.values()) == plan.index_lists
+        assert plan.master_weights == 0
+
+
+def test_presets_have_the_papers_sizes():
+    llama = memory_plan(preset_config("llama3-8b"))[0]
+    gemma = memory_plan(preset_config("gemma-2b"))[0]
+    assert llama.trainable == 8_030_261_248
+    assert gemma.trainable == 2_506_172_416
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("gpt5")
