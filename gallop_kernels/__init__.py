@@ -5,10 +5,11 @@ keeps exactly round(rho * N) of them; SparseAdamW trains only those.
 """
 
 from ._env import backends
+from .memory import memory_plan
 from .optim import SparseAdamW
 from .reference import CRITERIA, SCOPES
 from .select import Selection, select_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["CRITERIA", "SCOPES", "Selection", "SparseAdamW", "backends", "select_mask", "__version__"]
+__all__ = ["CRITERIA", "SCOPES", "Selection", "SparseAdamW", "backends", "memory_plan", "select_mask", "__version__"]
