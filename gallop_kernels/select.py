@@ -177,6 +177,23 @@ def _validate_args(rho, criterion, eps, scope, backend):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(_TOPK_BACKENDS)}")
 
 
+def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The gradient select_mask uses for ``p``, after checking it fits."""
+    g = p.grad if grads is None else grads.get(name)
+    if g is None:
+        where = "its .grad is None (run backward first)" if grads is None else "it is missing from grads"
+        raise ValueError(f"parameter {name!r} has no gradient: {where}")
+    if g.shape != p.shape:
+        raise ValueError(f"parameter {name!r}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+    if g.device != p.device:
+        raise ValueError(f"parameter {name!r}: gradient on {g.device} but parameter on {p.device}")
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+    if g.is_sparse:
+        raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+    return g
+
+
 def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool):
     """Validated (name, local param, local grad, global offset) Sources, and the
     DTensor process group (None unless the parameters are FSDP2 shards)."""
@@ -194,20 +211,7 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
     for (name, p), start in zip(named, starts):
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-        g = None
-        if needs_grad:
-            g = p.grad if grads is None else grads.get(name)
-            if g is None:
-                where = "its .grad is None (run backward first)" if grads is None else "it is missing from grads"
-                raise ValueError(f"parameter {name!r} has no gradient: {where}")
-            if g.shape != p.shape:
-                raise ValueError(f"parameter {name!r}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
-            if g.device != p.device:
-                raise ValueError(f"parameter {name!r}: gradient on {g.device} but parameter on {p.device}")
-            if g.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-            if g.is_sparse:
-                raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+        g = _checked_grad(name, p, grads) if needs_grad else None
         lg = local(g)
         sources.append(Source(name, local(p).detach(), None if lg is None else lg.detach(), offset + start))
         offset += p.numel()  # the full parameter's size: positions are global
