@@ -118,3 +118,35 @@ def _ddp_selection_worker(rank):
 
 def test_ddp_ranks_hold_the_same_selection(tmp_path):
     _spawn(_ddp_selection_worker, tmp_path)
+
+
+def _train(model, params_of, batches_of, sel_rho, steps, opt_state=None):
+    """Estimate g on the first batch, select, and run SparseAdamW for ``steps`` steps."""
+    _loss(model, batches_of(0)).backward()
+    sel = gk.select_mask(model, rho=sel_rho)
+    model.zero_grad(set_to_none=True)
+    opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1)
+    for step in range(steps):
+        _loss(model, batches_of(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return sel, opt
+
+
+def _rank_batch(step, rank):
+    x, y = _batch(seed=100 + step)
+    return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+
+
+def _ddp_training_worker(rank):
+    single = _model()
+    _train(single, lambda m: m.named_parameters(), lambda s: _batch(seed=100 + s), 0.2, 10)
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    # DDP's parameter names carry the "module." prefix; the selection is made on the wrapper too
+    _train(ddp, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 10)
+    for (n, p), q in zip(single.named_parameters(), ddp.module.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), msg=lambda m: f"{n}: {m}")
+
+
+def test_ddp_training_equals_one_process(tmp_path):
+    _spawn(_ddp_training_worker, tmp_path)
