@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
+from .distributed import local
+
 CRITERIA = ("gallop", "saft", "pafi", "magnitude", "random")
 SCOPES = ("global", "per_tensor")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -313,12 +315,13 @@ def topk_by_sort(sources: list[Source], k: int, criterion: str, eps: float = 1e-
 
 
 def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """t.reshape(-1)[indices], a new tensor."""
-    return t.reshape(-1)[indices]
+    """t.reshape(-1)[indices], a new tensor; a DTensor's indices address its local shard."""
+    return local(t).reshape(-1)[indices]
 
 
 def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t."""
+    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t and DTensor shards."""
+    t = local(t)
     if t.is_contiguous():
         t.view(-1).index_copy_(0, indices, values.to(t.dtype))
     else:

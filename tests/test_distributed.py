@@ -150,3 +150,17 @@ def _ddp_training_worker(rank):
 
 def test_ddp_training_equals_one_process(tmp_path):
     _spawn(_ddp_training_worker, tmp_path)
+
+
+def _fsdp_training_worker(rank):
+    single = _model()
+    _train(single, lambda m: m.named_parameters(), lambda s: _batch(seed=100 + s), 0.2, 10)
+    sharded = _fsdp(_model())
+    sel, opt = _train(sharded, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 10)
+    for (n, p), q in zip(single.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.full_tensor().detach(), p.detach(), msg=lambda m: f"{n}: {m}")
+    assert sum(st["exp_avg"].numel() for st in opt.state.values()) == sel.num_selected  # local shards only
+
+
+def test_fsdp2_training_equals_one_process(tmp_path):
+    _spawn(_fsdp_training_worker, tmp_path)
