@@ -1,0 +1,42 @@
+"""The package imports and works without its compiled extension; backends() says so."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gallop_kernels as gk
+from gallop_kernels import _ext
+
+SCRIPT = """
+import torch, gallop_kernels as gk
+print(gk.backends())
+m = torch.nn.Linear(8, 4)
+m(torch.randn(3, 8)).sum().backward()
+sel = gk.select_mask(m, rho=0.25)
+gk.SparseAdamW(m.named_parameters(), selection=sel, lr=0.1).step()
+print("ok", sel.num_selected)
+"""
+
+
+def test_works_without_the_extension():
+    env = dict(os.environ, GALLOP_KERNELS_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "'ext_host': False" in out.stdout and "'ext_cuda': False" in out.stdout
+    assert out.stdout.strip().endswith("ok 10")
+
+
+def test_require_ext_explains_why(monkeypatch):
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_IMPORT_ERROR", ImportError("no module named gallop_kernels._C"))
+    with pytest.raises(RuntimeError, match=r"sparse_adamw needs the compiled extension.*no module named.*pip install"):
+        _ext.require_ext("sparse_adamw")
+
+
+def test_backends_report():
+    b = gk.backends()
+    assert b["reference"] is True
+    assert set(b) == {"reference", "triton", "ext_host", "ext_cuda"}
+    assert b["ext_host"] == (_ext._C is not None)
