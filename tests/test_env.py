@@ -25,7 +25,7 @@ def test_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "'ext_host': False" in out.stdout and "'ext_cuda': False" in out.stdout
-    assert out.stdout.strip().endswith("ok 10")
+    assert out.stdout.strip().endswith("ok 9")  # round(0.25 * 36)
 
 
 def test_require_ext_explains_why(monkeypatch):
