@@ -4,6 +4,8 @@
 
 namespace py = pybind11;
 
+void init_sparse_adamw(py::module& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gallop_kernels native kernels (host build always, CUDA when built with nvcc)";
 #ifdef GALLOP_WITH_CUDA
@@ -11,4 +13,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  init_sparse_adamw(m);
 }

@@ -1,0 +1,62 @@
+// The one per-entry AdamW update, shared by the CUDA kernel and the host build.
+//
+// It follows torch.optim.AdamW's single-tensor path (torch/optim/adam.py,
+// _single_tensor_adam, decoupled weight decay) operation by operation, each
+// rounded to float32 as torch rounds its float32 tensor ops:
+//   param.mul_(1 - lr*wd); exp_avg.lerp_(g, 1 - beta1);
+//   exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2);
+//   [amsgrad] max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq);
+//   denom = (sqrt(v) / sqrt(bias_correction2)).add_(eps);
+//   param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1).
+// The only fused multiply-add is lerp's, written as fmaf because ATen's
+// vectorized lerp is an fmadd; everything else is a separately rounded op, and
+// both compilers run with contraction off (nvcc --fmad=false, host
+// -ffp-contract=off), so host and device produce the same bits.
+#pragma once
+
+#include <cmath>
+
+#include "gallop/macros.h"
+
+namespace gallop {
+
+// Per-tensor step constants, computed in double on the host exactly as torch's
+// Python code computes them (Python floats), then rounded to float32 as ATen
+// rounds a Python scalar for a float32 tensor op.
+struct AdamWScalars {
+  float decay;          // 1 - lr * weight_decay
+  float lerp_weight;    // 1 - beta1
+  float beta2;          // beta2
+  float one_minus_beta2;
+  float bias_correction2_sqrt;  // (1 - beta2**step) ** 0.5
+  float eps;
+  float neg_step_size;  // -(lr / (1 - beta1**step))
+  int32_t amsgrad;      // 0 / 1
+  int32_t maximize;     // 0 / 1
+  int32_t weight_decay; // 0: torch skips the multiply (x * 1.0f is x anyway)
+};
+
+// Update one entry. theta: the weight in float32 (the master copy or the upcast
+// param); g: the gradient in float32 times the inverse grad scale; m, v, vmax:
+// the entry's states (vmax unused unless amsgrad).
+GALLOP_HD void adamw_update(float& theta, float g, float& m, float& v, float& vmax, const AdamWScalars& s) {
+  if (s.maximize) g = -g;
+  if (s.weight_decay) theta = theta * s.decay;
+  // ATen lerp: weight < 0.5 ? self + w*(end-self) : end - (end-self)*(1-w), as an fmadd
+  float diff = g - m;
+  m = (fabsf(s.lerp_weight) < 0.5f) ? fmaf(s.lerp_weight, diff, m) : fmaf(s.lerp_weight - 1.0f, diff, g);
+  // addcmul: self + value * t1 * t2, left to right
+  v = v * s.beta2;
+  v = v + s.one_minus_beta2 * g * g;
+  float vv = v;
+  if (s.amsgrad) {
+    // torch.maximum propagates NaN from either side
+    vmax = (v > vmax || v != v) ? v : vmax;
+    vv = vmax;
+  }
+  float denom = sqrtf(vv) / s.bias_correction2_sqrt + s.eps;
+  // addcdiv: self + value * t1 / t2
+  theta = theta + s.neg_step_size * m / denom;
+}
+
+}  // namespace gallop
