@@ -1,0 +1,170 @@
+"""Optimizer-step benchmark: SparseAdamW (compiled kernel) against dense torch.optim.AdamW.
+
+Model: N bf16 weights in T tensors; a random fraction rho of each tensor is
+selected. SparseAdamW (the CUDA kernel on a GPU, its host build on the CPU,
+fp32 master weights on, the default for bf16) updates the selected weights;
+torch.optim.AdamW (fused=True on CUDA, its default foreach path on the CPU)
+updates the same model from masked gradients. Columns:
+
+- ms: median step time (p20-p80);
+- floor: bytes the step must move at least (see ``floor_bytes``), and
+  %floor = (floor / measured copy bandwidth) / time, i.e. the fraction of
+  the bandwidth bound this step reaches (dense AdamW: its own floor,
+  read p, g, m, v and write p, m, v once);
+- state: optimizer-state memory (SparseAdamW: exp_avg, exp_avg_sq and the
+  master copy, plus the int64 index list it keeps in ``state["indices"]``),
+  and the same per weight of the model (dense bf16 AdamW: 4 B).
+
+Usage: python bench/bench_sparse_adamw.py [--device cuda] [--sizes 22 24] [--rhos 0.001 0.01 0.1]
+(sizes are log2 N). Prints a markdown table for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import SECTOR_BYTES, bench, copy_bandwidth, fmt_bytes, peak_bandwidth, print_report, scattered_bytes  # noqa: E402
+
+import gallop_kernels as gk  # noqa: E402
+from gallop_kernels import backends  # noqa: E402
+
+INDEX_BYTES = 8  # int64 flat indices, as Selection stores them
+STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master
+
+
+def floor_bytes(n: int, k: int, rho: float, b_param: int, b_grad: int, master: bool, sector: int) -> tuple[float, float]:
+    """(ideal, sector-aware) bytes of one sparse AdamW step over k of n weights.
+
+    Ideal: k * (index + m, v read+write + [master read+write] + gathered grad +
+    param read+write). Sector-aware: the gathered gradient and the param's
+    read-modify-write cost whole sectors, for uniformly spread indices
+    (performance-facts.md 3.1).
+    """
+    compact = k * (INDEX_BYTES + 4 * STATE_BYTES + (2 * STATE_BYTES if master else 0))
+    ideal = compact + k * (b_grad + 2 * b_param)
+    sectored = compact + scattered_bytes(n, rho, b_grad, sector) + 2 * scattered_bytes(n, rho, b_param, sector)
+    return ideal, max(ideal, sectored)
+
+
+def dense_bytes(n: int, b_param: int, b_grad: int, b_state: int) -> int:
+    """torch AdamW: read p, g, m, v; write p, m, v."""
+    return n * (2 * b_param + b_grad + 4 * b_state)
+
+
+def make_model(n: int, tensors: int, device, dtype, gen):
+    sizes = [n // tensors] * tensors
+    sizes[-1] += n - sum(sizes)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in sizes]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
+    return params, grads
+
+
+def random_selection(params, rho: float, gen) -> gk.Selection:
+    idx, shapes = {}, {}
+    for i, p in enumerate(params):
+        k = gk.reference.num_to_select(rho, p.numel())
+        idx[f"w{i}"] = torch.randperm(p.numel(), generator=gen)[:k].sort().values.to(p.device)
+        shapes[f"w{i}"] = p.shape
+    return gk.Selection(idx, shapes, rho=rho, criterion="random", scope="per_tensor", threshold=None)
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if torch.is_tensor(t) and key not in ("step", "indices"))
+
+
+def _row(provider, log_n, rho, k, ms, p20, p80, ideal, floor, bw, state, n, sector) -> dict:
+    return {
+        "provider": provider,
+        "N": f"2^{log_n}",
+        "rho": rho,
+        "updated": k,
+        "ms (p20-p80)": f"{ms:.3f} ({p20:.3f}-{p80:.3f})",
+        "floor ideal": fmt_bytes(ideal),
+        f"floor ({sector} B sectors)": fmt_bytes(floor),
+        "GB/s at floor": f"{floor / (ms * 1e-3) / 1e9:.2f}",
+        "%floor": f"{100 * floor / bw / (ms * 1e-3):.0f}%",
+        "state (+index)": fmt_bytes(state),
+        "state B/weight": f"{state / n:.3f}",
+    }
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not backends()["ext_cuda"]:
+        raise SystemExit("the CUDA sparse AdamW kernel is not available here (gallop_kernels.backends())")
+    if device.type == "cpu" and not backends()["ext_host"]:
+        raise SystemExit("gallop_kernels._C is not built: pip install --no-build-isolation -e .")
+    dtype = torch.bfloat16
+    sector = SECTOR_BYTES[device.type]
+    bw = copy_bandwidth(device)
+    peak = peak_bandwidth(device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for log_n in args.sizes:
+        n = 1 << log_n
+        params, grads = make_model(n, args.tensors, device, dtype, gen)
+        named = [(f"w{i}", p) for i, p in enumerate(params)]
+        for j, rho in enumerate(args.rhos):
+            sel = random_selection(params, rho, gen)
+            k = sel.num_selected
+            masks = sel.masks()
+            for (name, p), g in zip(named, grads):
+                p.grad = g * masks[name]
+            del masks
+            opt = gk.SparseAdamW(named, selection=sel, lr=1e-4, weight_decay=0.01, backend="ext")
+            ms, p20, p80 = bench(opt.step, device, warmup=1, reps=args.reps)
+            ideal, floor = floor_bytes(n, k, rho, 2, 2, master=True, sector=sector)
+            st = state_bytes(opt) + k * INDEX_BYTES
+            rows.append(_row("gallop SparseAdamW", log_n, rho, k, ms, p20, p80, ideal, floor, bw, st, n, sector))
+            del opt
+            if j == 0 and not args.skip_dense:
+                # one dense row per N: its cost does not depend on how many gradients are masked
+                fused = device.type == "cuda"
+                dense = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused or None)
+                ms, p20, p80 = bench(dense.step, device, warmup=1, reps=args.dense_reps)
+                b = dense_bytes(n, 2, 2, 2)  # torch keeps bf16 states for bf16 params
+                name = f"torch AdamW ({'fused' if fused else 'foreach'}, masked grads)"
+                rows.append(_row(name, log_n, "any", n, ms, p20, p80, b, b, bw, state_bytes(dense), n, sector))
+                del dense
+            for p in params:
+                p.grad = None
+        del params, grads
+    notes = [
+        f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s (read + write of 256 MiB)"
+        + (f"; datasheet peak {peak / 1e12:.2f} TB/s." if peak else "."),
+        f"bf16 weights and gradients in {args.tensors} tensors; SparseAdamW keeps fp32 exp_avg, exp_avg_sq and master "
+        "weights (12 B per selected weight) plus the int64 index; torch AdamW keeps bf16 exp_avg, exp_avg_sq (4 B per weight).",
+        f"Floors: ideal counts bytes; the sector-aware floor counts whole {sector}-byte "
+        f"{'DRAM sectors' if device.type == 'cuda' else 'cache lines'} for the gathered gradient and the weights' "
+        "read-modify-write at random positions. %floor = (floor bytes / copy bandwidth) / time.",
+    ]
+    print_report(f"Sparse AdamW step, bf16 weights, {device.type}", rows, device, notes=notes)
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="log2 N (default: 22 24 on the CPU, 26 28 30 32 on CUDA)")
+    ap.add_argument("--rhos", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    ap.add_argument("--tensors", type=int, default=8, help="number of weight tensors N is split into")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dense-reps", type=int, default=3)
+    ap.add_argument("--skip-dense", action="store_true", help="omit the torch AdamW rows")
+    args = ap.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [26, 28, 30, 32] if args.device.startswith("cuda") else [22, 24]
+    if any(math.ceil((1 << s) / args.tensors) >= 1 << 31 for s in args.sizes):
+        print("note: tensors of 2^31 or more elements: int64 offsets are exercised", file=sys.stderr)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
