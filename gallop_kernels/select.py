@@ -162,6 +162,12 @@ def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 # ----------------------------------------------------------------------------
 
 _TOPK_BACKENDS = {"reference": reference.topk_keys}
+try:  # the package imports without a working triton; select_mask then has no "triton" backend
+    from .ops.select_triton import topk_keys_triton
+
+    _TOPK_BACKENDS["triton"] = topk_keys_triton
+except (ImportError, RuntimeError):
+    pass
 
 
 def _validate_args(rho, criterion, eps, scope, backend):
