@@ -15,6 +15,7 @@ import torch
 
 from . import SparseAdamW, select_mask
 from .reference import CRITERIA
+from .train import estimate_gradients
 
 VOCAB = 96
 
@@ -45,17 +46,9 @@ def toy_batch(gen: torch.Generator, batch: int = 16, seq: int = 32) -> torch.Ten
     return tokens
 
 
-def mean_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The mean loss gradient over ``batches``, accumulated in float32."""
-    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad}
-    for tokens in batches:
-        model.zero_grad(set_to_none=True)
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                grads[n] += p.grad.float() / len(batches)
-    model.zero_grad(set_to_none=True)
-    return grads
+def lm_inputs(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs for next-token prediction on ``tokens``."""
+    return {"input_ids": tokens, "labels": tokens}
 
 
 def run(
@@ -68,7 +61,7 @@ def run(
     log(f"model: Llama, {n_params:,} weights (random init, built from a config)")
 
     t0 = time.perf_counter()
-    grads = mean_gradients(model, [toy_batch(gen) for _ in range(4)])
+    grads = estimate_gradients(model, [lm_inputs(toy_batch(gen)) for _ in range(4)], progress=False)
     sel = select_mask(model, grads, rho=rho, criterion=criterion)
     log(
         f"select_mask: {sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.2f}%), "

@@ -5,6 +5,7 @@ import torch
 
 import gallop_kernels as gk
 from gallop_kernels import demo
+from gallop_kernels.train import estimate_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,7 +20,7 @@ def test_demo_loss_falls_and_only_selected_weights_move():
 def test_transformers_trainer_accepts_sparse_adamw(tmp_path):
     gen = torch.Generator().manual_seed(0)
     model = demo.make_model(0)
-    grads = demo.mean_gradients(model, [demo.toy_batch(gen, batch=4)])
+    grads = estimate_gradients(model, [demo.lm_inputs(demo.toy_batch(gen, batch=4))], progress=False)
     sel = gk.select_mask(model, grads, rho=0.02)
     opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=1e-2)
     data = [{"input_ids": t, "labels": t} for t in demo.toy_batch(gen, batch=16, seq=16)]
