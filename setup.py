@@ -64,7 +64,19 @@ setup(
             "datasets>=3",
             "accelerate>=1.0",  # transformers.Trainer needs it
         ],
+        # gallop finetune / compare / apply (see README, "Fine-tuning and evaluating")
+        "finetune": [
+            "transformers>=4.46",
+            "datasets>=3",  # load_from_disk of the task folders
+            "accelerate>=1.0",  # transformers needs it to load the GGUF file
+            "gguf>=0.10",  # transformers reads the built-in model's GGUF file with it
+            "peft>=0.13",  # the LoRA baseline
+            "safetensors>=0.4",  # sparse delta files
+            "tqdm>=4.60",  # progress bars
+            "matplotlib>=3.7",  # the Pareto plot of gallop compare
+        ],
     },
+    entry_points={"console_scripts": ["gallop=gallop_kernels.cli:main"]},
     ext_modules=[CMakeExtension("gallop_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
