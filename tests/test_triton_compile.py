@@ -43,7 +43,7 @@ def variants():
 def _compile(name, criterion, theta, grad, cc, mode=None, strided=False):
     """triton.compile one kernel as the launcher specializes it: 16-byte aligned
     pointers, unit strides as constants and n a multiple of 16; or (strided) int64
-    strides and an n past 2**31."""
+    strides, n, position and program bases, as past 2**31 elements."""
     kernel = st._histogram_kernel if name == "histogram" else st._emit_kernel
     names = kernel.arg_names
     sig = {a: "*i64" for a in names if a.endswith("_ptr")}
@@ -56,7 +56,8 @@ def _compile(name, criterion, theta, grad, cc, mode=None, strided=False):
     if kernel is st._histogram_kernel:
         const["HALF"] = st._HALF
     else:
-        sig.update(key_buf_ptr="*i32", base="i64", prog0="i64", lo="i32", hi="i32")
+        wide = "i64" if strided else "i32"  # Python ints past 2**31 reach Triton as i64
+        sig.update(key_buf_ptr="*i32", base=wide, prog0=wide, lo="i32", hi="i32")
         const["MODE"] = mode
     sig.update({k: "constexpr" for k in const})
     aligned = [a for a in names if a.endswith("_ptr")] + ([] if strided else ["n"])

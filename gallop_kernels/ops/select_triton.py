@@ -255,8 +255,9 @@ def _select(sources, k, criterion, eps, dev):
 
     out = torch.empty(k, dtype=torch.int64, device=dev)
     count = torch.zeros(1, dtype=torch.int64, device=dev)
+    unused_keys = torch.zeros(1, dtype=torch.int32, device=dev)  # same pointer type: same kernel variant
 
-    def emit(mode, aux, lo, hi, key_buf=count, pos_buf=count, **grid_of):
+    def emit(mode, aux, lo, hi, key_buf=unused_keys, pos_buf=count, **grid_of):
         p = _Pass(prog_base[-1], dev)
         buffers = (out, count, p.dst, p.cnt, key_buf, pos_buf, aux)
         sweep(_emit_kernel, buffers, lambda i: (bases[i], prog_base[i], eps, lo, hi), MODE=mode, **grid_of)
