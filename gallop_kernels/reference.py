@@ -344,6 +344,10 @@ def sparse_adamw_step(
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
+    master: torch.Tensor | None = None,
+    grad_is_compact: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step on the selected entries of ``param`` only.
 
@@ -351,9 +355,20 @@ def sparse_adamw_step(
     torch.optim.AdamW's own single-tensor math on that compact copy with the
     compact float32 states, and scatters the result back. Unselected weights are
     not touched, so weight decay never reaches them.
+
+    master: (k,) float32 master weights of the selected entries, updated in place
+    and used instead of the gathered weights (for bf16/fp16 params). grad_is_compact:
+    ``grad`` holds the (k,) selected gradient entries, not a dense gradient.
+    grad_scale: the gradient is multiplied by ``1 / grad_scale`` rounded to float32
+    (as GradScaler.unscale_ does). found_inf: when nonzero, nothing changes, not
+    even ``step`` (reads it on the host).
     """
-    theta = gather(param, indices).float()
-    g = gather(grad, indices).float()
+    if found_inf is not None and float(found_inf) != 0:
+        return
+    theta = master if master is not None else gather(param, indices).float()
+    g = grad.float() if grad_is_compact else gather(grad, indices).float()
+    if grad_scale is not None:
+        g = g * grad_scale.double().reciprocal().float().to(g.device)
     _torch_adamw(
         [theta],
         [g],
