@@ -1,0 +1,320 @@
+"""The compiled sparse AdamW (host build on the CPU, CUDA kernel on a GPU) against the reference path."""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DTYPES, Bag, make_bag
+
+import gallop_kernels as gk
+from gallop_kernels import _ext, optim, reference
+from gallop_kernels.ops import sparse_adamw as kernel
+
+needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+SIZES = [97, 1025, 4099, 7, 1]
+CONFIGS = {
+    "wd": dict(weight_decay=0.1),
+    "amsgrad-wd": dict(amsgrad=True, weight_decay=0.1),
+    "maximize": dict(maximize=True),
+    # 1 - beta1 >= 0.5 takes lerp's other branch
+    "beta1=0.3": dict(betas=(0.3, 0.99), weight_decay=0.05),
+}
+SCALE = 3000.0  # not a power of two: 1/scale rounds
+
+
+def _pair(dtype, master, device="cpu", backends=("ext", "reference"), rho=0.2, **kw):
+    bag = make_bag(SIZES, dtype).to(device)
+    sel = gk.select_mask(bag, rho=rho)
+    bags = [bag] + [copy.deepcopy(bag) for _ in backends[1:]]
+    opts = [
+        gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, backend=be, master_weights=master, **kw)
+        for b, be in zip(bags, backends)
+    ]
+    return sel, bags, opts
+
+
+def _grads(bag, gen, scale, skip):
+    out = {}
+    for n, p in bag.named_parameters():
+        g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        if skip:
+            g.view(-1)[0] = float("inf")  # what an overflow under AMP looks like
+        out[n] = g.to(p.device)
+    return out
+
+
+def _assert_same_run(bags, opts, step):
+    (b1, b2), (o1, o2) = bags, opts
+    for (n, p1), p2 in zip(b1.named_parameters(), b2.parameters()):
+        msg = lambda m: f"{n} step {step}: {m}"  # noqa: E731
+        # bf16/fp16 weights: torch's own tolerance for the dtype (one rounding flip);
+        # float32 states and master weights: float32's
+        torch.testing.assert_close(p1.detach(), p2.detach(), msg=msg)
+        s1, s2 = o1.state[p1], o2.state[p2]
+        assert s1.keys() == s2.keys(), n
+        for key in s1:
+            if key == "indices":
+                assert s1[key] is s2[key] or torch.equal(s1[key], s2[key])
+            elif key == "step":
+                assert torch.equal(s1[key], s2[key]), msg(f"step {s1[key]} != {s2[key]}")
+            else:
+                torch.testing.assert_close(s1[key], s2[key], msg=lambda m: f"{n} {key} step {step}: {m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("master", [False, True], ids=["nomaster", "master"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_host_build_equals_reference(dtype, master, config):
+    """100 steps under a grad scale with an overflow every 7th step (skipped)."""
+    sel, bags, opts = _pair(DTYPES[dtype], master, **CONFIGS[config])
+    init = {n: p.detach().clone() for n, p in bags[0].named_parameters()}
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.tensor([SCALE])
+    masks = sel.masks()
+    for step in range(100):
+        skip = step % 7 == 3
+        grads = _grads(bags[0], gen, SCALE, skip)
+        for b in bags:
+            for n, p in b.named_parameters():
+                p.grad = grads[n].clone()
+        found_inf = torch.tensor([1.0 if skip else 0.0])
+        for o in opts:
+            o.step(grad_scale=scale, found_inf=found_inf)
+        _assert_same_run(bags, opts, step)
+    for n, p in bags[0].named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], init[n][~masks[n]]), f"{n}: unselected weights changed"
+    p = bags[0].w1
+    assert float(opts[0].state[p]["step"]) == 100 - len([s for s in range(100) if s % 7 == 3])
+    assert ("master_param" in opts[0].state[p]) == master
+    assert not torch.equal(p.detach(), init["w1"]), "the weights never moved"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rounding_to_param_dtype_matches_torch(dtype):
+    """With lr=0 the kernel writes round(master) into the param: it must be torch's .to(dtype)."""
+    dt = DTYPES[dtype]
+    special = [0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 65504.0, 65519.0, 65520.0]
+    # fp16 subnormals, their ties (3 and 5 halves of 2^-24), a float32 subnormal, overflow
+    special += [1e-40, 2**-24, 2**-25, 3 * 2**-26, 3 * 2**-25, 5 * 2**-25, 2**-130 * 3, 2**-14 - 2**-26]
+    special += [5.9e-8, -6.1e-5, 3.4e38, float("inf")]
+    vals = torch.cat([torch.tensor(special), torch.randn(4000) * torch.logspace(-9, 5, 4000)])
+    bag = Bag([torch.zeros(vals.numel(), dtype=dt)])
+    sel = gk.Selection({"w0": torch.arange(vals.numel())}, {"w0": (vals.numel(),)}, rho=1.0, criterion="gallop", scope="global", threshold=0.0)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=0.0, master_weights=True, backend="ext")
+    bag.w0.grad = torch.zeros_like(bag.w0)
+    opt.step()  # creates the state
+    opt.state[bag.w0]["master_param"].copy_(vals)
+    opt.step()
+    want = vals.to(dt)
+    got = bag.w0.detach()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got[got != want][:5], want[got != want][:5])
+
+
+@needs_ext
+def test_found_inf_leaves_everything_bit_for_bit():
+    sel, bags, opts = _pair(torch.bfloat16, True, backends=("ext",), amsgrad=True, weight_decay=0.1)
+    bag, opt = bags[0], opts[0]
+    for p in bag.parameters():
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in bag.parameters()]
+    opt.step(grad_scale=torch.tensor([2.0]), found_inf=torch.tensor([1.0]))
+    for p, q in zip(bag.parameters(), before[1]):
+        assert torch.equal(p.detach(), q)
+    for pid, st in opt.state_dict()["state"].items():
+        for key, t in st.items():
+            assert torch.equal(t, before[0]["state"][pid][key]), key
+    opt.step(grad_scale=torch.tensor([2.0]), found_inf=torch.tensor([0.0]))
+    assert not torch.equal(bag.w1.detach(), before[1][1])
+
+
+@needs_ext
+def test_state_dict_moves_between_backends():
+    """10 steps with the host build, then 10 with the reference path, equal 20 reference steps."""
+    sel, bags, opts = _pair(torch.bfloat16, True, backends=("ext", "reference"), amsgrad=True, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    saved = None
+    for step in range(20):
+        grads = _grads(bags[0], gen, 1.0, False)
+        for b in bags:
+            for n, p in b.named_parameters():
+                p.grad = grads[n].clone()
+        for o in opts:
+            o.step()
+        if step == 9:
+            saved = copy.deepcopy((bags[0].state_dict(), opts[0].state_dict()))
+            ref_keys = {k for st in opts[1].state_dict()["state"].values() for k in st}
+            assert {k for st in saved[1]["state"].values() for k in st} == ref_keys
+            bag3 = copy.deepcopy(bags[0])
+            bag3.load_state_dict(saved[0])
+            opt3 = gk.SparseAdamW(bag3.named_parameters(), selection=sel, lr=1e-2, backend="reference", amsgrad=True, weight_decay=0.1)
+            opt3.load_state_dict(saved[1])
+            bags, opts = [bag3, bags[1]], [opt3, opts[1]]
+    for p, q in zip(bags[0].parameters(), bags[1].parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@needs_ext
+def test_threads_split_the_entries_exactly():
+    """Enough entries for several host threads: the same bits as one thread."""
+    bag = make_bag([300_000, 50_000])
+    sel = gk.select_mask(bag, rho=0.9)
+    out = []
+    for threads in (1, 4):
+        b = copy.deepcopy(bag)
+        opt = gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="ext")
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(3):
+                opt.step()
+        finally:
+            torch.set_num_threads(old)
+        out.append([p.detach() for p in b.parameters()])
+    for p, q in zip(*out):
+        assert torch.equal(p, q)
+
+
+@needs_ext
+def test_auto_picks_the_kernel_on_cpu(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("reference path used")
+
+    bag = make_bag([97, 33])
+    sel = gk.select_mask(bag, rho=0.3)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel)
+    monkeypatch.setattr(reference, "sparse_adamw_step", boom)
+    opt.step()  # the host build: no call to the reference
+    bag64 = make_bag([97], torch.float64)
+    opt64 = gk.SparseAdamW(bag64.named_parameters(), selection=gk.select_mask(bag64, rho=0.3))
+    with pytest.raises(AssertionError, match="reference path used"):
+        opt64.step()  # float64 is not a kernel dtype: auto takes the reference path
+
+
+def test_without_the_extension(monkeypatch):
+    """auto falls back to the reference path on the CPU; backend='ext' says why it cannot run."""
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_IMPORT_ERROR", ImportError("test: not built"))
+    monkeypatch.setattr(optim, "_C", None)
+    bag = make_bag([97])
+    sel = gk.select_mask(bag, rho=0.3)
+    before = bag.w0.detach().clone()
+    gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2).step()
+    assert not torch.equal(bag.w0.detach(), before)
+    with pytest.raises(RuntimeError, match="test: not built.*pip install"):
+        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext")
+
+
+@needs_ext
+def test_unsupported_inputs_name_the_parameter():
+    bag = make_bag([97], torch.float64)
+    sel = gk.select_mask(bag, rho=0.3)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext")
+    before = bag.w0.detach().clone()
+    with pytest.raises(ValueError, match=r"'w0'.*not supported: grad torch.float64, param torch.float64"):
+        opt.step()
+    assert torch.equal(bag.w0.detach(), before) and not opt.state[bag.w0]
+    with pytest.raises(ValueError, match="unknown backend"):
+        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="cuda")
+    row = kernel.Row("w9", torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.tensor([1]), *[torch.zeros(1)] * 2,
+                     None, None, False, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+    with pytest.raises(ValueError, match=r"'w9'.*not supported: grad torch.float32, param torch.float64"):
+        kernel.sparse_adamw_step([row])
+
+
+@needs_ext
+def test_non_contiguous_params_take_the_reference_path():
+    w = torch.randn(16, 8).t()  # a transposed view: flat indices are not memory offsets
+    bag = Bag([w.clone().t().contiguous().t()])
+    bag.w0.grad = torch.randn(8, 16).t().contiguous().t()
+    sel = gk.select_mask(bag, rho=0.3)
+    ref = copy.deepcopy(bag)
+    ref.w0.grad = bag.w0.grad.clone()  # clone keeps the strides; deepcopy drops .grad
+    assert not ref.w0.is_contiguous() and not ref.w0.grad.is_contiguous()
+    gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2).step()
+    gk.SparseAdamW(ref.named_parameters(), selection=sel, lr=1e-2, backend="reference").step()
+    assert torch.equal(bag.w0, ref.w0) and not torch.equal(bag.w0, w.clone().t().contiguous().t())
+    with pytest.raises(ValueError, match="'w0'.*contiguous"):
+        gk.SparseAdamW(ref.named_parameters(), selection=sel, backend="ext").step()
+
+
+# ----------------------------------------------------------------------------
+# the CUDA build
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA part is not built here")
+@needs_ext
+def test_built_with_cuda_when_nvcc_exists():
+    assert _ext._C.built_with_cuda, "nvcc exists but gallop_kernels._C has no CUDA kernels: check the CMake log"
+    assert hasattr(_ext._C, "sparse_adamw_step_cuda")
+
+
+def _ptxas_report(arch: int, tmp_path) -> str:
+    # The flags of CMakeLists.txt's CUDA target (Release: -O3), one architecture at a time.
+    cmd = [NVCC, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--fmad=false", "-Xptxas=-v",
+           "-DGALLOP_WITH_CUDA=1", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "sparse_adamw.cu"),
+           "-o", str(tmp_path / f"sparse_adamw_sm{arch}.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", [80, 90], ids=lambda a: f"sm_{a}")
+def test_kernel_does_not_spill(arch, tmp_path):
+    report = _ptxas_report(arch, tmp_path)
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", report)
+    assert any("sparse_adamw_kernel" in e for e, _ in entries), report
+    props = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    smem = [int(s) for s in re.findall(r"(\d+) bytes smem", report)]
+    assert props and regs and smem, report
+    for frame, stores, loads in props:
+        assert (int(frame), int(stores), int(loads)) == (0, 0, 0), report
+    # 256 threads x 64 registers keeps 4 blocks per SM on sm_80/sm_90 (65536 registers)
+    assert max(regs) <= 64, report
+    assert max(smem) <= 1024, report
+
+
+# ----------------------------------------------------------------------------
+# GPU: the CUDA kernel against the host build, bit for bit
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("master", [False, True], ids=["nomaster", "master"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_cuda_kernel_equals_host_build(dtype, master):
+    dt = DTYPES[dtype]
+    bag = make_bag(SIZES, dt)
+    sel = gk.select_mask(bag, rho=0.2)
+    host, dev = bag, copy.deepcopy(bag).cuda()
+    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master, backend="ext")
+    o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, **kw)
+    o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, **kw)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(30):
+        skip = step % 7 == 3
+        grads = _grads(host, gen, SCALE, skip)
+        for n, p in host.named_parameters():
+            p.grad = grads[n].clone()
+            getattr(dev, n).grad = grads[n].cuda()
+        fi = torch.tensor([1.0 if skip else 0.0])
+        o_host.step(grad_scale=torch.tensor([SCALE]), found_inf=fi)
+        o_dev.step(grad_scale=torch.tensor([SCALE]).cuda(), found_inf=fi.cuda())
+        for (n, p), q in zip(host.named_parameters(), dev.parameters()):
+            assert torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
+            for key, t in o_host.state[p].items():
+                assert torch.equal(t, o_dev.state[q][key].cpu()), f"{n} {key} step {step}"
