@@ -1,0 +1,179 @@
+"""SparseAdamW(compact_grads=True): gradients gathered in backward, dense .grad freed at once."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gallop_kernels as gk
+
+BACKENDS = ["auto", "reference"]
+
+
+def _mlp(layers=4, width=48, seed=0):
+    torch.manual_seed(seed)
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*mods)
+
+
+def _selection(model, rho, width=48):
+    x = torch.randn(16, width, dtype=next(model.parameters()).dtype)
+    model(x).float().pow(2).mean().backward()
+    sel = gk.select_mask(model, rho=rho)
+    model.zero_grad(set_to_none=True)
+    return sel
+
+
+def _train(model, opt, steps, micro_batches, max_norm, width=48, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    norms = []
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            x = torch.randn(8, width, generator=gen)
+            y = torch.randn(8, width, generator=gen)
+            (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
+        norms.append(float(opt.clip_grad_norm_(max_norm)))
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_equals_dense_with_accumulation_and_clipping(backend):
+    model = _mlp()
+    sel = _selection(model, rho=0.05)
+    dense, compact = model, copy.deepcopy(model)
+    init = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    kw = dict(selection=sel, lr=1e-2, weight_decay=0.01, backend=backend)
+    o_dense = gk.SparseAdamW(dense.named_parameters(), **kw)
+    o_compact = gk.SparseAdamW(compact.named_parameters(), compact_grads=True, **kw)
+    n_dense = _train(dense, o_dense, 20, 3, max_norm=0.05)
+    n_compact = _train(compact, o_compact, 20, 3, max_norm=0.05)
+    assert n_dense == n_compact
+    assert max(n_dense) > 0.05, "clipping never engaged: the test would not see it"
+    for (n, p), q in zip(dense.named_parameters(), compact.parameters()):
+        # float32: accumulating gathered entries adds the same numbers in the same order
+        assert torch.equal(p, q), n
+        assert not torch.equal(p, init[n]) or sel[n].numel() == 0, n
+
+
+def test_backward_leaves_no_dense_grad_and_micro_batches_accumulate():
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 48)
+    for _ in range(2):
+        model(x).sum().backward()
+        ref(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    got = {n: opt._compact[p] for n, p in model.named_parameters()}
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(got[n], p.grad.reshape(-1)[sel[n]], rtol=0, atol=0)
+    assert opt.grad_bytes() == 4 * sel.num_selected
+    opt.zero_grad(set_to_none=False)
+    assert all(not b.any() for b in opt._compact.values()) and opt.grad_bytes() == 4 * sel.num_selected
+    opt.zero_grad()
+    assert opt.grad_bytes() == 0
+
+
+def test_clip_grad_norm_is_torch_clipping_of_the_selected_entries():
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel)
+    model(torch.randn(4, 48)).sum().backward()
+    masks = sel.masks()
+    masked = [(p.grad * masks[n]).clone() for n, p in model.named_parameters()]
+    want = torch.nn.utils.clip_grad_norm_([nn.Parameter(torch.zeros_like(g)) for g in masked], 1.0)  # no grads: norm 0
+    assert float(want) == 0.0
+    holders = [nn.Parameter(torch.zeros_like(g)) for g in masked]
+    for h, g in zip(holders, masked):
+        h.grad = g
+    want = torch.nn.utils.clip_grad_norm_(holders, 0.1)
+    got = opt.clip_grad_norm_(0.1)
+    torch.testing.assert_close(got, want)
+    for (n, p), h in zip(model.named_parameters(), holders):
+        torch.testing.assert_close(p.grad * masks[n], h.grad)
+
+
+def test_amp_overflow_in_compact_grads_skips_the_step():
+    """GradScaler cannot see compact gradients; the optimizer checks them itself under AMP."""
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    (model(torch.randn(4, 48)).sum() * float("inf")).backward()
+    opt.step(grad_scale=torch.tensor([1024.0]), found_inf=torch.tensor([0.0]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(float(st["step"]) == 0 for st in opt.state.values())
+    opt.zero_grad()
+    (model(torch.randn(4, 48)).sum() * 1024.0).backward()
+    opt.step(grad_scale=torch.tensor([1024.0]), found_inf=torch.tensor([0.0]))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_peak_gradient_memory(dtype):
+    """Peak bytes held by gradients during backward over 2 micro-batches of an 8-layer MLP.
+
+    Dense: every gradient of the model at once. Compact: one dense gradient (the
+    largest tensor) plus 4 bytes per selected weight.
+    """
+    width, layers, rho = 128, 8, 0.01
+    peaks = {}
+    for compact in (False, True):
+        model = _mlp(layers=layers, width=width).to(dtype)
+        sel = _selection(model, rho=rho, width=width) if not compact else peaks["sel"]
+        holder = {}
+        peak = [0]
+
+        def measure(p):  # registered before the optimizer's hook: sees p.grad before it is freed
+            peak[0] = max(peak[0], holder["opt"].grad_bytes())
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(measure)
+        holder["opt"] = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact)
+        for _ in range(2):
+            model(torch.randn(4, width, dtype=dtype)).float().pow(2).mean().backward()
+        holder["opt"].step()
+        peaks[compact] = peak[0]
+        peaks["sel"] = sel
+        params = list(model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    largest = max(p.numel() * p.element_size() for p in params)
+    compact_bound = largest + 4 * peaks["sel"].num_selected
+    assert peaks[False] == total
+    assert peaks[True] <= compact_bound
+    # the expected factor: all gradients vs one tensor's plus the compact buffers
+    assert peaks[False] / peaks[True] >= total / compact_bound > 3
+
+
+def test_grad_scaler_dense_and_compact_agree():
+    """torch.amp.GradScaler drives SparseAdamW through grad_scale/found_inf; with compact
+    gradients through opt.amp_step(scaler). An overflow step is skipped in both."""
+    out = {}
+    for compact in (False, True):
+        model = _mlp(layers=2, width=32)
+        sel = _selection(model, rho=0.1, width=32)
+        opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact, lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+        gen = torch.Generator().manual_seed(4)
+        scales = []
+        for i in range(6):
+            loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            if compact:
+                opt.amp_step(scaler)
+            else:
+                scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            opt.zero_grad()
+        assert all(float(st["step"]) == 5 for st in opt.state.values()), "the overflow step was not skipped"
+        out[compact] = scales, [p.detach().clone() for p in model.parameters()]
+    assert out[False][0] == out[True][0] and out[False][0][2] < out[False][0][1]
+    for p, q in zip(out[False][1], out[True][1]):
+        assert torch.equal(p, q)
