@@ -58,19 +58,21 @@ def dense_bytes(n: int, b_param: int, b_grad: int, b_state: int) -> int:
     return n * (2 * b_param + b_grad + 4 * b_state)
 
 
-def make_model(n: int, tensors: int, device, dtype, gen):
+def make_model(n: int, tensors: int, device, dtype):
+    """N random weights and gradients in ``tensors`` tensors, generated on ``device``."""
     sizes = [n // tensors] * tensors
     sizes[-1] += n - sum(sizes)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in sizes]
-    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in sizes]
+    grads = [torch.randn(s, device=device, dtype=dtype) for s in sizes]
     return params, grads
 
 
-def random_selection(params, rho: float, gen) -> gk.Selection:
+def random_selection(params, rho: float) -> gk.Selection:
+    """A uniformly random, sorted index list of round(rho * numel) weights per tensor."""
     idx, shapes = {}, {}
     for i, p in enumerate(params):
         k = gk.reference.num_to_select(rho, p.numel())
-        idx[f"w{i}"] = torch.randperm(p.numel(), generator=gen)[:k].sort().values.to(p.device)
+        idx[f"w{i}"] = torch.randperm(p.numel(), device=p.device)[:k].sort().values
         shapes[f"w{i}"] = p.shape
     return gk.Selection(idx, shapes, rho=rho, criterion="random", scope="per_tensor", threshold=None)
 
@@ -105,14 +107,14 @@ def run(args) -> None:
     sector = SECTOR_BYTES[device.type]
     bw = copy_bandwidth(device)
     peak = peak_bandwidth(device)
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     rows = []
     for log_n in args.sizes:
         n = 1 << log_n
-        params, grads = make_model(n, args.tensors, device, dtype, gen)
+        params, grads = make_model(n, args.tensors, device, dtype)
         named = [(f"w{i}", p) for i, p in enumerate(params)]
         for j, rho in enumerate(args.rhos):
-            sel = random_selection(params, rho, gen)
+            sel = random_selection(params, rho)
             k = sel.num_selected
             masks = sel.masks()
             for (name, p), g in zip(named, grads):
