@@ -87,13 +87,12 @@ def test_clip_grad_norm_is_torch_clipping_of_the_selected_entries():
     model(torch.randn(4, 48)).sum().backward()
     masks = sel.masks()
     masked = [(p.grad * masks[n]).clone() for n, p in model.named_parameters()]
-    want = torch.nn.utils.clip_grad_norm_([nn.Parameter(torch.zeros_like(g)) for g in masked], 1.0)  # no grads: norm 0
-    assert float(want) == 0.0
     holders = [nn.Parameter(torch.zeros_like(g)) for g in masked]
     for h, g in zip(holders, masked):
         h.grad = g
     want = torch.nn.utils.clip_grad_norm_(holders, 0.1)
     got = opt.clip_grad_norm_(0.1)
+    assert float(want) > 0.1, "no clipping: the comparison below would be trivial"
     torch.testing.assert_close(got, want)
     for (n, p), h in zip(model.named_parameters(), holders):
         torch.testing.assert_close(p.grad * masks[n], h.grad)
