@@ -11,7 +11,9 @@ boundary bin and buffers the boundary bin's candidates (key, position), which ar
 resolved exactly with torch ops on the small buffer. A boundary bin larger than
 ``reference.CANDIDATE_CAP`` (heavy ties) gets a low-digit histogram instead and two
 more passes (keys above the exact threshold, then ties in position order), as in
-the reference. No O(N) score or key tensor is ever materialized.
+the reference. No score or key tensor is materialized: extra memory is the
+output (k int64), the histograms, the candidate buffer and a per-program segment
+table (16 bytes per 4096 weights and pass).
 """
 
 from __future__ import annotations
