@@ -5,6 +5,7 @@ Nothing here is specific to one op; each bench_*.py builds its own rows.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import platform
 import statistics
@@ -170,9 +171,10 @@ def peak_memory(fn, device: torch.device | str) -> int:
     CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU (Linux):
     growth of the peak resident set size VmHWM, after resetting it to the current
     RSS by writing 5 to /proc/self/clear_refs (Linux >= 4.0), so earlier peaks in the
-    process do not hide this one. Pages count when touched, and glibc serves
-    blocks below its dynamic mmap threshold (up to 32 MiB) from heap pages that may
-    already be resident, so small temporaries can go unseen: trust large N.
+    process do not hide this one. Pages count when touched; glibc is told to mmap
+    every block of 128 KiB or more (mallopt M_MMAP_THRESHOLD), as it otherwise
+    raises that threshold up to 32 MiB after frees and serves temporaries from heap
+    pages already resident, which RSS would not see. Accurate to a few pages.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -182,8 +184,9 @@ def peak_memory(fn, device: torch.device | str) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD (malloc.h)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _peak_rss()
     fn()
-    return _peak_rss() - before
+    return max(0, _peak_rss() - before)

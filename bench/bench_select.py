@@ -16,7 +16,7 @@ torch.cuda.max_memory_allocated; CPU: growth of the peak RSS, reset before each
 measurement, see _common.peak_memory).
 
 Usage: python bench/bench_select.py [--device cuda] [--sizes 1e6 1e8 1e9] [--dtypes bf16 fp32]
-       [--rhos 0.001 0.01 0.1] [--bandwidth 4.3e12] [--no-memory]
+       [--rhos 0.001 0.01 0.1] [--bandwidth 4.3e12] [--no-memory] [--threads 1]
 """
 
 from __future__ import annotations
@@ -133,7 +133,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidth", type=float, default=None, help="bytes/s for %%floor (default: measured copy)")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions (CUDA: do_bench decides)")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.sizes is None:
         args.sizes = ["1e6", "1e7", "1e8", "1e9"] if args.device.startswith("cuda") else ["1e6", "1e7"]
     run(args)
