@@ -184,3 +184,22 @@ def test_auto_backend_and_registration():
     srcs = [reference.Source("a", torch.randn(3), torch.randn(3), 0)]
     assert select._pick_backend("auto", srcs, False) == "reference"  # CPU tensors
     assert select._pick_backend("triton", srcs, False) == "triton"
+
+
+def test_launch_arguments_match_the_aot_signature(monkeypatch):
+    """The buffers' dtypes the launcher passes are those test_triton_compile compiles."""
+    seen = set()
+    real = st._launch
+
+    def spy(kernel, theta, grad, grid, *args, **meta):
+        buffers = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        seen.add((meta.get("MODE"), buffers))
+        real(kernel, theta, grad, grid, *args, **meta)
+
+    monkeypatch.setattr(st, "_launch", spy)
+    assert_same(make_bag([B + 3, 5]), 0.05, "gallop", "global")
+    monkeypatch.setattr(reference, "CANDIDATE_CAP", 5)
+    assert_same(_adversarial("ties", torch.float32), 0.3, "gallop", "global")
+    i64, i32 = "torch.int64", "torch.int32"
+    emit = (i64, i64, i64, i64, i32, i64, i64)  # out, count, seg_dst, seg_cnt, key_buf, pos_buf, aux
+    assert seen == {(None, (i64,))} | {(m, emit) for m in ("collect", "low", "above", "ties")}
