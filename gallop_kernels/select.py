@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import reference
+from ._env import backends
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
 from .reference import CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
@@ -229,6 +230,8 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
         if backend not in ("auto", "reference"):
             raise ValueError(f"backend {backend!r} does not run across ranks yet; use backend='reference' or 'auto'")
         return "reference"
+    if backend == "triton" and not backends()["triton"]:
+        raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
     if backend != "auto":
         return backend
     on_cuda = any(s.param.is_cuda for s in sources)

@@ -23,17 +23,16 @@ class Bag(nn.Module):
             self.register_parameter(n, nn.Parameter(t))
 
 
-def make_bag(sizes, dtype=torch.float32, grad_dtype=None, gen=None, shapes=None) -> Bag:
+def make_bag(sizes, dtype=torch.float32, gen=None, shapes=None) -> Bag:
     """Random weights and gradients (stored in .grad) for parameters of the given sizes."""
     gen = gen or torch.Generator().manual_seed(1234)
-    grad_dtype = grad_dtype or dtype
     tensors = []
     for i, n in enumerate(sizes):
         shape = shapes[i] if shapes else (n,)
         tensors.append(torch.randn(shape, generator=gen).to(dtype))
     bag = Bag(tensors)
     for p in bag.parameters():
-        p.grad = torch.randn(p.shape, generator=gen).to(grad_dtype)
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
     return bag
 
 

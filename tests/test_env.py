@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gallop_kernels as gk
 from gallop_kernels import _ext
@@ -40,3 +41,13 @@ def test_backends_report():
     assert b["reference"] is True
     assert set(b) == {"reference", "triton", "ext_host", "ext_cuda"}
     assert b["ext_host"] == (_ext._C is not None)
+
+
+def test_triton_backend_without_device_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device runs Triton")
+    m = torch.nn.Linear(4, 2)
+    m(torch.randn(1, 4)).sum().backward()
+    with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
+        gk.select_mask(m, rho=0.5, backend="triton")

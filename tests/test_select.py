@@ -26,7 +26,7 @@ def assert_same_selection(sel, expected, thr):
 def tiny_chunks(request, monkeypatch):
     """Also run with chunks and candidate buffers far smaller than the tensors."""
     if request.param:
-        monkeypatch.setattr(reference, "CHUNK", 64)
+        monkeypatch.setattr(reference, "CHUNK", 1000)  # several chunks in the larger tensors
         monkeypatch.setattr(reference, "CANDIDATE_CAP", 5)
 
 

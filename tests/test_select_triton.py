@@ -33,7 +33,7 @@ CASES = [(c, d, scope, rho) for c in CRITERIA for d in (DTYPE_PAIRS if c != "ran
 @pytest.mark.parametrize("criterion,dtypes,scope,rho", CASES, ids=lambda v: str(v))
 def test_matches_reference(criterion, dtypes, scope, rho):
     bag = make_bag(SIZES, DTYPES[dtypes[0]])
-    # torch 2.13 refuses a .grad of another dtype (grad_dtype): mixed pairs go through grads=
+    # torch refuses a .grad of another dtype: mixed pairs go through grads=
     grads = {n: p.grad.to(DTYPES[dtypes[1]]) for n, p in bag.named_parameters()}
     sel = assert_same(bag, rho, criterion, scope, grads=grads)
     assert sel.num_selected == reference.num_to_select(rho, sum(SIZES)) or scope == "per_tensor"
