@@ -114,3 +114,24 @@ def check_same_selection(indices: dict[str, torch.Tensor], group=None, device=No
             "ranks selected different weights: the gradients differ between ranks "
             "(under DDP, pass gradients after the all-reduce, i.e. after backward)"
         )
+
+
+def per_rank(state_dict: dict, group=None) -> dict:
+    """``{"rank<r>": state_dict}``: one rank's own state for torch.distributed.checkpoint.
+
+    DCP writes a regular tensor stored under the same key on every rank once, as
+    if it were replicated; SparseAdamW's compact states and a Selection's indices
+    differ per rank under FSDP2, so each rank files them under its own key.
+    Restore with :func:`this_rank` at the same world size. For the optimizer, call
+    ``opt.init_state()`` on the fresh optimizer first, so that its state_dict is
+    a complete template for ``dcp.load``.
+    """
+    return {f"rank{dist.get_rank(group)}": state_dict}
+
+
+def this_rank(per_rank_state: dict, group=None) -> dict:
+    """This rank's entry of a :func:`per_rank` dict."""
+    key = f"rank{dist.get_rank(group)}"
+    if key not in per_rank_state:
+        raise ValueError(f"no state saved for {key}: the checkpoint holds {sorted(per_rank_state)}")
+    return per_rank_state[key]

@@ -239,6 +239,17 @@ class SparseAdamW(torch.optim.Optimizer):
                 t.mul_(coef.to(device=t.device))
         return total
 
+    def init_state(self) -> None:
+        """Create every parameter's state now (zeros, step 0) instead of at its first step.
+
+        A fresh optimizer's ``state_dict()`` then has every tensor in place, as
+        torch.distributed.checkpoint needs a template to load into.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._indices[p].numel():
+                    self._state_for(p, group["amsgrad"])
+
     def _state_for(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if not state:

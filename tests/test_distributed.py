@@ -164,3 +164,38 @@ def _fsdp_training_worker(rank):
 
 def test_fsdp2_training_equals_one_process(tmp_path):
     _spawn(_fsdp_training_worker, tmp_path)
+
+
+def _fsdp_resume_worker(rank, ckpt):
+    import torch.distributed.checkpoint as dcp
+
+    def fresh():
+        return _fsdp(_model())
+
+    model = fresh()
+    _, opt = _train(model, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 10)
+    uninterrupted = [p.full_tensor().detach().clone() for p in model.parameters()]
+
+    model = fresh()
+    sel, opt = _train(model, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 4)
+    dcp.save({"model": model.state_dict(), "optim": gdist.per_rank(opt.state_dict())}, checkpoint_id=ckpt)
+    torch.save(sel.state_dict(), f"{ckpt}-selection-rank{rank}.pt")
+
+    resumed = fresh()
+    sel2 = gk.Selection.from_state_dict(torch.load(f"{ckpt}-selection-rank{rank}.pt"))
+    opt2 = gk.SparseAdamW(resumed.named_parameters(), selection=sel2, lr=1e-2, weight_decay=0.1)
+    opt2.init_state()
+    state = {"model": resumed.state_dict(), "optim": gdist.per_rank(opt2.state_dict())}
+    dcp.load(state, checkpoint_id=ckpt)
+    resumed.load_state_dict(state["model"])
+    opt2.load_state_dict(gdist.this_rank(state["optim"]))
+    for step in range(4, 10):
+        _loss(resumed, _rank_batch(step, rank)).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for p, want in zip(resumed.parameters(), uninterrupted):
+        assert torch.equal(p.full_tensor(), want)
+
+
+def test_fsdp2_distributed_checkpoint_resume(tmp_path):
+    _spawn(_fsdp_resume_worker, tmp_path, str(tmp_path / "ckpt"))
