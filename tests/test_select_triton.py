@@ -1,4 +1,7 @@
-"""The Triton selection backend returns exactly the reference Selection (interpreter on the CPU)."""
+"""The Triton selection backend returns exactly the reference Selection.
+
+On the CPU through the interpreter; where a GPU exists, on CUDA tensors (bench/gpu_check.sh).
+"""
 
 import pytest
 import torch
@@ -16,7 +19,13 @@ SIZES = [0, 1, 7, 97, B, B + 1, 3 * B + 11]
 DTYPE_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "fp16")]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def assert_same(model, rho, criterion, scope, **kw):
+    model.to(DEVICE)  # moves .grad too
+    if kw.get("grads") is not None:
+        kw["grads"] = {n: g.to(DEVICE) for n, g in kw["grads"].items()}
     got = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="triton", **kw)
     want = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="reference", **kw)
     for name in want:
@@ -137,7 +146,7 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("criterion", ["gallop", "saft", "magnitude", "pafi"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_raises_like_reference(criterion, bad):
-    bag = make_bag([B + 9, 33])
+    bag = make_bag([B + 9, 33]).to(DEVICE)
     with torch.no_grad():
         bag.w1[4] = bad
         bag.w1.grad[4] = bad
