@@ -369,7 +369,6 @@ class SparseAdamW(torch.optim.Optimizer):
             if not kernel:
                 ref_work.append((group, p, grad, compact, state))
                 continue
-            beta1, beta2 = group["betas"]
             rows.append(
                 _kernel.Row(
                     name=self._names[p],
@@ -382,13 +381,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     master=state.get("master_param"),
                     grad_compact=compact,
                     step=float(state["step"]) + 1,
-                    lr=float(group["lr"]),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    amsgrad=group["amsgrad"],
-                    maximize=group["maximize"],
+                    **_hyper(group),
                 )
             )
             states.append(state)
@@ -399,7 +392,6 @@ class SparseAdamW(torch.optim.Optimizer):
                 for state in states:
                     state["step"] += 1
         for group, p, grad, compact, state in ref_work:
-            beta1, beta2 = group["betas"]
             reference.sparse_adamw_step(
                 p,
                 grad,
@@ -408,13 +400,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"],
                 state.get("max_exp_avg_sq"),
                 state["step"],
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
+                **_hyper(group),
                 master=state.get("master_param"),
                 grad_is_compact=compact,
                 grad_scale=grad_scale,
@@ -452,6 +438,20 @@ class SparseAdamW(torch.optim.Optimizer):
                 if key in st:
                     state[key] = st[key].to(device=p.device, dtype=torch.float32)
             state["indices"] = self._indices[p]
+
+
+def _hyper(group: dict) -> dict:
+    """A param group's AdamW hyper-parameters as the update functions take them."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=float(group["lr"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        amsgrad=group["amsgrad"],
+        maximize=group["maximize"],
+    )
 
 
 def _check_hyper(*, lr, betas, eps, weight_decay) -> None:
