@@ -29,9 +29,14 @@ def finetune_table(summary: dict, method: str) -> str:
 
 
 def compare_table(runs: list[dict], mode: str) -> str:
-    """One row per (method, task) and one mean row per method: ID acc, mean OOD, Forget Ratio, Collapse Rate (%)."""
+    """The vanilla model per task, then one row per (method, task) and a mean row per method with several tasks:
+    ID acc, mean OOD, Forget Ratio, Collapse Rate (%)."""
     head = ["method", "task", "trainable", "ID acc", "mean OOD", "Forget Ratio", "Collapse Rate", "train s"]
     rows = []
+    for task in dict.fromkeys(r["task"] for r in runs):  # the untuned model, for reference
+        s = next(r["summary"][mode] for r in runs if r["task"] == task)
+        van_cr = collapse_rate(list(s["vanilla_ood_acc"].values())) if s["collapse_rate"] is not None else None
+        rows.append(["vanilla", task, "0", pct(s["vanilla_id_acc"]), pct(s["vanilla_mean_ood"]), "-", pct(van_cr), ""])
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for m in methods:
         mine = [r for r in runs if r["method"] == m]

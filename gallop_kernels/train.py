@@ -171,12 +171,14 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
                  progress: bool = True) -> TrainResult:
     """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
     t0 = time.perf_counter()
-    grads = estimate_gradients(model, grad_batches, progress=progress) if criterion in ("gallop", "saft") else None
+    grads_used = criterion in ("gallop", "saft")  # the other criteria are data-free
+    grads = estimate_gradients(model, grad_batches, progress=progress) if grads_used else None
     t1 = time.perf_counter()
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
     del grads
     zeros = count_selected_zeros(model, sel)
-    log(f"  gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; select_mask {time.perf_counter() - t1:.1f} s: "
+    grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
+    log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -143,7 +143,7 @@ def test_compare_writes_tables_json_and_plot(tiny_dir, tmp_path, capsys):
     assert trainable["fft"] == total and trainable["gallop"] == trainable["pafi"] == round(0.01 * total)
     assert 0 < trainable["lora"] < total
     table = (out / "compare.md").read_text()
-    for m in ("gallop", "pafi", "lora", "fft"):
+    for m in ("vanilla", "gallop", "pafi", "lora", "fft"):
         assert f"| {m} | winogrande |" in table
     png = (out / "pareto-generate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
