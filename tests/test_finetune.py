@@ -244,7 +244,7 @@ def test_command_line_error_has_no_traceback():
     assert proc.stderr.strip().splitlines() == ["gallop: error: argument --rho: rho must be in (0, 1], got 2.0"]
 
 
-@pytest.mark.slow  # ~1-4 min on 2 CPU cores: a 135M model, 32 questions, 3 training steps
+# ~28 s on 2 idle CPU cores (a 135M model, 32 questions, 3 steps): not marked slow
 @needs_data
 @needs_builtin
 def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
