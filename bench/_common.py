@@ -184,7 +184,10 @@ def peak_memory(fn, device: torch.device | str) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD (malloc.h)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD (malloc.h)
+    # Free heap pages left resident by earlier calls would be reused without RSS growth.
+    libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _peak_rss()
