@@ -199,3 +199,54 @@ def _fsdp_resume_worker(rank, ckpt):
 
 def test_fsdp2_distributed_checkpoint_resume(tmp_path):
     _spawn(_fsdp_resume_worker, tmp_path, str(tmp_path / "ckpt"))
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _token_batches(rank, world, n=2):
+    """n micro-batches per rank; rank r gets every world-th of the 2n batches."""
+    gen = torch.Generator().manual_seed(5)
+    every = [torch.randint(0, 64, (2, 12), generator=gen) for _ in range(n * world)]
+    mine = every[rank::world] if rank is not None else every
+    return [{"input_ids": t, "labels": t} for t in mine]
+
+
+def _estimate_worker(rank, wrapper):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gallop_kernels.train import estimate_gradients
+
+    single = _tiny_llama()
+    want = estimate_gradients(single, _token_batches(None, WORLD), progress=False)
+    want_sel = gk.select_mask(single, want, rho=0.05)
+    model = _tiny_llama()
+    if wrapper == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        got = estimate_gradients(model, _token_batches(rank, WORLD), progress=False)
+        for n, g in got.items():
+            torch.testing.assert_close(g, want[n.removeprefix("module.")], msg=lambda m: f"{n}: {m}")
+        sel = gk.select_mask(model, got, rho=0.05, process_group=dist.group.WORLD)
+        assert all(torch.equal(sel[n], want_sel[n.removeprefix("module.")]) for n in sel)
+        return
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    got = estimate_gradients(model, _token_batches(rank, WORLD), progress=False)
+    for n, g in got.items():
+        torch.testing.assert_close(g.full_tensor(), want[n], msg=lambda m: f"{n}: {m}")
+    sel = gk.select_mask(model, got, rho=0.05)
+    assert sum(int(v) for v in gdist.GroupComm().all_cat(torch.tensor([sel.num_selected]))) == want_sel.num_selected
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_estimate_gradients_under_wrappers(tmp_path, wrapper):
+    _spawn(_estimate_worker, tmp_path, wrapper)

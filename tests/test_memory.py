@@ -56,3 +56,21 @@ def test_presets_have_the_papers_sizes():
     assert gemma.trainable == 2_506_172_416
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("gpt5")
+
+
+def test_measured_master_weights_equal_the_plan_for_bf16():
+    cfg = _tiny_config()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tokens = torch.randint(0, 101, (2, 16))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    _, _, plan, _ = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16)
+    sel = gk.select_mask(model, rho=0.05)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel)
+    opt.step()
+
+    def held(*keys):
+        return sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if key in keys)
+
+    assert held("exp_avg", "exp_avg_sq") == plan.optimizer_state
+    assert held("master_param") == plan.master_weights == 4 * sel.num_selected
