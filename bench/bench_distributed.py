@@ -68,6 +68,7 @@ def _worker(rank, world, path, sizes, rho, out):
             )
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
