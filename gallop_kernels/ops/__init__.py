@@ -1,1 +1,2 @@
-"""Triton kernels: kernel, launcher and entry point together, one module per op family."""
+"""Kernels and their launchers, one module per op family: Triton selection (select_triton)
+and the CUDA sparse AdamW launcher (sparse_adamw, calling gallop_kernels._C)."""
