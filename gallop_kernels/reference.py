@@ -22,6 +22,7 @@ from torch.optim.adamw import adamw as _torch_adamw
 from .distributed import local
 
 CRITERIA = ("gallop", "saft", "pafi", "magnitude", "random")
+GRADIENT_CRITERIA = ("gallop", "saft")  # the others need no gradient
 SCOPES = ("global", "per_tensor")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -169,6 +170,22 @@ def raise_nonfinite(sources: list[Source], criterion: str, eps: float, seed: int
 _NONFINITE_LOW, _NONFINITE_HIGH = 0x0080, 0xFF80
 
 
+def has_nonfinite(hist: torch.Tensor) -> bool:
+    """Whether a high-digit histogram counted any NaN or Inf score."""
+    return bool(int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()))
+
+
+def resolve_candidates(keys: torch.Tensor, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, int]:
+    """The ``need`` best boundary-bin candidates: their global positions and the last key taken.
+
+    Candidates may arrive out of position order (ranks, GPU programs): ordering by
+    position first makes the stable key sort break ties by position.
+    """
+    by_pos = torch.sort(pos, stable=True).indices
+    top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
+    return pos[top], int(keys[top[-1]])
+
+
 def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest key, and how many keys lie in higher bins."""
     from_top = hist.flip(0).cumsum(0)
@@ -225,7 +242,7 @@ def topk_keys(
     for _, _, sk in stream():
         hist += torch.bincount((sk >> BITS) + (NUM_BINS // 2), minlength=NUM_BINS).to(dev)
     hist = comm.all_sum(hist).cpu()
-    if int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
+    if has_nonfinite(hist):
         raise_nonfinite(sources, criterion, eps, seed)
         raise ValueError(f"a {criterion} score is NaN or Inf on another rank")
     hi_bin, above = _boundary(hist, k)
@@ -252,10 +269,7 @@ def topk_keys(
     if collect:
         keys = comm.all_cat(torch.cat(cand_key) if cand_key else torch.empty(0, dtype=torch.int64, device=dev))
         pos = comm.all_cat(torch.cat(cand_pos) if cand_pos else torch.empty(0, dtype=torch.int64, device=dev))
-        by_pos = torch.sort(pos, stable=True).indices  # ranks' buffers arrive out of position order
-        top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
-        threshold = int(keys[top[-1]])
-        chosen = pos[top]
+        chosen, threshold = resolve_candidates(keys, pos, need)
         for si, src in enumerate(sources):
             mine = chosen[(chosen >= src.offset) & (chosen < src.offset + src.numel)]
             picked[si].append((mine - src.offset).to(devices[si]))

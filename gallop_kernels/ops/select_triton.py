@@ -247,7 +247,7 @@ def _select(sources, k, criterion, eps, dev):
     hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)  # int64: all-zero grads of 8e9 weights
     sweep(_histogram_kernel, (hist,), lambda i: (eps,), HALF=_HALF)
     hist = hist.cpu()
-    if int(hist[: reference._NONFINITE_LOW].sum()) or int(hist[reference._NONFINITE_HIGH :].sum()):
+    if reference.has_nonfinite(hist):
         reference.raise_nonfinite(sources, criterion, eps)
         raise ValueError(f"a {criterion} score is NaN or Inf")  # the kernel saw one the reference did not
     hi_bin, above = reference._boundary(hist, k)
@@ -270,12 +270,9 @@ def _select(sources, k, criterion, eps, dev):
         keys = torch.empty(cand_n, dtype=torch.int32, device=dev)
         pos = torch.empty(cand_n, dtype=torch.int64, device=dev)
         picked = emit("collect", torch.zeros(1, dtype=torch.int64, device=dev), bin_first, bin_last, keys, pos)
-        # Candidates arrive in program-completion order: position order first, so
-        # the stable key sort breaks ties by position as the contract says.
-        by_pos = torch.sort(pos, stable=True).indices
-        top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
-        threshold = int(keys[top[-1]])
-        chosen = torch.sort(pos[top]).values
+        # Candidates arrive in program-completion order; resolve_candidates orders them.
+        chosen, threshold = reference.resolve_candidates(keys, pos, need)
+        chosen = torch.sort(chosen).values
         cuts = torch.searchsorted(chosen, torch.tensor(bases, device=dev)).tolist()
         picked = [_merge(p, chosen[a:b] - bases[i]) for i, (p, a, b) in enumerate(zip(picked, cuts, cuts[1:]))]
     else:
