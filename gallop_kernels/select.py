@@ -11,9 +11,8 @@ from torch import nn
 from . import reference
 from ._env import backends
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
-from .reference import CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
+from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
-_NEEDS_GRAD = {"gallop": True, "saft": True, "pafi": False, "magnitude": False, "random": False}
 
 
 class Selection(Mapping):
@@ -264,7 +263,7 @@ def select_mask(
     the same weights. Call it on every rank then.
     """
     _validate_args(rho, criterion, eps, scope, backend)
-    sources, shard_group = _sources(model, grads, _NEEDS_GRAD[criterion])
+    sources, shard_group = _sources(model, grads, criterion in GRADIENT_CRITERIA)
     comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)
     topk = _TOPK_BACKENDS[name]

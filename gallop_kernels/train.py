@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import SparseAdamW, select_mask
-from .reference import CRITERIA
+from .reference import CRITERIA, GRADIENT_CRITERIA
 from .tasks import Example
 
 BASELINES = ("fft", "lora")
@@ -171,7 +171,7 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
                  progress: bool = True) -> TrainResult:
     """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
     t0 = time.perf_counter()
-    grads_used = criterion in ("gallop", "saft")  # the other criteria are data-free
+    grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
     grads = estimate_gradients(model, grad_batches, progress=progress) if grads_used else None
     t1 = time.perf_counter()
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
