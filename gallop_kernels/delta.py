@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .reference import scatter_
+
 INT32_MAX = 2**31 - 1
 
 
@@ -76,4 +78,4 @@ def apply_delta(model: torch.nn.Module, delta: dict[str, tuple[torch.Tensor, tor
             raise ValueError(f"delta parameter {name!r}: values are {values.dtype}, the model's weights {p.dtype}")
     for name, (idx, values) in delta.items():
         p = params[name]
-        p.view(-1)[idx.to(p.device)] = values.to(p.device)
+        scatter_(p, idx.to(p.device), values.to(p.device))
