@@ -27,6 +27,20 @@ def local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if t is not None and is_dtensor(t) else t
 
 
+def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """t.reshape(-1)[indices], a new tensor; a DTensor's indices address its local shard."""
+    return local(t).reshape(-1)[indices]
+
+
+def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t and DTensor shards."""
+    t = local(t)
+    if t.is_contiguous():
+        t.view(-1).index_copy_(0, indices, values.to(t.dtype))
+    else:
+        t[torch.unravel_index(indices, t.shape)] = values.to(t.dtype)
+
+
 class GroupComm:
     """Collectives over a process group, counting the bytes this rank sends."""
 

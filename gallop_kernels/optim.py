@@ -10,7 +10,7 @@ import torch
 
 from . import reference
 from ._ext import _C, require_ext
-from .distributed import local
+from .distributed import gather, local
 from .ops import sparse_adamw as _kernel
 from .reference import SUPPORTED_DTYPES
 from .select import Selection
@@ -141,7 +141,7 @@ class SparseAdamW(torch.optim.Optimizer):
             return
         idx = self._indices[p]
         if idx.numel() and not g.is_sparse and g.shape == p.shape:
-            c = reference.gather(g, idx).float()
+            c = gather(g, idx).float()
             buf = self._compact.get(p)
             if buf is None:
                 self._compact[p] = c
@@ -222,7 +222,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 continue
             sel = [t for t in to_scale if t is not p.grad]
             if p.grad is not None:
-                sel.append(reference.gather(p.grad, idx).float())
+                sel.append(gather(p.grad, idx).float())
             entries = sel[0] if len(sel) == 1 else sum(sel)
             grads.append((entries, to_scale))
         if not grads:
@@ -263,7 +263,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state["indices"] = self._indices[p]
         if self._uses_master(p):
             if "master_param" not in state:
-                state["master_param"] = reference.gather(p.detach(), self._indices[p]).float().clone()
+                state["master_param"] = gather(p.detach(), self._indices[p]).float().clone()
         else:
             state.pop("master_param", None)
         return state
@@ -361,7 +361,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state = self._state_for(p, group["amsgrad"])
             idx = state["indices"]
             if buf is not None and g is not None:  # a .grad assigned by hand on top of backward's
-                grad, compact = buf + reference.gather(g, idx).float(), True
+                grad, compact = buf + gather(g, idx).float(), True
             elif buf is not None:
                 grad, compact = buf, True
             else:

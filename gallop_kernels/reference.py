@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
-from .distributed import local
+from .distributed import gather, scatter_
 
 CRITERIA = ("gallop", "saft", "pafi", "magnitude", "random")
 GRADIENT_CRITERIA = ("gallop", "saft")  # the others need no gradient
@@ -326,20 +326,6 @@ def topk_by_sort(sources: list[Source], k: int, criterion: str, eps: float = 1e-
 # ----------------------------------------------------------------------------
 # sparse AdamW
 # ----------------------------------------------------------------------------
-
-
-def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """t.reshape(-1)[indices], a new tensor; a DTensor's indices address its local shard."""
-    return local(t).reshape(-1)[indices]
-
-
-def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t and DTensor shards."""
-    t = local(t)
-    if t.is_contiguous():
-        t.view(-1).index_copy_(0, indices, values.to(t.dtype))
-    else:
-        t[torch.unravel_index(indices, t.shape)] = values.to(t.dtype)
 
 
 def sparse_adamw_step(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gallop_kernels import cli, delta, evaluate, metrics, models, pipeline, tasks, train
+from gallop_kernels.finetune import cli, delta, evaluate, metrics, models, pipeline, tasks, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,7 +238,7 @@ def test_missing_model_config_and_data_file(tmp_path, capsys):
 
 
 def test_command_line_error_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "gallop_kernels.cli", "finetune", "--rho", "2"],
+    proc = subprocess.run([sys.executable, "-m", "gallop_kernels.finetune.cli", "finetune", "--rho", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["gallop: error: argument --rho: rho must be in (0, 1], got 2.0"]

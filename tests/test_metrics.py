@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gallop_kernels.metrics import collapse_rate, forget_ratio
+from gallop_kernels.finetune.metrics import collapse_rate, forget_ratio
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels import demo
-from gallop_kernels.train import estimate_gradients
+from gallop_kernels.finetune import demo
+from gallop_kernels.finetune.train import estimate_gradients
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import models, tasks
 from .delta import apply_delta, load_delta, save_delta
 from .evaluate import MODES
-from .reference import CRITERIA
+from ..reference import CRITERIA
 from .train import METHODS, TrainConfig
 
 EXPECTED_ERRORS = (models.ModelError, tasks.DataError, ValueError, OSError)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import scatter_
+from ..distributed import scatter_
 
 INT32_MAX = 2**31 - 1
 

@@ -1,4 +1,4 @@
-"""A short GaLLoP run on the CPU: ``python -m gallop_kernels.demo``.
+"""A short GaLLoP run on the CPU: ``python -m gallop_kernels.finetune.demo``.
 
 A small Llama built from a config (random weights, no download) learns a toy
 language (each token is an affine function of the one before it) while only a
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from . import SparseAdamW, select_mask
-from .reference import CRITERIA
+from .. import SparseAdamW, select_mask
+from ..reference import CRITERIA
 from .train import estimate_gradients
 
 VOCAB = 96

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import SparseAdamW, select_mask
-from .reference import CRITERIA, GRADIENT_CRITERIA
+from .. import SparseAdamW, select_mask
+from ..reference import CRITERIA, GRADIENT_CRITERIA
 from .tasks import Example
 
 BASELINES = ("fft", "lora")
