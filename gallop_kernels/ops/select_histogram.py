@@ -1,6 +1,7 @@
-"""Triton selection backend: score, one shared histogram and index emission in two streaming passes.
+"""The exact fallback of the Triton selection: score, one shared histogram and index emission.
 
-Same contract and output as :func:`gallop_kernels.reference.topk_keys`.
+Runs when the window plan misses (ops/select_triton.py); same output as
+:func:`gallop_kernels.reference.topk_keys`, same plan (gallop_kernels.radix).
 
 Pass 1 (``_histogram_kernel``) reads theta and grad in their own dtype, computes the
 float32 score exactly as ``reference.score`` does, maps it to the signed order key
@@ -9,23 +10,21 @@ selection. A prefix sum over the histogram gives the boundary bin. Pass 2
 (``_emit_kernel``) re-reads theta and grad, appends the flat indices above the
 boundary bin and buffers the boundary bin's candidates (key, position), which are
 resolved exactly with torch ops on the small buffer. A boundary bin larger than
-``reference.CANDIDATE_CAP`` (heavy ties) gets a low-digit histogram instead and two
+``config.candidate_cap`` (heavy ties) gets a low-digit histogram instead and two
 more passes (keys above the exact threshold, then ties in position order), as in
-the reference. No score or key tensor is materialized: extra memory is the
-output (k int64), the histograms, the candidate buffer and a per-program segment
-table (16 bytes per 4096 weights and pass).
+the reference. Its first pass issues one global atomic per nonzero key: slow on a
+GPU (L2-atomic bound), hence only the fallback.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ..reference import BITS, NUM_BINS
+from .. import radix, reference
+from ..radix import BITS, NUM_BINS
+from .score import READS, flat, signed_key
 
 # 4096 weights per program: 16 per thread at 8 warps, i.e. two 16-byte loads per
 # thread for bf16. One program per block keeps the emission order-preserving
@@ -33,38 +32,12 @@ from ..reference import BITS, NUM_BINS
 BLOCK = 4096
 NUM_WARPS = 8
 _HALF = NUM_BINS // 2  # high digit of the order key = (signed key >> 16) + 2**15
-_READS = {"gallop": (True, True), "saft": (False, True), "magnitude": (True, False), "pafi": (True, False)}
 
 
 @triton.jit
-def _load_f32(ptr, offs, stride, mask):
-    """Load in the tensor's dtype and widen exactly to float32."""
-    x = tl.load(ptr + offs * stride, mask=mask, other=0.0)
-    if x.dtype == tl.bfloat16:
-        # bf16 is the high half of a float32. Widening by the shift keeps subnormals,
-        # which the interpreter's bf16 -> fp32 cast (triton 3.6 _convert_float)
-        # gets wrong; on the GPU both are one integer op.
-        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION: tl.constexpr):
-    """reference._signed_key(reference.score(...)) of the weights at ``offs``."""
-    if CRITERION == "gallop":
-        g = _load_f32(grad_ptr, offs, grad_stride, mask)
-        t = _load_f32(theta_ptr, offs, theta_stride, mask)
-        # Triton's '/' is an approximate divide on the GPU; the reference divides
-        # correctly rounded, and a one-ulp difference moves ties at the threshold.
-        s = tl.math.div_rn(tl.abs(g), tl.abs(t) + eps)
-    elif CRITERION == "saft":
-        s = tl.abs(_load_f32(grad_ptr, offs, grad_stride, mask))
-    elif CRITERION == "magnitude":
-        s = tl.abs(_load_f32(theta_ptr, offs, theta_stride, mask))
-    else:  # pafi; 0 - |x| (not -|x|) turns -0.0 into +0.0, as in the reference
-        s = 0.0 - tl.abs(_load_f32(theta_ptr, offs, theta_stride, mask))
-    bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _key_at(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION: tl.constexpr):
+    """Signed key of the weights at flat indices ``offs``."""
+    return signed_key(theta_ptr + offs * theta_stride, grad_ptr + offs * grad_stride, mask, eps, CRITERION)
 
 
 @triton.jit
@@ -75,7 +48,7 @@ def _histogram_kernel(
     """Pass 1: add the high digit of every key to the shared int64 histogram."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    key = _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
+    key = _key_at(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
     # Exact zeros (zero gradients; pafi of theta = 0) are common and would all hit
     # one bin: count them with one atomic per program instead of one per weight.
     zero = mask & (key == 0)
@@ -116,7 +89,7 @@ def _emit_kernel(
     if MODE == "ties":
         quota = tl.load(aux_ptr + prog)
         mask = mask & (quota > 0)  # programs past the quota read nothing
-    key = _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
+    key = _key_at(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
     if MODE == "collect":
         _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, mask & (key > hi))
         cand = mask & (key >= lo) & (key <= hi)
@@ -156,13 +129,6 @@ def _plan(numels: list[int]) -> tuple[list[int], list[int], list[int]]:
     return grids, prog_base + [p], bases + [b]
 
 
-def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A 1-D view of ``t`` in flat-index order and its stride; copies only when no
-    such view exists (e.g. a transposed matrix)."""
-    f = t.detach().reshape(-1)
-    return f, (f.stride(0) if f.numel() else 1)
-
-
 def _launch(kernel, theta, grad, grid, *args, **meta) -> None:
     """Every kernel launch goes through here (tests count the reads of theta and grad)."""
     kernel[(grid,)](theta, grad, *args, BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
@@ -186,52 +152,16 @@ class _Pass:
         return list(ordered.split([b - a for a, b in zip(cuts, cuts[1:])]))
 
 
-def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Merge two ascending, disjoint index tensors without sorting."""
-    if not b.numel() or not a.numel():
-        return a if b.numel() == 0 else b
-    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
-    out[torch.arange(a.numel(), device=a.device) + torch.searchsorted(b, a)] = a
-    out[torch.arange(b.numel(), device=b.device) + torch.searchsorted(a, b)] = b
-    return out
-
-
-def topk_keys_triton(
-    sources: list[reference.Source], k: int, criterion: str, eps: float = 1e-8, seed: int = 0
-) -> tuple[list[torch.Tensor], int | None]:
-    """Exactly k weights with the largest keys over ``sources``, ties by position.
-
-    Same contract and output as :func:`gallop_kernels.reference.topk_keys`
-    (single process): sorted int64 flat indices per source, and the threshold
-    order key (None when k == 0). theta and grad may be fp32, bf16 or fp16, each
-    in its own dtype. Raises ValueError on a NaN or Inf score. Reads theta and
-    grad twice (four times when more than reference.CANDIDATE_CAP weights share
-    the boundary bin).
-    """
-    # random is a counter-based hash, no streaming read worth a kernel; float64
-    # weights are rare and keep the kernels to three dtypes: both stay on the reference.
-    if criterion == "random" or any(
-        t is not None and t.dtype == torch.float64 for s in sources for t in (s.param, s.grad)
-    ):
-        return reference.topk_keys(sources, k, criterion, eps, seed)
-    if criterion not in _READS:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {reference.CRITERIA}")
-    devices = [s.param.device for s in sources]
-    empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
-    if k == 0:
-        return empty, None
-    dev = devices[0]
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _select(sources, k, criterion, eps, dev)
-
-
-def _select(sources, k, criterion, eps, dev):
-    """topk_keys_triton for k > 0, on device ``dev``."""
-    reads_theta, reads_grad = _READS[criterion]
+def topk_keys_histogram(sources, k, criterion, eps, config: radix.Config = radix.DEFAULT):
+    """reference.topk_keys by the histogram plan on the GPU (k > 0; the criteria of
+    score.READS; fp32/bf16/fp16 on the current device). Reads theta and grad twice
+    (four times when more than config.candidate_cap weights share the boundary bin)."""
+    dev = sources[0].param.device
+    reads_theta, reads_grad = READS[criterion]
     views = []
     for s in sources:  # an unread tensor is passed as the read one: fewer kernel variants
-        t = _flat(s.param) if reads_theta else None
-        g = _flat(s.grad) if reads_grad else None
+        t = flat(s.param) if reads_theta else None
+        g = flat(s.grad) if reads_grad else None
         views.append((t or g, g or t))
     grids, prog_base, bases = _plan([s.numel for s in sources])
     live = [i for i, g in enumerate(grids) if g]
@@ -247,10 +177,10 @@ def _select(sources, k, criterion, eps, dev):
     hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)  # int64: all-zero grads of 8e9 weights
     sweep(_histogram_kernel, (hist,), lambda i: (eps,), HALF=_HALF)
     hist = hist.cpu()
-    if reference.has_nonfinite(hist):
+    if radix.has_nonfinite(hist):
         reference.raise_nonfinite(sources, criterion, eps)
         raise ValueError(f"a {criterion} score is NaN or Inf")  # the kernel saw one the reference did not
-    hi_bin, above = reference._boundary(hist, k)
+    hi_bin, above = radix.boundary(hist, k)
     need = k - above
     bin_first = (hi_bin << BITS) - reference._SIGN  # signed keys of the boundary bin
     bin_last = bin_first + NUM_BINS - 1
@@ -266,25 +196,24 @@ def _select(sources, k, criterion, eps, dev):
         return p.in_order(out, prog_base)
 
     cand_n = int(hist[hi_bin])
-    if cand_n <= reference.CANDIDATE_CAP:
+    if cand_n <= config.candidate_cap:
         keys = torch.empty(cand_n, dtype=torch.int32, device=dev)
         pos = torch.empty(cand_n, dtype=torch.int64, device=dev)
         picked = emit("collect", torch.zeros(1, dtype=torch.int64, device=dev), bin_first, bin_last, keys, pos)
         # Candidates arrive in program-completion order; resolve_candidates orders them.
-        chosen, threshold = reference.resolve_candidates(keys, pos, need)
+        chosen, threshold = radix.resolve_candidates(keys, pos, need)
         chosen = torch.sort(chosen).values
         cuts = torch.searchsorted(chosen, torch.tensor(bases, device=dev)).tolist()
-        picked = [_merge(p, chosen[a:b] - bases[i]) for i, (p, a, b) in enumerate(zip(picked, cuts, cuts[1:]))]
+        picked = [radix.merge(p, chosen[a:b] - bases[i]) for i, (p, a, b) in enumerate(zip(picked, cuts, cuts[1:]))]
     else:
         low = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
         picked = emit("low", low, bin_first, bin_last)
-        lo_bin, above_lo = reference._boundary(low.cpu(), need)
+        lo_bin, above_lo = radix.boundary(low.cpu(), need)
         threshold = bin_first + lo_bin
         ties = torch.zeros(prog_base[-1], dtype=torch.int64, device=dev)
-        picked = [_merge(a, b) for a, b in zip(picked, emit("above", ties, threshold, bin_last))]
-        # Ties go to the lowest positions: each program takes what the earlier ones left.
-        quota = (need - above_lo - (ties.cumsum(0) - ties)).clamp(min=0).minimum(ties)
+        picked = [radix.merge(a, b) for a, b in zip(picked, emit("above", ties, threshold, bin_last))]
+        quota = radix.tie_quota(ties, need - above_lo)  # ties go to the lowest positions
         last = int(quota.nonzero()[-1]) + 1 if int(quota.sum()) else 0
         tied = emit("ties", quota, threshold, threshold, grid_of=lambda i: min(grids[i], last - prog_base[i]))
-        picked = [_merge(a, b) for a, b in zip(picked, tied)]
+        picked = [radix.merge(a, b) for a, b in zip(picked, tied)]
     return [p.to(d) for p, d in zip(picked, (s.param.device for s in sources))], threshold + reference._SIGN
