@@ -12,7 +12,8 @@ import torch
 from helpers import DTYPES, Bag, make_bag
 
 import gallop_kernels as gk
-from gallop_kernels import _ext, optim, reference
+from gallop_kernels import _ext, reference
+from gallop_kernels.optim import sparse_adamw as optim
 from gallop_kernels.ops import sparse_adamw as kernel
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")

@@ -8,12 +8,12 @@ import weakref
 
 import torch
 
-from . import reference
-from ._ext import _C, require_ext
-from .distributed import gather, local
-from .ops import sparse_adamw as _kernel
-from .reference import SUPPORTED_DTYPES
-from .select import Selection
+from .. import reference
+from .._ext import _C, require_ext
+from ..distributed import gather, local
+from ..ops import sparse_adamw as _kernel
+from ..reference import SUPPORTED_DTYPES
+from ..select import Selection
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 BACKENDS = ("auto", "reference", "ext")
