@@ -228,9 +228,9 @@ def test_unsupported_inputs_name_the_parameter():
     with pytest.raises(ValueError, match="unknown backend"):
         gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="cuda")
     row = kernel.Row("w9", torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.tensor([1]), *[torch.zeros(1)] * 2,
-                     None, None, False, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+                     None, None, False, 0, 0, 0.9, 0.999, 1e-8, 0.0, False, False)
     with pytest.raises(ValueError, match=r"'w9'.*not supported: grad torch.float32, param torch.float64"):
-        kernel.sparse_adamw_step([row])
+        kernel.StepPlan([row], torch.zeros(1), torch.zeros(1, dtype=torch.float64))
 
 
 @needs_ext

@@ -20,9 +20,18 @@
 
 namespace gallop {
 
-// Per-tensor step constants, computed in double on the host exactly as torch's
-// Python code computes them (Python floats), then rounded to float32 as ATen
-// rounds a Python scalar for a float32 tensor op.
+// Per-parameter hyper-parameters: Python floats (double), as a param group holds them.
+struct AdamWHyper {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  int32_t amsgrad;   // 0 / 1
+  int32_t maximize;  // 0 / 1
+};
+
+// Per-tensor step constants, float32 as ATen rounds a Python scalar for a
+// float32 tensor op.
 struct AdamWScalars {
   float decay;          // 1 - lr * weight_decay
   float lerp_weight;    // 1 - beta1
@@ -35,6 +44,29 @@ struct AdamWScalars {
   int32_t maximize;     // 0 / 1
   int32_t weight_decay; // 0: torch skips the multiply (x * 1.0f is x anyway)
 };
+
+// The step constants of step number `step` (1 for the first), in double as
+// torch's Python code computes them from Python floats, then rounded to float32.
+// The host build calls glibc's pow, which Python's float ** calls too; the CUDA
+// build calls CUDA's double pow (documented error <= 2 ulp in double), which
+// changes a float32 constant only when the double lands within 2 ulp of a
+// float32 rounding boundary (about 1 in 2^28).
+GALLOP_HD AdamWScalars adamw_scalars(const AdamWHyper& h, double lr, float step) {
+  double bias_correction1 = 1.0 - pow(h.beta1, static_cast<double>(step));
+  double bias_correction2 = 1.0 - pow(h.beta2, static_cast<double>(step));
+  AdamWScalars s;
+  s.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+  s.lerp_weight = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  s.bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));  // == bias_correction2 ** 0.5
+  s.eps = static_cast<float>(h.eps);
+  s.neg_step_size = static_cast<float>(-(lr / bias_correction1));
+  s.amsgrad = h.amsgrad;
+  s.maximize = h.maximize;
+  s.weight_decay = h.weight_decay != 0.0 ? 1 : 0;
+  return s;
+}
 
 // Update one entry. theta: the weight in float32 (the master copy or the upcast
 // param); g: the gradient in float32 times the inverse grad scale; m, v, vmax:

@@ -1,19 +1,28 @@
-"""SparseAdamW: AdamW on the selected weights only, with O(k) optimizer state."""
+"""SparseAdamW: AdamW on the selected weights only, with O(k) optimizer state.
+
+The step is planned once (:class:`gallop_kernels.ops.sparse_adamw.StepPlan`:
+the table of rows, checked) and re-planned only when the set of parameters with
+a gradient, a gradient's dtype, a hyper-parameter other than lr, or the state
+(load_state_dict) changes. Per step the host then reads each gradient's address,
+writes changed learning rates into a small device buffer, and calls one op per
+device; step counters and bias corrections live on the device.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
-import weakref
+from operator import itemgetter
 
 import torch
 
 from .. import reference
 from .._ext import _C, require_ext
-from ..distributed import gather, local
+from ..distributed import gather, is_dtensor, local
 from ..ops import sparse_adamw as _kernel
 from ..reference import SUPPORTED_DTYPES
 from ..select import Selection
+from . import compact_grads as _compact
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 BACKENDS = ("auto", "reference", "ext")
@@ -38,13 +47,15 @@ class SparseAdamW(torch.optim.Optimizer):
     - ``compact_grads`` (bool, default False): post-accumulate-grad hooks gather
       each parameter's selected gradient entries into a float32 buffer as
       backward produces them and free the dense ``.grad`` at once, so backward
-      holds one dense gradient at a time. Micro-batches accumulate into the
-      buffers; :meth:`zero_grad` clears them. ``.grad`` stays None, so
-      ``torch.nn.utils.clip_grad_norm_`` sees nothing: use
+      holds one dense gradient at a time (see
+      :class:`gallop_kernels.optim.compact_grads.CompactGrads`). Micro-batches
+      accumulate into the buffers; :meth:`zero_grad` clears them. ``.grad``
+      stays None, so ``torch.nn.utils.clip_grad_norm_`` sees nothing: use
       :meth:`clip_grad_norm_`, which clips by the norm of the selected entries
-      (in both modes). Gradients a caller assigns to ``.grad`` directly are
-      still used. Single process only: DDP and FSDP hand gradients over in
-      their own hooks, which this does not coordinate with.
+      (in both modes), and :meth:`amp_step` with a GradScaler. Gradients a
+      caller assigns to ``.grad`` directly are still used. Single process only:
+      DDP and FSDP hand gradients over in their own hooks, which this does not
+      coordinate with.
     - ``backend`` ("auto", "reference" or "ext"): "ext" runs the compiled
       kernel (CUDA kernel for CUDA params, its host build for CPU params);
       "reference" the plain-torch path; "auto" the kernel where it applies
@@ -53,11 +64,19 @@ class SparseAdamW(torch.optim.Optimizer):
       raises. All backends keep the same state and state_dict format, so a run
       can move between them.
 
+    ``lr`` may be a float or a 0-dim tensor (then read on the device every step,
+    as CUDA graphs need). ``state["step"]`` is a float32 tensor on the
+    parameter's device (a view of the optimizer's step counters); the kernel
+    advances it and computes the bias corrections on the device. On CUDA the
+    kernel path is capturable: after one eager step (which creates the state), a
+    step can be captured in a ``torch.cuda.CUDAGraph`` and replayed; inside
+    ``torch.compile`` the launch is the custom op ``gallop::sparse_adamw_step``.
+
     AMP: ``step(grad_scale=..., found_inf=...)`` (or the attributes of the same
     names that ``torch.amp.GradScaler`` sets on optimizers with
     ``_step_supports_amp_scaling``) multiplies gradients by ``1 / grad_scale``
-    and skips the step when ``found_inf`` is nonzero; the kernel skips on the
-    device, and the host step counter costs one read of ``found_inf``.
+    and skips the step when ``found_inf`` is nonzero, on the device (no host
+    read). With ``compact_grads`` use :meth:`amp_step`.
     """
 
     _step_supports_amp_scaling = True
@@ -66,7 +85,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self,
         params,
         selection: Selection,
-        lr: float = 1e-4,
+        lr: float | torch.Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -90,7 +109,8 @@ class SparseAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.selection = selection
         self._names: dict[torch.Tensor, str] = {}
-        for group in self.param_groups:
+        self._group_of: dict[torch.Tensor, int] = {}
+        for gi, group in enumerate(self.param_groups):
             _check_hyper(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
             names = group.get("param_names")
             if names is None:
@@ -103,141 +123,93 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
                 selection.check_matches(name, p)
                 self._names[p] = name
+                self._group_of[p] = gi
         self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
         self.master_weights = master_weights
         self.backend = backend
         self.compact_grads = bool(compact_grads)
-        self._compact: dict[torch.Tensor, torch.Tensor] = {}
-        self._hooks = []
-        if self.compact_grads:
-            # A weak reference: the parameters must not keep a dropped optimizer alive.
-            me = weakref.ref(self)
-
-            def hook(p: torch.Tensor) -> None:
-                opt = me()
-                if opt is not None:
-                    opt._gather_grad(p)
-
-            for p in self._names:
-                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+        # The parameters the step can change, in group order.
+        self._params = [p for p in self._names if self._indices[p].numel()]
+        self._dtensor = any(is_dtensor(p) for p in self._params)
+        # Device-resident step counters (one float32 per parameter: state["step"] is
+        # a view) and learning rates (one float64 per group), per device.
+        self._slot: dict[torch.Tensor, int] = {}
+        self._steps: dict[torch.device, torch.Tensor] = {}
+        per_device: dict[torch.device, int] = {}
+        for p in self._params:
+            dev = local(p).device
+            self._slot[p] = per_device.get(dev, 0)
+            per_device[dev] = self._slot[p] + 1
+        self._step_views: dict[torch.Tensor, torch.Tensor] = {}
+        self._lrs: dict[torch.device, torch.Tensor] = {}
+        self._lr_views: dict[torch.device, list] = {}
+        self._lr_seen: dict[torch.device, list] = {}
+        for dev, n in per_device.items():
+            self._steps[dev] = torch.zeros(n, dtype=torch.float32, device=dev)
+            self._lrs[dev] = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
+            self._lr_views[dev] = list(self._lrs[dev].unbind(0))
+            self._lr_seen[dev] = [None] * len(self.param_groups)
+        views = {dev: buf.unbind(0) for dev, buf in self._steps.items()}
+        for p in self._params:
+            self._step_views[p] = views[local(p).device][self._slot[p]]
+        self._plan: _Plan | None = None
+        self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
+        self._growth_tracker: torch.Tensor | None = None
+        self._compact = _compact.CompactGrads([(p, self._indices[p]) for p in self._params]) if self.compact_grads else None
 
     def remove_hooks(self) -> None:
         """Unregister the ``compact_grads`` hooks (backward then leaves dense ``.grad`` again)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        if self._compact is not None:
+            self._compact.remove_hooks()
 
     def _uses_master(self, p: torch.Tensor) -> bool:
         if self.master_weights is None:
             return p.dtype in (torch.bfloat16, torch.float16)
         return self.master_weights
 
-    @torch.no_grad()
-    def _gather_grad(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add the selected entries of p.grad to its
-        compact float32 buffer, then free the dense gradient."""
-        g = p.grad
-        if g is None:
-            return
-        idx = self._indices[p]
-        if idx.numel() and not g.is_sparse and g.shape == p.shape:
-            c = gather(g, idx).float()
-            buf = self._compact.get(p)
-            if buf is None:
-                self._compact[p] = c
-            else:
-                buf.add_(c)
-            p.grad = None
-        elif not idx.numel():
-            p.grad = None  # nothing selected: the gradient is never used
-        # a malformed gradient stays in .grad for step() to report
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients, the compact buffers of ``compact_grads`` included."""
         super().zero_grad(set_to_none)
-        if set_to_none:
-            self._compact.clear()
-        else:
-            for buf in self._compact.values():
-                buf.zero_()
+        if self._compact is not None:
+            self._compact.clear(set_to_none)
 
     def amp_step(self, scaler, closure=None):
-        """``scaler.step(self)`` that also works with ``compact_grads``.
+        """``scaler.step(self)`` followed by ``scaler.update()``, also with ``compact_grads``.
 
         torch.amp.GradScaler finds overflows by reading ``.grad``, which
-        ``compact_grads`` leaves empty (its ``update()`` would then fail with "No
-        inf checks were recorded"). This steps with the scaler's scale, checks the
-        compact gradients for Inf/NaN on the device, and records the result where
-        ``scaler.update()`` reads it. Use it in place of ``scaler.step(opt)``, and
-        do not call ``scaler.unscale_(opt)``: to clip, call
-        ``opt.clip_grad_norm_(max_norm * scaler.get_scale())`` on the scaled
-        gradients. Without ``compact_grads`` it is ``scaler.step(self)``.
+        ``compact_grads`` leaves empty. With ``compact_grads`` this steps with the
+        scaler's scale, checks the gradients for Inf/NaN on the device, and gives
+        the scaler its next scale through ``scaler.update(new_scale)`` (the
+        scaler's public API; see :func:`gallop_kernels.optim.compact_grads.amp_step`).
+        Do not call ``scaler.update()`` after it, nor ``scaler.unscale_(opt)``
+        before: to clip, call ``opt.clip_grad_norm_(max_norm * scaler.get_scale())``
+        on the scaled gradients. Without ``compact_grads`` it is
+        ``scaler.step(self, closure); scaler.update()``.
         """
         if not self.compact_grads:
-            return scaler.step(self, closure) if closure is not None else scaler.step(self)
-        from torch.amp.grad_scaler import OptState  # GradScaler's bookkeeping (torch >= 2.3)
-
-        if not scaler.is_enabled():
-            return self.step(closure)
-        opt_state = scaler._per_optimizer_states[id(self)]
-        if opt_state["stage"] is not OptState.READY:
-            raise RuntimeError(
-                "amp_step: scaler.unscale_(opt) or scaler.step(opt) was already called since the last "
-                "update(); with compact_grads the gradients stay scaled until the step"
-            )
+            out = scaler.step(self, closure) if closure is not None else scaler.step(self)
+            scaler.update()
+            return out
         if closure is not None:
             raise RuntimeError("amp_step: closures are not supported with a GradScaler (as in scaler.step)")
-        scale = scaler._get_scale_async()
-        found = torch.zeros(1, dtype=torch.float32, device=scale.device)
-        with torch.no_grad():
-            for t in list(self._compact.values()) + [p.grad for p in self._names if p.grad is not None]:
-                found += (~torch.isfinite(t)).any().to(found.device)
-        self.step(grad_scale=scale, found_inf=found)
-        opt_state["found_inf_per_device"] = {found.device: found}
-        opt_state["stage"] = OptState.STEPPED
+        if not scaler.is_enabled():
+            return self.step()
+        if self._growth_tracker is None:  # steps since the last backoff, on the gradients' device
+            dev = next(iter(self._compact.flat), torch.device("cpu"))
+            self._growth_tracker = torch.zeros(1, dtype=torch.int32, device=dev)
+        _compact.amp_step(self, scaler, self._growth_tracker)
+        return None
 
     def grad_bytes(self) -> int:
         """Bytes held right now by this optimizer's gradients: dense ``.grad`` tensors
-        plus the compact buffers of ``compact_grads``."""
+        plus the compact buffers of ``compact_grads`` that hold a gradient."""
         dense = sum(local(p.grad).numel() * p.grad.element_size() for p in self._names if p.grad is not None)
-        return dense + sum(b.numel() * b.element_size() for b in self._compact.values())
+        return dense + (self._compact.nbytes() if self._compact is not None else 0)
 
-    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
         """Clip the selected gradient entries by their total norm; returns that norm.
-
-        The same formula as ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms in
-        float32, then their norm; coefficient ``max_norm / (norm + 1e-6)`` clamped
-        to 1), over the entries this optimizer trains: the compact buffers with
-        ``compact_grads``, the selected entries of ``.grad`` otherwise (the whole
-        ``.grad`` is then scaled). Unselected entries never reach the weights, so
-        they do not count.
-        """
-        max_norm, norm_type = float(max_norm), float(norm_type)
-        grads = []  # (selected entries in float32, tensors to scale)
-        for p, name in self._names.items():
-            idx = self._indices[p]
-            to_scale = [t for t in (self._compact.get(p), p.grad) if t is not None]
-            if not to_scale or not idx.numel():
-                continue
-            sel = [t for t in to_scale if t is not p.grad]
-            if p.grad is not None:
-                sel.append(gather(p.grad, idx).float())
-            entries = sel[0] if len(sel) == 1 else sum(sel)
-            grads.append((entries, to_scale))
-        if not grads:
-            return torch.tensor(0.0)
-        devices = {e.device for e, _ in grads}
-        dev = next(iter(devices))
-        norms = [torch.linalg.vector_norm(e, norm_type).to(dev) for e, _ in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-        if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise RuntimeError(f"the total norm of order {norm_type} of the selected gradients is non-finite")
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for _, ts in grads:
-            for t in ts:
-                t.mul_(coef.to(device=t.device))
-        return total
+        See :func:`gallop_kernels.optim.compact_grads.clip_grad_norm_`."""
+        return _compact.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite)
 
     def init_state(self) -> None:
         """Create every parameter's state now (zeros, step 0) instead of at its first step.
@@ -255,12 +227,15 @@ class SparseAdamW(torch.optim.Optimizer):
         if not state:
             k = self._indices[p].numel()
             zeros = lambda: torch.zeros(k, dtype=torch.float32, device=p.device)  # noqa: E731
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = self._step_views[p]
+            state["step"].zero_()
             state["exp_avg"] = zeros()
             state["exp_avg_sq"] = zeros()
             if amsgrad:
                 state["max_exp_avg_sq"] = zeros()
             state["indices"] = self._indices[p]
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
         if self._uses_master(p):
             if "master_param" not in state:
                 state["master_param"] = gather(p.detach(), self._indices[p]).float().clone()
@@ -292,49 +267,100 @@ class SparseAdamW(torch.optim.Optimizer):
             return _kernel.supports(lp, lg, compact)
         return lp.device.type == "cpu" and _C is not None and _kernel.supports(lp, lg, compact)
 
-    def _params_to_update(self):
-        """(group, param, dense grad or None, compact grad or None, use kernel) for every
-        param with a gradient and a selected weight.
+    def _grads(self) -> tuple[list, list | None]:
+        """Each of ``self._params``' gradient (tensor or None) and, with
+        compact_grads, whether it is a compact one."""
+        if self._compact is None:
+            grads = [p.grad for p in self._params]
+            return ([local(g) for g in grads] if self._dtensor else grads), None
+        grads, compact = [], []
+        for p in self._params:
+            buf, g = self._compact.grad(p), p.grad
+            if g is not None and buf is not None:  # a .grad assigned by hand on top of backward's
+                buf = buf + gather(g, self._indices[p]).float()
+            grads.append(buf if buf is not None else local(g))
+            compact.append(buf is not None)
+        return grads, compact
 
-        Checks them all before anything is changed, so an error never leaves a
-        step half-applied.
-        """
+    def _signature(self, grads, compact) -> tuple:
+        """What the plan depends on, but the tensors' addresses and lr."""
+        hyper = tuple((g["betas"], g["eps"], g["weight_decay"], g["amsgrad"], g["maximize"]) for g in self.param_groups)
+        dtypes = tuple(None if g is None else g.dtype for g in grads)
+        return self._version, len(self.param_groups), hyper, dtypes, None if compact is None else tuple(compact)
+
+    def _build(self, grads, compact, signature) -> _Plan:
+        """Check every parameter with a gradient and lay out the step; nothing is
+        changed (but state created) before every check has passed."""
+        for p, name in self._names.items():
+            self.selection.check_matches(name, p)
         work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                name = self._names[p]
-                self.selection.check_matches(name, p)
-                buf = self._compact.get(p)
-                if (p.grad is None and buf is None) or self._indices[p].numel() == 0:
-                    continue
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
-                    if g.shape != p.shape or g.device != p.device:
-                        raise ValueError(
-                            f"parameter {name!r}: gradient {tuple(g.shape)} on {g.device} does not match "
-                            f"parameter {tuple(p.shape)} on {p.device}"
-                        )
-                    if g.dtype not in SUPPORTED_DTYPES:
-                        raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported")
-                compact = buf is not None
-                kernel = self._use_kernel(name, p, buf if compact else g, compact)
-                work.append((group, p, g, buf, kernel))
-        return work
+        for i, p in enumerate(self._params):
+            g = grads[i]
+            if g is None:
+                continue
+            name, is_compact = self._names[p], bool(compact and compact[i])
+            if not is_compact:
+                if g.is_sparse:
+                    raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+                if g.shape != local(p).shape or g.device != local(p).device:
+                    raise ValueError(
+                        f"parameter {name!r}: gradient {tuple(g.shape)} on {g.device} does not match "
+                        f"parameter {tuple(local(p).shape)} on {local(p).device}"
+                    )
+                if g.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported")
+            work.append((i, p, g, is_compact, self._use_kernel(name, p, g, is_compact)))
+        rows: dict[torch.device, list] = {}
+        positions: dict[torch.device, dict] = {}
+        ref = []
+        for i, p, g, is_compact, kernel in work:
+            group = self.param_groups[self._group_of[p]]
+            state = self._state_for(p, group["amsgrad"])
+            if not kernel:
+                ref.append((i, p, is_compact))
+                continue
+            beta1, beta2 = group["betas"]
+            row = _kernel.Row(
+                name=self._names[p],
+                param=local(p.detach()),
+                grad=g,
+                indices=state["indices"],
+                exp_avg=state["exp_avg"],
+                exp_avg_sq=state["exp_avg_sq"],
+                max_exp_avg_sq=state.get("max_exp_avg_sq") if group["amsgrad"] else None,
+                master=state.get("master_param"),
+                grad_compact=is_compact,
+                step_slot=self._slot[p],
+                lr_slot=self._group_of[p],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+            )
+            _kernel.check_row(row)
+            dev = row.param.device
+            rows.setdefault(dev, []).append(row)
+            positions.setdefault(dev, {})[id(row)] = i
+        launches = []
+        for dev, rs in rows.items():
+            plan = _kernel.StepPlan(rs, self._steps[dev], self._lrs[dev])
+            params, _, indices, states = plan.tensors()
+            launches.append(_Launch(plan, [positions[dev][id(r)] for r in plan.rows], params, indices, states))
+        return _Plan(signature, launches, ref)
 
-    def _amp_found_inf(self, work, grad_scale, found_inf):
-        """found_inf as a float32 tensor or None; with AMP, compact gradients (which
-        GradScaler cannot see) add their own non-finite check, on the device."""
-        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
-            # GradScaler sums an empty dict to int 0 when no .grad exists (compact_grads)
-            found_inf = torch.tensor(float(found_inf))
-        bufs = [buf for _, _, _, buf, _ in work if buf is not None]
-        if bufs and (grad_scale is not None or found_inf is not None):
-            dev = found_inf.device if found_inf is not None else bufs[0].device
-            bad = torch.stack([(~torch.isfinite(b)).any().to(dev) for b in bufs]).any().float()
-            found_inf = bad if found_inf is None else found_inf.to(torch.float32) + bad
-        return found_inf
+    def _write_lrs(self, dev: torch.device) -> None:
+        """Each group's lr into the device's float64 buffer: a tensor lr every step
+        (a graph replays the copy), a float only when it changed."""
+        views, seen = self._lr_views[dev], self._lr_seen[dev]
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                views[i].copy_(lr)
+            elif lr != seen[i]:
+                views[i].fill_(lr)
+                seen[i] = lr
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
@@ -352,49 +378,37 @@ class SparseAdamW(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        work = self._params_to_update()
-        if not work:
+        grads, compact = self._grads()
+        signature = self._signature(grads, compact)
+        if self._plan is None or self._plan.signature != signature:
+            self._plan = None
+            self._plan = self._build(grads, compact, signature)
+        plan = self._plan
+        if not plan.launches and not plan.ref:
             return loss
-        found_inf = self._amp_found_inf(work, grad_scale, found_inf)
-        rows, states, ref_work = [], [], []
-        for group, p, g, buf, kernel in work:
-            state = self._state_for(p, group["amsgrad"])
-            idx = state["indices"]
-            if buf is not None and g is not None:  # a .grad assigned by hand on top of backward's
-                grad, compact = buf + gather(g, idx).float(), True
-            elif buf is not None:
-                grad, compact = buf, True
-            else:
-                grad, compact = g, False
-            if not kernel:
-                ref_work.append((group, p, grad, compact, state))
-                continue
-            rows.append(
-                _kernel.Row(
-                    name=self._names[p],
-                    param=local(p.detach()),
-                    grad=grad if compact else local(grad),
-                    indices=idx,
-                    exp_avg=state["exp_avg"],
-                    exp_avg_sq=state["exp_avg_sq"],
-                    max_exp_avg_sq=state.get("max_exp_avg_sq"),
-                    master=state.get("master_param"),
-                    grad_compact=compact,
-                    step=float(state["step"]) + 1,
-                    **_hyper(group),
-                )
+        if self._compact is not None and (grad_scale is not None or found_inf is not None):
+            # GradScaler cannot see compact gradients: add their own non-finite check, on the device.
+            dev = next(iter(self._compact.flat))
+            found_inf = self._compact.found_inf(dev) + (0 if found_inf is None else _kernel.scalar_on(found_inf, dev))
+        # Inside torch.compile or a CUDA graph capture the op compares the addresses itself.
+        tracing = torch.compiler.is_compiling()
+        for launch in plan.launches:
+            dev = launch.plan.device
+            capturing = dev.type == "cuda" and not tracing and torch.cuda.is_current_stream_capturing()
+            g = launch.take(grads)
+            if not (tracing or capturing):
+                launch.plan.refresh(launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev])
+            self._write_lrs(dev)
+            torch.ops.gallop.sparse_adamw_step(
+                launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev],
+                _kernel.scalar_on(grad_scale, dev), _kernel.scalar_on(found_inf, dev), launch.plan.id, tracing,
             )
-            states.append(state)
-        if rows:
-            _kernel.sparse_adamw_step(rows, grad_scale=grad_scale, found_inf=found_inf)
-            # The kernel skipped on the device; the host counter needs the flag once.
-            if found_inf is None or float(found_inf) == 0:
-                for state in states:
-                    state["step"] += 1
-        for group, p, grad, compact, state in ref_work:
+        for i, p, is_compact in plan.ref:
+            group = self.param_groups[self._group_of[p]]
+            state = self.state[p]
             reference.sparse_adamw_step(
                 p,
-                grad,
+                grads[i],
                 state["indices"],
                 state["exp_avg"],
                 state["exp_avg_sq"],
@@ -402,11 +416,18 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"],
                 **_hyper(group),
                 master=state.get("master_param"),
-                grad_is_compact=compact,
+                grad_is_compact=is_compact,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
         return loss
+
+    def state_dict(self) -> dict:
+        """torch's format; ``state["step"]`` is a copy of the device step counter
+        (the live one is a view of the optimizer's buffer)."""
+        sd = super().state_dict()
+        sd["state"] = {pid: ({**st, "step": st["step"].clone()} if "step" in st else st) for pid, st in sd["state"].items()}
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`; it must belong to the same selection.
@@ -438,6 +459,28 @@ class SparseAdamW(torch.optim.Optimizer):
                 if key in st:
                     state[key] = st[key].to(device=p.device, dtype=torch.float32)
             state["indices"] = self._indices[p]
+            if "step" in st and p in self._step_views:
+                self._step_views[p].copy_(st["step"])
+                state["step"] = self._step_views[p]
+        self._version += 1
+
+
+class _Launch:
+    """One device's StepPlan and the op's tensor arguments that do not change
+    between steps; ``take`` picks the rows' gradients out of the step's list."""
+
+    def __init__(self, plan, positions: list[int], params, indices, states):
+        self.plan, self.params, self.indices, self.states = plan, params, indices, states
+        getter = itemgetter(*positions)
+        self.take = (lambda grads: [getter(grads)]) if len(positions) == 1 else (lambda grads: list(getter(grads)))
+
+
+class _Plan:
+    """A step laid out: the signature it was built for, the kernel launches, and
+    the (position, param, compact) of the parameters on the reference path."""
+
+    def __init__(self, signature: tuple, launches: list[_Launch], ref: list):
+        self.signature, self.launches, self.ref = signature, launches, ref
 
 
 def _hyper(group: dict) -> dict:
@@ -456,8 +499,9 @@ def _hyper(group: dict) -> dict:
 
 def _check_hyper(*, lr, betas, eps, weight_decay) -> None:
     if isinstance(lr, torch.Tensor):
-        raise TypeError("lr must be a float; tensor lr is not supported")
-    if not (math.isfinite(lr) and lr >= 0):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid learning rate: a tensor lr must be one floating-point value, got {tuple(lr.shape)} {lr.dtype}")
+    elif not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
