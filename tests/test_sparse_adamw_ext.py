@@ -319,3 +319,105 @@ def test_cuda_kernel_equals_host_build(dtype, master):
             assert torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
             for key, t in o_host.state[p].items():
                 assert torch.equal(t, o_dev.state[q][key].cpu()), f"{n} {key} step {step}"
+
+
+# ----------------------------------------------------------------------------
+# the numerical contract (csrc/gallop/adamw_math.h): against torch.optim.AdamW
+# ----------------------------------------------------------------------------
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of float32 at |t|, in float64."""
+    t = t.abs().float()
+    return (torch.nextafter(t, torch.tensor(float("inf"))) - t).double()
+
+
+# Measured on the host build (100 steps, every case below): the states are
+# bit-equal and the weights within ulp(theta) + 2 ulp(update) of torch's, the
+# difference coming from ATen's AVX2 sqrt (up to 1 ulp off correct rounding).
+UPDATE_ULPS = 2
+
+
+@needs_ext
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("wd", [0.0, 0.1], ids=["wd=0", "wd=0.1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_ulp_budget_against_torch_adamw(dtype, wd, amsgrad, maximize):
+    """Every step from equal states: exp_avg, exp_avg_sq, max_exp_avg_sq bit-equal to
+    torch.optim.AdamW(foreach=False) on the gathered float32 weights; the weights
+    within ulp(theta) + UPDATE_ULPS ulp(update)."""
+    dt = DTYPES[dtype]
+    bag = make_bag([97, 1025, 4099], dt)
+    sel = gk.select_mask(bag, rho=0.2)
+    kw = dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext", master_weights=True, **kw)
+    comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n]].float().clone()) for n, p in bag.named_parameters()]
+    ref = torch.optim.AdamW(comp, foreach=False, **kw)
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for step in range(100):
+        old = [c.detach().clone() for c in comp]
+        for (n, p), c in zip(bag.named_parameters(), comp):
+            g = torch.randn(p.shape, generator=gen).to(dt)
+            p.grad, c.grad = g, g.reshape(-1)[sel[n]].float()
+        opt.step()
+        ref.step()
+        for p, c, o in zip(bag.parameters(), comp, old):
+            st, rs = opt.state[p], ref.state[c]
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                assert torch.equal(st[key], rs[key]), f"{key} step {step}"
+            got, want = st["master_param"].double(), c.detach().double()
+            update = (want - o.double() * (1 - 1e-2 * wd)).float()
+            excess = ((got - want).abs() - _ulp(want.float())).clamp(min=0) / _ulp(update)
+            worst = max(worst, float(excess.max()))
+            with torch.no_grad():  # the next step starts from equal states again
+                c.copy_(st["master_param"])
+    assert worst <= UPDATE_ULPS, f"weights {worst:.2f} ulp of the update from torch's"
+
+
+# ----------------------------------------------------------------------------
+# the custom op gallop::sparse_adamw_step
+# ----------------------------------------------------------------------------
+
+
+def _op_args(opt, dev="cpu"):
+    """The op's arguments for opt's last planned step (as SparseAdamW.step passes them)."""
+    launch = opt._plan.launches[0]
+    dev = launch.plan.device
+    grads, _ = opt._grads()
+    return (launch.params, launch.take(grads), launch.indices, launch.states, opt._steps[dev], opt._lrs[dev],
+            None, None, launch.plan.id, True)
+
+
+@needs_ext
+def test_custom_op_is_registered_and_passes_opcheck():
+    bag = make_bag([97, 1025], torch.bfloat16)
+    sel = gk.select_mask(bag, rho=0.2)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, amsgrad=True, backend="ext")
+    for p in bag.parameters():
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    opt.step()
+    schema = str(torch.ops.gallop.sparse_adamw_step.default._schema)
+    assert "Tensor(a0!)[] params" in schema and "Tensor(a3!)[] states" in schema and "Tensor(a4!) steps" in schema
+    torch.library.opcheck(torch.ops.gallop.sparse_adamw_step.default, _op_args(opt))
+
+
+@needs_ext
+def test_custom_op_follows_the_tensors_it_is_given():
+    """The op writes into the tensors of its arguments, not the ones the table was built
+    with (what functionalization under torch.compile hands it): clones get the update."""
+    bag = make_bag([97, 1025])
+    sel = gk.select_mask(bag, rho=0.2)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, backend="ext")
+    for p in bag.parameters():
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    params, grads, indices, states, steps, lrs, *rest = _op_args(opt)
+    clones = [p.clone() for p in params], [s.clone() for s in states], steps.clone()
+    before = [p.clone() for p in params], [s.clone() for s in states], steps.clone()
+    torch.ops.gallop.sparse_adamw_step(clones[0], grads, indices, clones[1], lrs=lrs, steps=clones[2], grad_scale=None,
+                                       found_inf=None, plan=rest[2], refresh=True)
+    assert all(torch.equal(p, q) for p, q in zip(params, before[0])) and torch.equal(steps, before[2])
+    assert not all(torch.equal(p, q) for p, q in zip(clones[0], before[0]))
+    assert torch.equal(clones[2], before[2] + 1)

@@ -244,7 +244,9 @@ class StepPlan:
             host = self._write(table, params, grads, indices, states, steps, lrs)
             self._graph_tables.append((table, host))
         elif refresh:
-            self.refresh(params, grads, indices, states, steps, lrs)
+            why = self.refresh(params, grads, indices, states, steps, lrs)
+            if why is not None:
+                raise ValueError(why)
         gs = 0 if grad_scale is None else grad_scale.data_ptr()
         fi = 0 if found_inf is None else found_inf.data_ptr()
         seg = self.segments
@@ -255,17 +257,17 @@ class StepPlan:
             C.sparse_adamw_step_host(table.data_ptr(), len(self.rows), seg.data_ptr(), seg.numel() // 5, gs, fi, torch.get_num_threads())
         STATS["launches"] += 1
 
-    def refresh(self, params, grads, indices, states, steps, lrs) -> None:
-        """Rewrite the table when an address changed; raise ValueError, naming the
-        parameter, when the new tensors do not fit the rows."""
+    def refresh(self, params, grads, indices, states, steps, lrs) -> str | None:
+        """Rewrite the table when an address changed. Returns why the new tensors
+        do not fit the rows (the table is then left alone), or None."""
         key = self.key(params, grads, indices, states, steps, lrs)
         if key == self._key:
-            return
+            return None
         why = self.stale(params, grads, indices, states)
-        if why is not None:
-            raise ValueError(why)
-        self._write(self.table, params, grads, indices, states, steps, lrs)
-        self._key = key
+        if why is None:
+            self._write(self.table, params, grads, indices, states, steps, lrs)
+            self._key = key
+        return why
 
 
 def scalar_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -350,6 +350,19 @@ class SparseAdamW(torch.optim.Optimizer):
             launches.append(_Launch(plan, [positions[dev][id(r)] for r in plan.rows], params, indices, states))
         return _Plan(signature, launches, ref)
 
+    def _refresh(self, grads) -> bool:
+        """Point every launch's table at this step's gradients (eager steps; a CUDA
+        graph capture gets its own table in the op). False: a gradient no longer
+        fits its row (it moved to another layout), so the step must be re-planned."""
+        for launch in self._plan.launches:
+            dev = launch.plan.device
+            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                continue
+            g = launch.take(grads)
+            if launch.plan.refresh(launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev]):
+                return False
+        return True
+
     def _write_lrs(self, dev: torch.device) -> None:
         """Each group's lr into the device's float64 buffer: a tensor lr every step
         (a graph replays the copy), a float only when it changed."""
@@ -380,9 +393,13 @@ class SparseAdamW(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         grads, compact = self._grads()
         signature = self._signature(grads, compact)
-        if self._plan is None or self._plan.signature != signature:
+        # Inside torch.compile or a CUDA graph capture the op compares the addresses itself.
+        tracing = torch.compiler.is_compiling()
+        if self._plan is None or self._plan.signature != signature or not (tracing or self._refresh(grads)):
             self._plan = None
             self._plan = self._build(grads, compact, signature)
+            if not tracing and not self._refresh(grads):
+                raise RuntimeError("SparseAdamW: a freshly built step plan does not fit its own tensors")
         plan = self._plan
         if not plan.launches and not plan.ref:
             return loss
@@ -390,17 +407,11 @@ class SparseAdamW(torch.optim.Optimizer):
             # GradScaler cannot see compact gradients: add their own non-finite check, on the device.
             dev = next(iter(self._compact.flat))
             found_inf = self._compact.found_inf(dev) + (0 if found_inf is None else _kernel.scalar_on(found_inf, dev))
-        # Inside torch.compile or a CUDA graph capture the op compares the addresses itself.
-        tracing = torch.compiler.is_compiling()
         for launch in plan.launches:
             dev = launch.plan.device
-            capturing = dev.type == "cuda" and not tracing and torch.cuda.is_current_stream_capturing()
-            g = launch.take(grads)
-            if not (tracing or capturing):
-                launch.plan.refresh(launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev])
             self._write_lrs(dev)
             torch.ops.gallop.sparse_adamw_step(
-                launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev],
+                launch.params, launch.take(grads), launch.indices, launch.states, self._steps[dev], self._lrs[dev],
                 _kernel.scalar_on(grad_scale, dev), _kernel.scalar_on(found_inf, dev), launch.plan.id, tracing,
             )
         for i, p, is_compact in plan.ref:
