@@ -421,3 +421,88 @@ def test_custom_op_follows_the_tensors_it_is_given():
     assert all(torch.equal(p, q) for p, q in zip(params, before[0])) and torch.equal(steps, before[2])
     assert not all(torch.equal(p, q) for p, q in zip(clones[0], before[0]))
     assert torch.equal(clones[2], before[2] + 1)
+
+
+def _twins(device, dtype=torch.bfloat16, **kw):
+    bag = make_bag(SIZES, dtype).to(device)
+    sel = gk.select_mask(bag, rho=0.2)
+    bags = [bag, copy.deepcopy(bag)]
+    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="ext", weight_decay=0.1, amsgrad=True, **kw) for b in bags]
+    return bags, opts
+
+
+def _assert_twins_equal(bags, opts, what):
+    for (n, p), q in zip(bags[0].named_parameters(), bags[1].parameters()):
+        assert torch.equal(p, q), f"{n} {what}"
+        for key, t in opts[0].state[p].items():
+            assert torch.equal(t, opts[1].state[q][key]), f"{n} {key} {what}"
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_compiled_step_has_no_graph_break_and_equals_eager(backend):
+    """torch.compile(opt.step, fullgraph=True) after one eager step (which plans the
+    step): one graph (the custom op inside), same bits as eager."""
+    device = "cuda" if backend == "inductor" else "cpu"
+    bags, opts = _twins(device, lr=torch.tensor(1e-2, dtype=torch.float64, device=device))
+    gen = torch.Generator().manual_seed(3)
+    compiled = torch.compile(opts[1].step, backend=backend, fullgraph=True)
+    for step in range(5):
+        step_fn = opts[1].step if step == 0 else compiled
+        for b in bags:
+            for n, p in b.named_parameters():
+                p.grad = None
+        grads = _grads(bags[0], gen, 1.0, False)
+        for b in bags:
+            for n, p in b.named_parameters():
+                p.grad = grads[n].clone()
+        opts[0].step()
+        step_fn()
+        for o in opts:
+            o.param_groups[0]["lr"].mul_(0.9)  # a scheduler's in-place update, read on the device
+        _assert_twins_equal(bags, opts, f"step {step}")
+    assert float(opts[1].state[bags[1].w1]["step"]) == 5
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+def test_cuda_graph_replay_equals_eager(compact):
+    """A step captured in a CUDA graph and replayed equals eager steps bit for bit
+    (static gradients, tensor lr changed in place, AMP grad scale with an overflow step)."""
+    bags, opts = _twins("cuda", lr=torch.tensor(1e-2, dtype=torch.float64, device="cuda"))
+    static = {n: torch.zeros_like(p) for n, p in bags[1].named_parameters()}
+    scale, found = torch.tensor([SCALE], device="cuda"), torch.zeros(1, device="cuda")
+    for n, p in bags[1].named_parameters():
+        p.grad = static[n]
+    gen = torch.Generator().manual_seed(4)
+
+    def feed(step):
+        grads = _grads(bags[0], gen, SCALE, step % 5 == 3)
+        found.fill_(1.0 if step % 5 == 3 else 0.0)
+        for n, p in bags[0].named_parameters():
+            p.grad = grads[n].clone()
+            static[n].copy_(grads[n])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: creates the state and the plan
+        for step in range(2):
+            feed(step)
+            opts[0].step(grad_scale=scale, found_inf=found)
+            opts[1].step(grad_scale=scale, found_inf=found)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opts[1].step(grad_scale=scale, found_inf=found)
+    for step in range(2, 9):
+        feed(step)
+        opts[0].step(grad_scale=scale, found_inf=found)
+        graph.replay()
+        for o in opts:
+            o.param_groups[0]["lr"].mul_(0.9)
+        torch.cuda.synchronize()
+        _assert_twins_equal(bags, opts, f"step {step}")
+    opts[1].step(grad_scale=scale, found_inf=found)  # eager again after capture: its own table
+    opts[0].step(grad_scale=scale, found_inf=found)
+    _assert_twins_equal(bags, opts, "eager after replay")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-from operator import itemgetter
 
 import torch
 
@@ -142,12 +141,10 @@ class SparseAdamW(torch.optim.Optimizer):
             per_device[dev] = self._slot[p] + 1
         self._step_views: dict[torch.Tensor, torch.Tensor] = {}
         self._lrs: dict[torch.device, torch.Tensor] = {}
-        self._lr_views: dict[torch.device, list] = {}
         self._lr_seen: dict[torch.device, list] = {}
         for dev, n in per_device.items():
             self._steps[dev] = torch.zeros(n, dtype=torch.float32, device=dev)
             self._lrs[dev] = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
-            self._lr_views[dev] = list(self._lrs[dev].unbind(0))
             self._lr_seen[dev] = [None] * len(self.param_groups)
         views = {dev: buf.unbind(0) for dev, buf in self._steps.items()}
         for p in self._params:
@@ -288,6 +285,7 @@ class SparseAdamW(torch.optim.Optimizer):
         dtypes = tuple(None if g is None else g.dtype for g in grads)
         return self._version, len(self.param_groups), hyper, dtypes, None if compact is None else tuple(compact)
 
+    @torch.compiler.disable  # host work done once; a compiled step traces only the launch
     def _build(self, grads, compact, signature) -> _Plan:
         """Check every parameter with a gradient and lay out the step; nothing is
         changed (but state created) before every check has passed."""
@@ -366,13 +364,13 @@ class SparseAdamW(torch.optim.Optimizer):
     def _write_lrs(self, dev: torch.device) -> None:
         """Each group's lr into the device's float64 buffer: a tensor lr every step
         (a graph replays the copy), a float only when it changed."""
-        views, seen = self._lr_views[dev], self._lr_seen[dev]
+        lrs, seen = self._lrs[dev], self._lr_seen[dev]
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
-                views[i].copy_(lr)
+                lrs[i].copy_(lr)
             elif lr != seen[i]:
-                views[i].fill_(lr)
+                lrs[i].fill_(lr)
                 seen[i] = lr
 
     @torch.no_grad()
@@ -481,9 +479,10 @@ class _Launch:
     between steps; ``take`` picks the rows' gradients out of the step's list."""
 
     def __init__(self, plan, positions: list[int], params, indices, states):
-        self.plan, self.params, self.indices, self.states = plan, params, indices, states
-        getter = itemgetter(*positions)
-        self.take = (lambda grads: [getter(grads)]) if len(positions) == 1 else (lambda grads: list(getter(grads)))
+        self.plan, self.positions, self.params, self.indices, self.states = plan, positions, params, indices, states
+
+    def take(self, grads: list) -> list:
+        return [grads[i] for i in self.positions]
 
 
 class _Plan:
