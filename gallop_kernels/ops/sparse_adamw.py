@@ -166,6 +166,8 @@ class StepPlan:
         nbytes = len(self.rows) * C.SPARSE_ADAMW_ROW_BYTES
         self.table = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         self._key = None
+        self._param_ptrs = [r.param.data_ptr() for r in self.rows]
+        self._static = self._static_key([r.indices for r in self.rows], [t for r in self.rows for t in r.states()], steps, lrs)
         self._graph_tables = []  # tables written during CUDA graph capture: alive as long as the plan
         self.id = next(_PLAN_IDS)
         _PLANS[self.id] = self
@@ -208,8 +210,11 @@ class StepPlan:
 
     def key(self, params, grads, indices, states, steps, lrs) -> list[int]:
         """Every address the table holds: when it is unchanged, so is the table."""
-        ptr = torch.Tensor.data_ptr
-        return [*map(ptr, params), *map(ptr, grads), *map(ptr, indices), *map(ptr, states), steps.data_ptr(), lrs.data_ptr()]
+        return [t.data_ptr() for t in params] + [t.data_ptr() for t in grads] + self._static_key(indices, states, steps, lrs)
+
+    @staticmethod
+    def _static_key(indices, states, steps, lrs) -> list[int]:
+        return [t.data_ptr() for t in indices] + [t.data_ptr() for t in states] + [steps.data_ptr(), lrs.data_ptr()]
 
     def _write(self, table, params, grads, indices, states, steps, lrs) -> None:
         C = require_ext("the sparse AdamW kernel")
@@ -268,6 +273,25 @@ class StepPlan:
             self._write(self.table, params, grads, indices, states, steps, lrs)
             self._key = key
         return why
+
+    def refresh_grads(self, param_ptrs: list[int], grads) -> str | None:
+        """:meth:`refresh` for an eager step, where only the gradients are new
+        tensors: the other tensors are the plan's own (the optimizer re-plans when
+        its state is replaced), so only the parameters' addresses (``p.data``
+        reassigned) and the gradients' layout are checked (autograd keeps a
+        gradient's shape, dtype and device those of its parameter)."""
+        key = param_ptrs + [g.data_ptr() for g in grads] + self._static
+        if key == self._key:
+            return None
+        if param_ptrs != self._param_ptrs:
+            return "a parameter's storage changed since the step was planned"
+        for r, g in zip(self.rows, grads):
+            if not g.is_contiguous() or g.numel() != r.grad.numel() or g.dtype != r.grad.dtype:
+                return f"parameter {r.name!r}: its gradient no longer fits the kernel row"
+        params, _, indices, states = self.tensors()
+        self._write(self.table, params, grads, indices, states, self.steps, self.lrs)
+        self._key = key
+        return None
 
 
 def scalar_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -345,19 +345,20 @@ class SparseAdamW(torch.optim.Optimizer):
         for dev, rs in rows.items():
             plan = _kernel.StepPlan(rs, self._steps[dev], self._lrs[dev])
             params, _, indices, states = plan.tensors()
-            launches.append(_Launch(plan, [positions[dev][id(r)] for r in plan.rows], params, indices, states))
+            pos = [positions[dev][id(r)] for r in plan.rows]
+            launches.append(_Launch(plan, pos, [self._params[i] for i in pos], params, indices, states))
         return _Plan(signature, launches, ref)
 
     def _refresh(self, grads) -> bool:
         """Point every launch's table at this step's gradients (eager steps; a CUDA
-        graph capture gets its own table in the op). False: a gradient no longer
-        fits its row (it moved to another layout), so the step must be re-planned."""
+        graph capture gets its own table in the op). False: a parameter's storage
+        was replaced or a gradient no longer fits its row, so the step must be
+        re-planned."""
         for launch in self._plan.launches:
-            dev = launch.plan.device
-            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if launch.plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 continue
-            g = launch.take(grads)
-            if launch.plan.refresh(launch.params, g, launch.indices, launch.states, self._steps[dev], self._lrs[dev]):
+            ptrs = [p.data_ptr() for p in launch.owners] if not self._dtensor else [local(p).data_ptr() for p in launch.owners]
+            if launch.plan.refresh_grads(ptrs, launch.take(grads)):
                 return False
         return True
 
@@ -408,10 +409,16 @@ class SparseAdamW(torch.optim.Optimizer):
         for launch in plan.launches:
             dev = launch.plan.device
             self._write_lrs(dev)
-            torch.ops.gallop.sparse_adamw_step(
-                launch.params, launch.take(grads), launch.indices, launch.states, self._steps[dev], self._lrs[dev],
-                _kernel.scalar_on(grad_scale, dev), _kernel.scalar_on(found_inf, dev), launch.plan.id, tracing,
-            )
+            args = (launch.params, launch.take(grads), launch.indices, launch.states, self._steps[dev], self._lrs[dev],
+                    _kernel.scalar_on(grad_scale, dev), _kernel.scalar_on(found_inf, dev))
+            if tracing:
+                torch.ops.gallop.sparse_adamw_step(*args, launch.plan.id, True)
+            else:
+                # Eager: the op's body without the dispatcher, whose per-tensor argument
+                # handling would cost more than the rest of the step; then the version
+                # bumps the op's mutation declaration would have made, in one call.
+                launch.plan.run(*args, refresh=False)
+                torch.autograd.graph.increment_version(launch.mutated)
         for i, p, is_compact in plan.ref:
             group = self.param_groups[self._group_of[p]]
             state = self.state[p]
@@ -478,8 +485,10 @@ class _Launch:
     """One device's StepPlan and the op's tensor arguments that do not change
     between steps; ``take`` picks the rows' gradients out of the step's list."""
 
-    def __init__(self, plan, positions: list[int], params, indices, states):
+    def __init__(self, plan, positions: list[int], owners, params, indices, states):
         self.plan, self.positions, self.params, self.indices, self.states = plan, positions, params, indices, states
+        self.owners = owners  # the parameters themselves (params holds their detached local tensors)
+        self.mutated = params + states + [plan.steps]  # what the op writes
 
     def take(self, grads: list) -> list:
         return [grads[i] for i in self.positions]
