@@ -64,20 +64,20 @@ class CompactGrads:
 
     @torch.no_grad()
     def gather(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add the selected entries of p.grad to its
-        buffer (one gather, plus one add or cast), then free the dense gradient."""
+        """Post-accumulate-grad hook: put the selected entries of p.grad into its
+        buffer, or add them, then free the dense gradient: one op for a float32
+        gradient's first micro-batch, else a gather and one cast or add."""
         g = p.grad
         buf = self.buffers.get(p)
         if g is None or buf is None or g.is_sparse or g.shape != p.shape:
             return  # a malformed gradient stays in .grad for step() to report
-        idx = self.indices[p]
-        flat = local(g).reshape(-1)
-        if p not in self.filled and flat.dtype == torch.float32:
-            torch.index_select(flat, 0, idx, out=buf)
+        idx, g = self.indices[p], local(g)
+        if p not in self.filled and g.dtype == torch.float32:
+            torch.take(g, idx, out=buf)  # one op: gathered straight into the buffer
         elif p not in self.filled:
-            buf.copy_(flat.index_select(0, idx))
+            buf.copy_(torch.take(g, idx))  # gather, then one cast into the buffer
         else:
-            buf.add_(flat.index_select(0, idx))
+            buf.add_(torch.take(g, idx))  # gather, then one add (with the cast) into the buffer
         self.filled.add(p)
         p.grad = None
 
