@@ -2,13 +2,14 @@
 
 A :class:`StepPlan` holds the table of one step's rows (pointers, counts,
 offsets into the compact state, dtype codes, hyper-parameters), built and
-checked once. Each step then calls the custom op ``gallop::sparse_adamw_step``,
-which rewrites the table only when a tensor's address changed and runs ONE
-prepare pass (step counters and bias corrections, on the device) and one pass
-per (param dtype, grad kind) over all entries: the CUDA kernels for CUDA
-tensors, the host build (same per-entry functions) for CPU tensors. Neither the
-step counter nor found_inf is read on the host, so a step makes no host sync
-and can be captured in a CUDA graph.
+checked once. Each step then runs :meth:`StepPlan.run`, the body of the custom
+op ``gallop::sparse_adamw_step`` (called through the dispatcher inside
+``torch.compile``, directly in eager steps): it rewrites the table only when a
+tensor's address changed, and runs ONE prepare pass (step counters and bias
+corrections, on the device) and one pass per (param dtype, grad kind) over all
+entries: the CUDA kernels for CUDA tensors, the host build (same per-entry
+functions) for CPU tensors. Neither the step counter nor found_inf is read on
+the host, so a step makes no host sync and can be captured in a CUDA graph.
 
 The per-entry math is torch.optim.AdamW's single-tensor math, see
 csrc/gallop/adamw_math.h; ``gallop_kernels.reference.sparse_adamw_step`` is its
@@ -216,7 +217,9 @@ class StepPlan:
     def _static_key(indices, states, steps, lrs) -> list[int]:
         return [t.data_ptr() for t in indices] + [t.data_ptr() for t in states] + [steps.data_ptr(), lrs.data_ptr()]
 
-    def _write(self, table, params, grads, indices, states, steps, lrs) -> None:
+    def _write(self, table, params, grads, indices, states, steps, lrs) -> torch.Tensor:
+        """Fill ``table`` with these tensors' addresses; returns the host buffer written
+        (the table itself on the CPU, a pinned staging copy for a CUDA table)."""
         C = require_ext("the sparse AdamW kernel")
         ptr = torch.Tensor.data_ptr
         host = table
