@@ -15,13 +15,15 @@ updates the same model from masked gradients. Columns:
   master copy, plus the int64 index list it keeps in ``state["indices"]``),
   and the same per weight of the model (dense bf16 AdamW: 4 B).
 
-A second table, the host time per step: ``opt.step()`` plus an lr scheduler
+A training-step table (``--train``): forward, backward and SparseAdamW step of
+a randomly initialised bf16 Llama (TinyLlama-1.1B shape on a GPU), with dense
+and with compact gradients. A second table, the host time per step: ``opt.step()`` plus an lr scheduler
 step on T small tensors (4096 weights, rho = 1%), timed whole and with the
 kernel call stubbed out (what the host does per step: plan checks, gradient
 addresses, lr buffer, the custom op call), and that host time per parameter.
 
 Usage: python bench/bench_sparse_adamw.py [--device cuda] [--sizes 22 24] [--rhos 0.001 0.01 0.1]
-[--tensors 8 104] [--llama3-8b] [--host-tensors 1 64 291] [--skip-step]
+[--tensors 8 104] [--llama3-8b] [--host-tensors 1 64 291] [--skip-step] [--train tinyllama]
 (sizes are log2 N). Prints markdown tables for bench/RESULTS.md.
 """
 
@@ -90,13 +92,15 @@ def llama3_8b_shapes() -> list[tuple[int, ...]]:
     return [(vocab, h)] + layer * 32 + [(h,), (vocab, h)]
 
 
-def random_selection(params, rho: float) -> gk.Selection:
-    """A uniformly random, sorted index list of round(rho * numel) weights per tensor."""
+def random_selection(params, rho: float, names=None) -> gk.Selection:
+    """A uniformly random, sorted index list of round(rho * numel) weights per tensor
+    (tensors named ``names``, default w0, w1, ...)."""
     idx, shapes = {}, {}
     for i, p in enumerate(params):
+        name = names[i] if names is not None else f"w{i}"
         k = gk.reference.num_to_select(rho, p.numel())
-        idx[f"w{i}"] = torch.randperm(p.numel(), device=p.device)[:k].sort().values
-        shapes[f"w{i}"] = p.shape
+        idx[name] = torch.randperm(p.numel(), device=p.device)[:k].sort().values
+        shapes[name] = p.shape
     return gk.Selection(idx, shapes, rho=rho, criterion="random", scope="per_tensor", threshold=None)
 
 
@@ -238,6 +242,56 @@ def host_overhead(args) -> None:
     print_report(f"SparseAdamW host time per step, {device.type}", rows, device, notes=notes)
 
 
+# Llama shapes for the training-step table: TinyLlama-1.1B, and a toy one that runs on a CPU.
+TRAIN_SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, batch=4, seq=512),
+    "toy": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=512, batch=2, seq=32),
+}
+
+
+def train_step(args) -> None:
+    """Table: a training step (forward, backward, SparseAdamW step) of a randomly
+    initialised bf16 Llama, with dense and with compact gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(args.device)
+    shape = dict(TRAIN_SHAPES[args.train])
+    batch, seq = shape.pop("batch"), shape.pop("seq")
+    rows = []
+    for compact in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**shape)).to(device=device, dtype=torch.bfloat16)
+        named = list(model.named_parameters())
+        sel = random_selection([p for _, p in named], 0.01, names=[n for n, _ in named])
+        opt = gk.SparseAdamW(named, selection=sel, lr=1e-4, weight_decay=0.01, compact_grads=compact)
+        x = torch.randint(shape["vocab_size"], (batch, seq), device=device)
+
+        def step():
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms, p20, p80 = bench(step, device, warmup=2, reps=args.reps)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        rows.append({
+            "gradients": "compact" if compact else "dense",
+            "params": f"{sum(p.numel() for _, p in named) / 1e9:.2f}e9",
+            "batch x seq": f"{batch} x {seq}",
+            "step ms (p20-p80)": f"{ms:.1f} ({p20:.1f}-{p80:.1f})",
+            "peak": fmt_bytes(peak) if peak is not None else "n/a",
+        })
+        del model, opt, sel
+    base = float(rows[0]["step ms (p20-p80)"].split()[0])
+    rows[1]["vs dense"] = f"{float(rows[1]['step ms (p20-p80)'].split()[0]) / base:.3f}x"
+    rows[0]["vs dense"] = "1x"
+    print_report(f"Training step, {args.train} shape, bf16, rho = 1%, {device.type}", rows, device,
+                 notes=["Goal (H200, tinyllama): compact gradients add <= 5% to the step."])
+
+
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -249,6 +303,7 @@ def main(argv=None) -> None:
     ap.add_argument("--host-tensors", type=int, nargs="+", default=[1, 64, 291], help="tensor counts of the host-time table")
     ap.add_argument("--host-reps", type=int, default=15)
     ap.add_argument("--skip-step", action="store_true", help="only the host-time table")
+    ap.add_argument("--train", choices=sorted(TRAIN_SHAPES), help="also the training-step table for this Llama shape")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dense-reps", type=int, default=3)
     ap.add_argument("--skip-dense", action="store_true", help="omit the torch AdamW rows")
@@ -262,6 +317,8 @@ def main(argv=None) -> None:
     if not args.skip_step:
         run(args)
     host_overhead(args)
+    if args.train:
+        train_step(args)
 
 
 if __name__ == "__main__":

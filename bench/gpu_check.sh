@@ -26,6 +26,8 @@ run() {  # run a step under a time limit; remember a failure, keep going
   run 120 python3 bench/bench_select.py --sizes 1e6 1e8 1e9 --dtypes bf16 fp32 --rhos 0.001 0.01 0.1
   # 1 and 104 tensors at N = 2^26..2^30, the 291 LLaMA-3-8B shapes, and the host time per step
   run 240 python3 bench/bench_sparse_adamw.py --sizes 26 28 30 --rhos 0.01 --tensors 1 104 --llama3-8b
+  # a TinyLlama-1.1B training step with dense and with compact gradients
+  run 180 python3 bench/bench_sparse_adamw.py --skip-step --host-tensors 1 --train tinyllama
   exit "$status"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
