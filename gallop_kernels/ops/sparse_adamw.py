@@ -259,8 +259,9 @@ class StepPlan:
         fi = 0 if found_inf is None else found_inf.data_ptr()
         seg = self.segments
         if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            C.sparse_adamw_step_cuda(table.data_ptr(), len(self.rows), seg.data_ptr(), seg.numel() // 5, gs, fi, stream)
+            with torch.cuda.device(self.device):  # the launcher launches on the current device
+                stream = torch.cuda.current_stream(self.device).cuda_stream
+                C.sparse_adamw_step_cuda(table.data_ptr(), len(self.rows), seg.data_ptr(), seg.numel() // 5, gs, fi, stream)
         else:
             C.sparse_adamw_step_host(table.data_ptr(), len(self.rows), seg.data_ptr(), seg.numel() // 5, gs, fi, torch.get_num_threads())
         STATS["launches"] += 1
