@@ -280,10 +280,13 @@ class SparseAdamW(torch.optim.Optimizer):
         return grads, compact
 
     def _signature(self, grads, compact) -> tuple:
-        """What the plan depends on, but the tensors' addresses and lr."""
+        """What the plan depends on, but the tensors' addresses and lr. (The state
+        tensors are the plan's own: replacing them by hand, rather than through
+        load_state_dict, is not seen.)"""
         hyper = tuple((g["betas"], g["eps"], g["weight_decay"], g["amsgrad"], g["maximize"]) for g in self.param_groups)
         dtypes = tuple(None if g is None else g.dtype for g in grads)
-        return self._version, len(self.param_groups), hyper, dtypes, None if compact is None else tuple(compact)
+        return (self._version, self.master_weights, len(self.param_groups), hyper, dtypes,
+                None if compact is None else tuple(compact))
 
     @torch.compiler.disable  # host work done once; a compiled step traces only the launch
     def _build(self, grads, compact, signature) -> _Plan:
