@@ -346,3 +346,23 @@ def test_unsupported_dtype():
     sel = gk.Selection({"w0": torch.tensor([1])}, {"w0": (4,)}, rho=0.25, criterion="gallop", scope="global", threshold=0.0)
     with pytest.raises(TypeError, match=r"'w0'.*dtype torch.complex64"):
         gk.SparseAdamW(bag.named_parameters(), selection=sel)
+
+
+def test_master_weights_switched_off_mid_run():
+    """Turning master_weights off re-plans: the master copy is dropped and the bf16 weights
+    are updated from themselves, on the kernel as on the reference path."""
+    runs = []
+    for backend in ("ext", "reference"):
+        bag, sel, opt = _setup(torch.bfloat16, backend=backend)
+        gen = torch.Generator().manual_seed(8)
+        for step in range(4):
+            if step == 2:
+                assert all("master_param" in st for st in opt.state.values() if st)
+                opt.master_weights = False
+            for n, g in _grads(bag, gen).items():
+                getattr(bag, n).grad = g
+            opt.step()
+        assert all("master_param" not in st for st in opt.state.values())
+        runs.append([p.detach().clone() for p in bag.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q)
