@@ -19,7 +19,6 @@ run() {  # run a step under a time limit; remember a failure, keep going
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   run 240 python3 -m pip install -q --no-build-isolation --no-deps -e .
   python3 -c "import gallop_kernels as g; print(g.backends())"
-  # GPU tests: CUDA kernel == host build bit for bit; Triton on CUDA == reference exactly.
   # CUDA kernel == host build bit for bit; CUDA-graph replay == eager; torch.compile (inductor) of
   # opt.step is one graph and equals eager.
   run 240 python3 -m pytest -q -x tests/test_sparse_adamw_ext.py -k "cuda or gpu or graph or compiled"
