@@ -26,16 +26,6 @@ __global__ void sparse_adamw_prepare_kernel(SparseAdamWTensor* __restrict__ rows
   }
 }
 
-// Row holding entry e of the segment: binary search over the offsets.
-__device__ int row_of(const SparseAdamWTensor* __restrict__ rows, int n, int64_t e) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) / 2;
-    if (rows[mid].offset <= e) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 // Pass 2. The table is read-only here (const __restrict__: the compiler may keep
 // its fields in registers across the entries' stores), and each thread loads
 // all kItems entries of a tile before it computes and stores any, so the

@@ -10,16 +10,6 @@
 namespace gallop {
 namespace {
 
-// Last row of the segment whose offset is <= e (rows are in offset order).
-int row_of(const SparseAdamWParams& p, int64_t e) {
-  int lo = 0, hi = p.num_tensors - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) / 2;
-    if (p.tensors[mid].offset <= e) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 struct RunRange {
   const SparseAdamWParams& p;
   int64_t begin, end;
@@ -27,7 +17,7 @@ struct RunRange {
 
   template <int32_t P, int32_t G>
   void operator()() const {
-    for (int r = row_of(p, begin); r < p.num_tensors && p.tensors[r].offset < end; ++r) {
+    for (int r = row_of(p.tensors, p.num_tensors, begin); r < p.num_tensors && p.tensors[r].offset < end; ++r) {
       const SparseAdamWTensor& t = p.tensors[r];
       int64_t lo = std::max<int64_t>(begin - t.offset, 0);
       int64_t hi = std::min<int64_t>(end - t.offset, t.count);

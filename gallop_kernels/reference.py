@@ -312,7 +312,7 @@ def sparse_adamw_step(
     amsgrad: bool,
     maximize: bool,
     master: torch.Tensor | None = None,
-    grad_is_compact: bool = False,
+    grad_compact: bool = False,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
@@ -324,7 +324,7 @@ def sparse_adamw_step(
     not touched, so weight decay never reaches them.
 
     master: (k,) float32 master weights of the selected entries, updated in place
-    and used instead of the gathered weights (for bf16/fp16 params). grad_is_compact:
+    and used instead of the gathered weights (for bf16/fp16 params). grad_compact:
     ``grad`` holds the (k,) selected gradient entries, not a dense gradient.
     grad_scale: the gradient is multiplied by ``1 / grad_scale`` rounded to float32
     (as GradScaler.unscale_ does). found_inf: when nonzero, nothing changes, not
@@ -333,7 +333,7 @@ def sparse_adamw_step(
     if found_inf is not None and float(found_inf) != 0:
         return
     theta = master if master is not None else gather(param, indices).float()
-    g = grad.float() if grad_is_compact else gather(grad, indices).float()
+    g = grad.float() if grad_compact else gather(grad, indices).float()
     if grad_scale is not None:
         g = g * grad_scale.double().reciprocal().float().to(g.device)
     _torch_adamw(

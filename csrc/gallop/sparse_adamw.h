@@ -54,6 +54,16 @@ struct SparseAdamWParams {
   const float* found_inf;      // one float, or null: nonzero skips the whole step
 };
 
+// The last of n rows (in offset order) whose offset is <= e: the row holding entry e.
+GALLOP_HD int row_of(const SparseAdamWTensor* rows, int n, int64_t e) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (rows[mid].offset <= e) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 // A gradient entry times the inverse grad scale, rounded as torch.amp.GradScaler.unscale_
 // rounds it: 1 / scale in double, then float32.
 GALLOP_HD float inverse_scale(const float* grad_scale) {

@@ -435,7 +435,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"],
                 **_hyper(group),
                 master=state.get("master_param"),
-                grad_is_compact=is_compact,
+                grad_compact=is_compact,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
