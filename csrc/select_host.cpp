@@ -3,6 +3,7 @@
 // over blocks. Every block writes only its own row or its own output ranges, so
 // threads share nothing and the result does not depend on the thread count.
 #include <algorithm>
+#include <atomic>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -100,6 +101,10 @@ void for_blocks(const SelectParams& p, int64_t begin, int64_t end, Visit&& visit
 
 // Below this many elements per thread, starting a thread costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+// Threads claim this many blocks at a time from a shared counter: a thread that
+// the OS deschedules (a shared machine) holds up at most one claim, not a
+// fixed share of the pass.
+constexpr int64_t kBlocksPerClaim = 4;
 
 // Runs work(first block, end block) over all blocks on up to num_threads threads.
 template <typename Work>
@@ -109,12 +114,15 @@ void parallel_blocks(const SelectParams& p, int64_t elements, int num_threads, W
     work(int64_t{0}, p.num_blocks);
     return;
   }
+  std::atomic<int64_t> next{0};
+  auto claim = [&] {
+    for (int64_t b; (b = next.fetch_add(kBlocksPerClaim, std::memory_order_relaxed)) < p.num_blocks;) {
+      work(b, std::min(p.num_blocks, b + kBlocksPerClaim));
+    }
+  };
   std::vector<std::thread> pool;
-  int64_t per = (p.num_blocks + n - 1) / n;
-  for (int64_t t = 0; t < n; ++t) {
-    int64_t b = t * per, e = std::min(p.num_blocks, b + per);
-    pool.emplace_back([&work, b, e] { work(b, e); });
-  }
+  for (int64_t t = 1; t < n; ++t) pool.emplace_back(claim);
+  claim();
   for (auto& th : pool) th.join();
 }
 
@@ -125,7 +133,7 @@ int64_t total_elements(const SelectParams& p) {
 }
 
 template <int C, int TD, int GD, bool UNIT>
-void count_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParams& p, int64_t* row) {
+void count_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParams& p, int32_t* row) {
   // int32 lanes: a block is far below 2^31 elements, and the loop vectorizes.
   int32_t above = 0, inside = 0, equal = 0, nonfinite = 0;
   const int32_t lo = p.lo, hi = p.hi;
@@ -147,9 +155,9 @@ void count_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectPara
 constexpr int64_t kTile = 1024;
 
 template <bool TIES, int C, int TD, int GD, bool UNIT>
-void emit_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParams& p, int64_t quota,
-                int64_t* selected, int32_t* cand_key, int64_t* cand_pos) {
-  const int32_t lo = p.lo, cut = TIES ? p.lo : p.hi;
+void emit_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParams& p, int32_t quota, int64_t* out,
+                int32_t* cand_key, int64_t* cand_pos) {
+  const int32_t lo = p.lo, hi = p.hi;
   int32_t keys[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
@@ -157,14 +165,12 @@ void emit_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParam
     const int64_t base = s.base + t0;
     for (int64_t j = 0; j < n; ++j) {
       const int32_t key = keys[j];
-      if (key > cut) {
-        *selected++ = base + j;
-      } else if constexpr (TIES) {
-        if (key == lo && quota > 0) {
-          *cand_pos++ = base + j;
-          --quota;
-        }
-      } else if (key > lo) {
+      if (key > hi) {
+        *out++ = base + j;
+      } else if (TIES && key == lo && quota > 0) {
+        *out++ = base + j;
+        --quota;
+      } else if (cand_key && key > lo) {
         *cand_key++ = key;
         *cand_pos++ = base + j;
       }
@@ -174,7 +180,7 @@ void emit_block(const SelectSource& s, int64_t i0, int64_t i1, const SelectParam
 
 }  // namespace
 
-void select_count_host(const SelectParams& p, int64_t* counts, int num_threads) {
+void select_count_host(const SelectParams& p, int32_t* counts, int num_threads) {
   if (p.num_blocks <= 0) return;
   parallel_blocks(p, total_elements(p), num_threads, [&](int64_t begin, int64_t end) {
     for_blocks(p, begin, end, [&](const SelectSource& s, int64_t b, int64_t i0, int64_t i1) {
@@ -186,20 +192,21 @@ void select_count_host(const SelectParams& p, int64_t* counts, int num_threads) 
   });
 }
 
-void select_emit_host(const SelectParams& p, bool ties, const int64_t* selected_at, const int64_t* cand_at,
-                      const int64_t* quota, int64_t* selected, int32_t* cand_key, int64_t* cand_pos,
-                      int num_threads) {
+void select_emit_host(const SelectParams& p, const int64_t* out_dst, const int32_t* quota, int64_t* out,
+                      int32_t* cand_key, int64_t* cand_pos, const int64_t* cand_dst, int num_threads) {
   if (p.num_blocks <= 0) return;
   parallel_blocks(p, total_elements(p), num_threads, [&](int64_t begin, int64_t end) {
     for_blocks(p, begin, end, [&](const SelectSource& s, int64_t b, int64_t i0, int64_t i1) {
       dispatch(p.criterion, s, [&](auto c, auto td, auto gd, auto unit) {
         constexpr int C = decltype(c)::value, TD = decltype(td)::value, GD = decltype(gd)::value;
         constexpr bool UNIT = decltype(unit)::value;
-        int64_t* out = selected + selected_at[b];
-        if (ties) {
-          emit_block<true, C, TD, GD, UNIT>(s, i0, i1, p, quota[b], out, nullptr, cand_pos + cand_at[b]);
+        int64_t* block_out = out + out_dst[b];
+        int32_t* keys = cand_key ? cand_key + cand_dst[b] : nullptr;
+        int64_t* pos = cand_key ? cand_pos + cand_dst[b] : nullptr;
+        if (quota) {
+          emit_block<true, C, TD, GD, UNIT>(s, i0, i1, p, quota[b], block_out, keys, pos);
         } else {
-          emit_block<false, C, TD, GD, UNIT>(s, i0, i1, p, 0, out, cand_key + cand_at[b], cand_pos + cand_at[b]);
+          emit_block<false, C, TD, GD, UNIT>(s, i0, i1, p, 0, block_out, keys, pos);
         }
       });
     });

@@ -88,17 +88,13 @@ enum CountColumn : int32_t { kAbove = 0, kInside = 1, kEqual = 2, kNonFinite = 3
 
 // Pass 1: for every block b, counts[b][kAbove] = #keys > hi, [kInside] = #keys
 // in (lo, hi], [kEqual] = #keys == lo, [kNonFinite] = #NaN/Inf scores.
-void select_count_host(const SelectParams& p, int64_t* counts, int num_threads);
+void select_count_host(const SelectParams& p, int32_t* counts, int num_threads);
 
-// Pass 2. Block b writes, in ascending position order:
-//  - collect mode (ties = 0): the positions of its keys > hi at
-//    selected[selected_at[b]...], and its keys in (lo, hi] with their positions at
-//    cand_key / cand_pos[cand_at[b]...];
-//  - ties mode (ties = 1): the positions of its keys > lo at
-//    selected[selected_at[b]...], and the positions of its first quota[b] keys
-//    equal to lo at cand_pos[cand_at[b]...] (cand_key is not written).
-void select_emit_host(const SelectParams& p, bool ties, const int64_t* selected_at, const int64_t* cand_at,
-                      const int64_t* quota, int64_t* selected, int32_t* cand_key, int64_t* cand_pos,
-                      int num_threads);
+// Pass 2. Block b writes, in ascending position order, the positions of its keys
+// > hi and, when quota is not null, of its first quota[b] keys == lo, to
+// out[out_dst[b]...]; when cand_key is not null, its keys in (lo, hi] and their
+// positions to cand_key / cand_pos[cand_dst[b]...].
+void select_emit_host(const SelectParams& p, const int64_t* out_dst, const int32_t* quota, int64_t* out,
+                      int32_t* cand_key, int64_t* cand_pos, const int64_t* cand_dst, int num_threads);
 
 }  // namespace gallop

@@ -53,27 +53,27 @@ void init_select(py::module& m) {
       [](std::uintptr_t table, int32_t num_sources, int64_t num_blocks, int64_t block, int32_t criterion, float eps,
          int32_t lo, int32_t hi, std::uintptr_t counts, int num_threads) {
         gallop::select_count_host(make_params(table, num_sources, num_blocks, block, criterion, eps, lo, hi),
-                                  ptr<int64_t>(counts), num_threads > 0 ? num_threads : 1);
+                                  ptr<int32_t>(counts), num_threads > 0 ? num_threads : 1);
       },
       py::arg("table"), py::arg("num_sources"), py::arg("num_blocks"), py::arg("block"), py::arg("criterion"),
       py::arg("eps"), py::arg("lo"), py::arg("hi"), py::arg("counts"), py::arg("num_threads") = 1,
       py::call_guard<py::gil_scoped_release>(),
       "Pass 1: per block, #keys > hi, in (lo, hi], == lo and non-finite into counts (num_blocks x "
-      "SELECT_COUNT_COLUMNS int64).");
+      "SELECT_COUNT_COLUMNS int32).");
   m.def(
       "select_emit_host",
       [](std::uintptr_t table, int32_t num_sources, int64_t num_blocks, int64_t block, int32_t criterion, float eps,
-         int32_t lo, int32_t hi, bool ties, std::uintptr_t selected_at, std::uintptr_t cand_at, std::uintptr_t quota,
-         std::uintptr_t selected, std::uintptr_t cand_key, std::uintptr_t cand_pos, int num_threads) {
-        gallop::select_emit_host(make_params(table, num_sources, num_blocks, block, criterion, eps, lo, hi), ties,
-                                 ptr<const int64_t>(selected_at), ptr<const int64_t>(cand_at),
-                                 ptr<const int64_t>(quota), ptr<int64_t>(selected), ptr<int32_t>(cand_key),
-                                 ptr<int64_t>(cand_pos), num_threads > 0 ? num_threads : 1);
+         int32_t lo, int32_t hi, std::uintptr_t out_dst, std::uintptr_t quota, std::uintptr_t out,
+         std::uintptr_t cand_key, std::uintptr_t cand_pos, std::uintptr_t cand_dst, int num_threads) {
+        gallop::select_emit_host(make_params(table, num_sources, num_blocks, block, criterion, eps, lo, hi),
+                                 ptr<const int64_t>(out_dst), ptr<const int32_t>(quota), ptr<int64_t>(out),
+                                 ptr<int32_t>(cand_key), ptr<int64_t>(cand_pos), ptr<const int64_t>(cand_dst),
+                                 num_threads > 0 ? num_threads : 1);
       },
       py::arg("table"), py::arg("num_sources"), py::arg("num_blocks"), py::arg("block"), py::arg("criterion"),
-      py::arg("eps"), py::arg("lo"), py::arg("hi"), py::arg("ties"), py::arg("selected_at"), py::arg("cand_at"),
-      py::arg("quota"), py::arg("selected"), py::arg("cand_key"), py::arg("cand_pos"), py::arg("num_threads") = 1,
+      py::arg("eps"), py::arg("lo"), py::arg("hi"), py::arg("out_dst"), py::arg("quota"), py::arg("out"),
+      py::arg("cand_key"), py::arg("cand_pos"), py::arg("cand_dst"), py::arg("num_threads") = 1,
       py::call_guard<py::gil_scoped_release>(),
-      "Pass 2: per block, selected positions and window candidates (or the first quota ties) at the "
-      "given offsets; every pointer is host memory.");
+      "Pass 2: per block, selected positions (and the first quota ties, quota != 0) at out_dst, window "
+      "candidates at cand_dst (cand_key != 0); every pointer is host memory, 0 is null.");
 }
