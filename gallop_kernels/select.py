@@ -10,7 +10,9 @@ from torch import nn
 
 from . import reference
 from ._env import backends
+from ._ext import require_ext
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .ops.select_host import topk_keys_host
 from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
 
@@ -170,6 +172,11 @@ try:  # the package imports without a working triton
     _TOPK_BACKENDS["triton"] = topk_keys_triton
 except (ImportError, RuntimeError) as err:
     _TOPK_BACKENDS["triton"] = err
+try:  # the compiled extension's CPU passes; absent when _C is not built or disabled
+    require_ext("backend 'host'")
+    _TOPK_BACKENDS["host"] = topk_keys_host
+except RuntimeError as err:
+    _TOPK_BACKENDS["host"] = err
 
 
 def backend_errors() -> dict[str, str]:
@@ -244,7 +251,8 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
             raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
         return backend
     on_cuda = any(s.param.is_cuda for s in sources)
-    return "triton" if on_cuda and not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
+    fast = "triton" if on_cuda else "host"
+    return fast if not isinstance(_TOPK_BACKENDS[fast], BaseException) else "reference"
 
 
 @torch.no_grad()
