@@ -30,10 +30,15 @@ from .. import radix, reference
 from .score import READS, flat, signed_key
 from .select_histogram import topk_keys_histogram
 
-# 4096 weights per program at 8 warps: 16 per thread, two 16-byte loads of bf16,
-# four of fp32. Counts cost 16 bytes per block (0.2% of bf16 theta and grad).
-BLOCK = 4096
+# 2048 weights per program at 8 warps: 8 per thread, one 16-byte load of bf16, two
+# of fp32; the emission kernel then fits in <= 64 registers (AOT figures in
+# bench/RESULTS.md). Counts cost 16 bytes per block (0.2% of bf16 theta and grad).
+BLOCK = 2048
 NUM_WARPS = 8
+# At most 64 registers a thread: 4 blocks of 8 warps per SM, i.e. 50% occupancy.
+# ptxas fits every variant without spills (tests/test_triton_compile.py); unbounded,
+# the collect emission takes 76-80.
+MAX_REGISTERS = 64
 # Per-source table columns (int64).
 _COLUMNS = ("theta", "grad", "n", "theta_stride", "grad_stride", "base", "first_block", "first_program")
 _FINITE_MAX = tl.constexpr(radix.FINITE_MAX)
@@ -92,18 +97,19 @@ def _emit_kernel(table_ptr, source_ptr, theta_like, grad_like, out_ptr, out_dst_
     if TIES:
         tie = mask & (key == lo)
         take = take | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tl.load(quota_ptr + block)))
+    else:  # candidates first: key is dead after this, fewer live registers
+        cand = mask & (key > lo) & (key <= hi)
+        slot = tl.cumsum(cand.to(tl.int32), axis=0) - 1
+        dst = tl.load(cand_dst_ptr + block)
+        tl.store(cand_key_ptr + dst + slot, key, mask=cand)
+        tl.store(cand_pos_ptr + dst + slot, first + lane, mask=cand)
     out = out_ptr + tl.load(out_dst_ptr + block)
     tl.store(out + (tl.cumsum(take.to(tl.int32), axis=0) - 1), first + lane, mask=take)
-    if not TIES:
-        cand = mask & (key > lo) & (key <= hi)
-        slot = tl.load(cand_dst_ptr + block) + (tl.cumsum(cand.to(tl.int32), axis=0) - 1)
-        tl.store(cand_key_ptr + slot, key, mask=cand)
-        tl.store(cand_pos_ptr + slot, first + lane, mask=cand)
 
 
 def _launch(kernel, sources: list[int], grid: int, *args, **meta) -> None:
     """Every kernel launch goes through here (tests see which sources each pass reads)."""
-    kernel[(grid,)](*args, BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
+    kernel[(grid,)](*args, BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **meta)
 
 
 class _Group:
