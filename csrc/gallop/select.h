@@ -23,8 +23,13 @@ enum Criterion : int32_t { kGallop = 0, kSaft = 1, kMagnitude = 2, kPafi = 3 };
 GALLOP_HD float gallop_score(float theta, float grad, float eps) { return fabsf(grad) / (fabsf(theta) + eps); }
 GALLOP_HD float saft_score(float grad) { return fabsf(grad); }
 GALLOP_HD float magnitude_score(float theta) { return fabsf(theta); }
-// 0 - |theta|, not -|theta|: -0.0 becomes +0.0, so equal magnitudes get equal keys.
-GALLOP_HD float pafi_score(float theta) { return 0.0f - fabsf(theta); }
+// 0 - |theta| (torch's rsub), not -|theta|: -0.0 becomes +0.0, so equal
+// magnitudes get equal keys. Written as a select because GCC 12 folds
+// 0.0f - fabsf(x) into -fabsf(x) even at -O0, which turns 0 into -0.0.
+GALLOP_HD float pafi_score(float theta) {
+  float a = fabsf(theta);
+  return a == 0.0f ? 0.0f : -a;
+}
 
 GALLOP_HD float select_score(int32_t criterion, float theta, float grad, float eps) {
   switch (criterion) {
