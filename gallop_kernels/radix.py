@@ -48,8 +48,10 @@ class Config:
       weights (16 bytes each); a larger one costs a low-digit pass and two tie passes.
     window_cap: the window plan buffers at most this many candidates (12 bytes each);
       a larger window falls back to the histogram plan.
-    sample_stride: the window plan samples every sample_stride-th weight of each
-      source; 257 is prime, so the sample does not align with power-of-two rows.
+    sample_stride, sample_max: the window plan samples every stride-th weight of
+      each source, stride the least odd multiple of sample_stride that keeps the
+      sample at most sample_max keys (20 bytes each while it is scored); odd, and
+      257 prime, so the sample does not align with power-of-two rows.
     margin_sigmas, margin_min: the window spans the k-th key's expected rank in the
       sample, plus and minus margin_sigmas binomial standard deviations plus
       margin_min sample ranks.
@@ -59,6 +61,7 @@ class Config:
     candidate_cap: int = 1 << 20
     window_cap: int = 1 << 23
     sample_stride: int = 257
+    sample_max: int = 1 << 22
     margin_sigmas: float = 6.0
     margin_min: int = 64
 
@@ -159,6 +162,12 @@ class Plan:
     mode: str = ""
 
 
+def stride(n: int, config: Config) -> int:
+    """The sampling stride for n weights (see Config)."""
+    times = -(-n // (config.sample_stride * config.sample_max))
+    return config.sample_stride * (times | 1)
+
+
 def sample_keys(sources: list, criterion: str, eps: float, stride: int) -> torch.Tensor:
     """Signed keys of every ``stride``-th weight of each source (flat index 0, stride, ...),
     scored with reference.score, so bit for bit the keys the passes compute.
@@ -199,9 +208,14 @@ def window(sample: torch.Tensor, k: int, n: int, config: Config) -> tuple[int, i
     rank = p * m
     margin = config.margin_sigmas * math.sqrt(m * p * (1 - p)) + config.margin_min
     r_hi, r_lo = math.floor(rank - margin), math.ceil(rank + margin)
-    top = torch.topk(sample, min(m, max(r_lo, 0) + 1)).values.cpu() if m else sample.cpu()
+    if m == 0:
+        return _INT32_MIN, _INT32_MAX
+    top = torch.topk(sample, min(m, max(r_lo, 0) + 1)).values.cpu()
+    # Past the sample's top the window opens to every larger key (few of them: k is
+    # small). Past its bottom it stops at the sample's smallest key, so that ties
+    # there (all weights equal, exact zeros) are counted as == lo, not as candidates.
     hi = int(top[r_hi]) if r_hi >= 0 else _INT32_MAX
-    lo = int(top[r_lo]) if r_lo < m else _INT32_MIN
+    lo = int(top[min(r_lo, m - 1)])
     return lo, hi
 
 
@@ -224,7 +238,7 @@ def select_window(
     Raises ValueError on a NaN or Inf score.
     """
     n = sum(s.numel for s in sources)
-    lo, hi = window(sample_keys(sources, criterion, eps, config.sample_stride).to(prims.device), k, n, config)
+    lo, hi = window(sample_keys(sources, criterion, eps, stride(n, config)).to(prims.device), k, n, config)
     plan = Plan(lo, hi)
     if trace is not None:
         trace.append(plan)
