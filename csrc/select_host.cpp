@@ -1,7 +1,8 @@
 // Host build of the window-select primitives (gallop/select.h): one fused loop
-// per pass (load, score, key, compare, count or write), no temporaries, threaded
-// over blocks. Every block writes only its own row or its own output ranges, so
-// threads share nothing and the result does not depend on the thread count.
+// per pass (load, score, key, compare, count or write), no score or key array
+// (the emit pass keeps a 4 KiB tile of keys on the stack), threaded over blocks.
+// Every block writes only its own row or its own output ranges, so threads share
+// nothing and the result does not depend on the thread count.
 #include <algorithm>
 #include <atomic>
 #include <thread>

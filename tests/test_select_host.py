@@ -341,8 +341,9 @@ def test_primitives_reject_bad_arguments():
         prims.emit(0, 10, out, dst[:-1], None, None, None, None)
     with pytest.raises(ValueError, match="quota"):
         prims.emit(0, 10, out, dst, dst, None, None, None)  # int64 quota
-    with pytest.raises(ValueError, match="block must be"):
-        sh.HostPrimitives(srcs, "gallop", 1e-8, block=0)
+    for block in (0, (1 << 30) + 1):
+        with pytest.raises(ValueError, match="block must be"):
+            sh.HostPrimitives(srcs, "gallop", 1e-8, block=block)
     with pytest.raises(ValueError, match="'w0' has no gradient"):
         sh.HostPrimitives([reference.Source("w0", torch.ones(3), None, 0)], "saft", 1e-8)
     with pytest.raises(ValueError, match="no host kernel"):

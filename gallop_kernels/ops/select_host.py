@@ -64,8 +64,8 @@ class HostPrimitives:
         self._C = require_ext("the host selection backend")
         if criterion not in READS:
             raise ValueError(f"criterion {criterion!r} has no host kernel; expected one of {tuple(READS)}")
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
+        if not 1 <= block <= 1 << 30:  # the passes count a block in int32
+            raise ValueError(f"block must be in [1, 2**30], got {block}")
         reads_theta, reads_grad = READS[criterion]
         self.device = torch.device("cpu")
         self.block = block
