@@ -256,9 +256,8 @@ def select_window(
     if plan.mode in ("miss", "overflow"):
         return fallback()
 
-    counts = counts.to(torch.int64)
     if plan.mode == "ties":  # everything > lo, then the first ties == lo by position
-        quota = tie_quota(counts[:, 2], k - plan.above - plan.window)
+        quota = tie_quota(counts[:, 2].to(torch.int64), k - plan.above - plan.window)
         out = _buffer(k, torch.int64, prims.device)
         prims.emit(lo, lo, out, _starts(counts[:, 0] + counts[:, 1] + quota), quota.to(torch.int32), None, None, None)
         chosen, threshold = out, lo
@@ -267,6 +266,7 @@ def select_window(
         cand_key = _buffer(plan.window, torch.int32, prims.device)
         cand_pos = _buffer(plan.window, torch.int64, prims.device)
         prims.emit(lo, hi, out, _starts(counts[:, 0]), None, cand_key, cand_pos, _starts(counts[:, 1]))
+        del counts
         best, threshold = resolve_candidates(cand_key, cand_pos, k - plan.above)
         chosen = merge(out, torch.sort(best).values)
     return split(chosen, sources), threshold + reference._SIGN
@@ -279,8 +279,8 @@ def _buffer(n: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def _starts(sizes: torch.Tensor) -> torch.Tensor:
-    """Exclusive prefix sums: where each block's run starts."""
-    return torch.cumsum(sizes, 0) - sizes
+    """Exclusive prefix sums in int64: where each block's run starts."""
+    return torch.cumsum(sizes, 0, dtype=torch.int64).sub_(sizes)
 
 
 def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -303,7 +303,8 @@ def bases(sources: list) -> list[int]:
 
 
 def split(positions: torch.Tensor, sources: list) -> list[torch.Tensor]:
-    """Ascending global positions -> each source's ascending local flat indices, on its device."""
+    """Ascending global positions -> each source's ascending local flat indices, on its
+    device: views of ``positions``, shifted in place (no second copy of k indices)."""
     first = bases(sources)
     cuts = torch.searchsorted(positions, torch.tensor(first, device=positions.device)).tolist()
-    return [(positions[a:b] - base).to(s.param.device) for s, base, a, b in zip(sources, first, cuts, cuts[1:])]
+    return [positions[a:b].sub_(base).to(s.param.device) for s, base, a, b in zip(sources, first, cuts, cuts[1:])]

@@ -31,9 +31,9 @@ PTXAS = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
 # Largest shared memory one block may use: A100 163 KB, H100/H200 227 KB
 # (CUDA C++ Programming Guide, "Compute Capabilities" table).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# 65536 registers per SM (sm_80, sm_90): at most 64 a thread keeps 4 blocks of 8 warps,
-# half the SM's 64 warps, resident; the launcher caps the window kernels there.
-assert st.MAX_REGISTERS <= 65536 // (4 * 32 * st.NUM_WARPS)
+# Window kernels: the collect emission may take up to 80 registers (3 blocks of 8
+# warps per SM, 37.5% occupancy), the count and the ties emission at most 64 (50%).
+WINDOW_REGISTERS = {("_count_kernel", None): 64, ("_emit_kernel", True): 64, ("_emit_kernel", False): 80}
 HISTOGRAM_MODES = ["collect", "low", "above", "ties"]
 DTYPES = ["fp32", "bf16", "fp16"]
 _T = {"int64": "*i64", "int32": "*i32"}
@@ -70,8 +70,7 @@ def _compile_window(name, criterion, theta, grad, cc, ties, aligned):
     sig.update({k: "constexpr" for k in const})
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in tensors + ["theta_like", "grad_like"]}
     src = triton.compiler.ASTSource(kernel, {a: sig[a] for a in names}, const, attrs)
-    options = {"num_warps": st.NUM_WARPS, "maxnreg": st.MAX_REGISTERS}
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": st.NUM_WARPS})
 
 
 def _compile_histogram(name, criterion, theta, grad, cc, mode=None, strided=False):
@@ -193,7 +192,7 @@ def test_compiles_within_limits(compiled, job):
     if criterion == "pafi":  # 0 - |x|, not -|x|, which would give -0.0 a key of its own
         assert f["sub_f32"] and not f["neg_f32"]
     if family == "window":
-        assert f["registers"] <= st.MAX_REGISTERS, f  # >= 50% occupancy, and no spills (above)
+        assert f["registers"] <= WINDOW_REGISTERS[kernel, mode], f
         assert not f["atomics"]  # per-program counts and prefix offsets only
         assert f["block_offset_64"]  # offsets past 2**31 elements
         if strided:
