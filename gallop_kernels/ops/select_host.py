@@ -118,8 +118,8 @@ class HostPrimitives:
             self._check_buffer("cand_dst", cand_dst, torch.int64, self.num_blocks)
         self._C.select_emit_host(
             *args, out_dst.data_ptr(), _address(quota), _address(out),
-            _address(cand_key), _address(cand_pos) if cand_key is not None else 0,
-            _address(cand_dst) if cand_key is not None else 0, self.num_threads,
+            _address(cand_key), _address(cand_pos if cand_key is not None else None),
+            _address(cand_dst if cand_key is not None else None), self.num_threads,
         )  # fmt: skip
 
     @staticmethod
@@ -183,10 +183,10 @@ def topk_keys_host(
 
 @contextlib.contextmanager
 def _one_torch_thread():
-    """Run the plan's torch ops on one thread: they touch about 1% of the weights (the
-    sample, the candidates, the output), and on a busy machine each op's thread
-    fork/join costs more than the op (measured on a busy 2-core VM: 2 threads made a
-    2e7-weight call 5-8x slower)."""
+    """Run the plan's torch ops (and a fallback) on one thread: they touch the sample,
+    the candidates and the k outputs, a small part of the weights, and on a busy
+    machine each op's thread fork/join costs more than the op (measured on a busy
+    2-core VM: 2 threads made a 2e7-weight call 5-8x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
