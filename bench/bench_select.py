@@ -12,9 +12,9 @@ LLaMA-3-8B (8.03e9 weights); theta and grad in --dtypes. Data (``--data``):
 Providers:
 
 - select_mask: ``gallop_kernels.select_mask`` on a module holding the tensors
-  (backend auto: Triton on CUDA, the reference on the CPU); ``plan`` is the window
-  plan's mode (collect / ties, or miss / overflow when it fell back), from a
-  separate traced call of the same backend;
+  (--backend, default auto: Triton on CUDA, the compiled host passes on the CPU);
+  ``plan`` is the backend and the window plan's mode (collect / ties, or miss /
+  overflow when it fell back), from a separate traced call of the same backend;
 - torch.topk: the fp32 score |g| / (|theta| + eps) materialized over all weights,
   then ``torch.topk(score, k, sorted=False)``; skipped past 2**31 weights (torch
   falls back to a single-block radix select there).
@@ -26,7 +26,7 @@ CPU: growth of the peak RSS, see _common.peak_memory).
 
 Usage: python bench/bench_select.py [--device cuda] [--sets 1e8 1e9 8e9 llama3-8b]
        [--dtypes bf16] [--rhos 0.001 0.01 0.1] [--data normal llm equal zeros30]
-       [--bandwidth 4.2e12] [--no-memory] [--threads 1]
+       [--bandwidth 4.2e12] [--no-memory] [--threads 1] [--backend auto]
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ class Weights(nn.Module):
             self.params.append(p)
 
 
-def selector(provider: str, model: Weights, rho: float):
+def selector(provider: str, model: Weights, rho: float, backend: str = "auto"):
     """A no-argument function running one selection."""
     if provider == "select_mask":
-        return lambda: gk.select_mask(model, rho=rho)
+        return lambda: gk.select_mask(model, rho=rho, backend=backend)
     params = list(model.parameters())
     k = reference.num_to_select(rho, sum(p.numel() for p in params))
 
@@ -112,16 +112,16 @@ def selector(provider: str, model: Weights, rho: float):
     return topk
 
 
-def plan_mode(model: Weights, rho: float) -> str:
-    """The window plan's mode for this selection (a separate, traced call)."""
+def plan_mode(model: Weights, rho: float, backend: str = "auto") -> str:
+    """The backend and its window plan's mode for this selection (a separate, traced call)."""
     sources = select._sources(model, None, True)[0]
-    name = select._pick_backend("auto", sources, False)
-    if name != "triton":
+    name = select._pick_backend(backend, sources, False)
+    if name == "reference":
         return "reference"
     trace = []
     k = reference.num_to_select(rho, sum(s.numel for s in sources))
-    select._TOPK_BACKENDS["triton"](sources, k, "gallop", EPS, trace=trace)
-    return trace[0].mode if trace else "-"
+    select._TOPK_BACKENDS[name](sources, k, "gallop", EPS, trace=trace)
+    return f"{name}: {trace[0].mode if trace else '-'}"
 
 
 def run(args) -> None:
@@ -149,12 +149,12 @@ def run(args) -> None:
                             rows.append({**row, "ms": "n/a (past 2**31)"})
                             continue
                         try:
-                            fn = selector(provider, model, rho)
+                            fn = selector(provider, model, rho, args.backend)
                             p50, p20, p80 = time_fn(fn, device, reps=args.reps)
                             row.update(ms=f"{p50:.2f} ({p20:.2f}-{p80:.2f})", floor_ms=f"{floor_ms:.2f}",
                                        pct_floor=f"{100 * floor_ms / p50:.1f}")
                             if provider == "select_mask":
-                                row["plan"] = plan_mode(model, rho)
+                                row["plan"] = plan_mode(model, rho, args.backend)
                             if args.memory:
                                 extra = peak_memory(fn, device)
                                 row["peak"] = fmt_bytes(extra)
@@ -169,7 +169,8 @@ def run(args) -> None:
     notes = [
         f"Bandwidth for the floor: {bw / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured device copy'})"
         + (f"; datasheet peak {peak / 1e12:.1f} TB/s" if peak else ""),
-        "select_mask backend: " + ("triton (window plan)" if device.type == "cuda" else "reference (plain PyTorch)"),
+        f"select_mask backend: {args.backend} (the plan column names the one that ran); "
+        f"torch threads: {torch.get_num_threads()}",
         "goal (issue 9, H200): 1e9 bf16 >= 60% of floor and >= 10x torch.topk; 8e9 <= 25 ms; llama3-8b <= 30 ms; "
         "peak <= 8 B per selected weight + 64 MiB",
     ]
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions (CUDA: do_bench decides)")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    ap.add_argument("--backend", default="auto", help="select_mask backend: auto, reference, triton or host")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

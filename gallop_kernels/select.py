@@ -8,9 +8,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import reference
+from . import _ext, reference
 from ._env import backends
+from ._ext import require_ext
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .ops.select_host import topk_keys_host
 from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
 
@@ -170,6 +172,9 @@ try:  # the package imports without a working triton
     _TOPK_BACKENDS["triton"] = topk_keys_triton
 except (ImportError, RuntimeError) as err:
     _TOPK_BACKENDS["triton"] = err
+# The compiled extension's CPU passes: usable when gallop_kernels._C imported
+# (checked per call, see _pick_backend).
+_TOPK_BACKENDS["host"] = topk_keys_host
 
 
 def backend_errors() -> dict[str, str]:
@@ -242,9 +247,12 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
             raise RuntimeError(f"backend={backend!r} is unavailable: importing it failed") from found
         if backend == "triton" and not backends()["triton"]:
             raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
+        if backend == "host":
+            require_ext("backend='host'")
         return backend
-    on_cuda = any(s.param.is_cuda for s in sources)
-    return "triton" if on_cuda and not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
+    if any(s.param.is_cuda for s in sources):
+        return "triton" if not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
+    return "host" if _ext._C is not None else "reference"
 
 
 @torch.no_grad()

@@ -27,9 +27,12 @@ def use_config(monkeypatch, config: radix.Config) -> None:
 
 @pytest.fixture(params=[False, True], ids=["chunk=default", "chunk=tiny"])
 def tiny_chunks(request, monkeypatch):
-    """Also run with chunks and candidate buffers far smaller than the tensors."""
+    """Also run the reference with chunks and candidate buffers far smaller than the
+    tensors; the backend to ask for (auto is the host backend on the CPU when built)."""
     if request.param:  # several chunks in the larger tensors
         use_config(monkeypatch, radix.Config(chunk=1000, candidate_cap=5))
+        return "reference"
+    return "auto"
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -38,7 +41,7 @@ def tiny_chunks(request, monkeypatch):
 @pytest.mark.parametrize("rho", [0.001, 0.05, 0.5, 1.0])
 def test_matches_full_sort(criterion, scope, dtype, rho, tiny_chunks):
     bag = make_bag(SIZES, DTYPES[dtype])
-    sel = gk.select_mask(bag, rho=rho, criterion=criterion, scope=scope)
+    sel = gk.select_mask(bag, rho=rho, criterion=criterion, scope=scope, backend=tiny_chunks)
     expected, thr = oracle_selection(bag, rho, criterion, scope)
     assert_same_selection(sel, expected, thr)
     n = sum(SIZES)
@@ -59,7 +62,7 @@ def test_tiny_chunks_take_every_path(monkeypatch):
     for p in bag.parameters():  # 3 distinct values: the boundary bin is huge
         p.grad = torch.randint(0, 3, p.shape).float()
         p.data.fill_(1.0)
-    sel = gk.select_mask(bag, rho=0.3)
+    sel = gk.select_mask(bag, rho=0.3, backend="reference")
     expected, _ = oracle_selection(bag, 0.3)
     assert_same_selection(sel, expected, sel.threshold)
     assert len(calls) == 2, "expected the low-digit histogram pass"
@@ -72,7 +75,7 @@ def test_chunks_bound_the_scored_block(monkeypatch):
     real = reference.score
     monkeypatch.setattr(reference, "score", lambda *a, **kw: seen.append(a[1].numel()) or real(*a, **kw))
     bag = make_bag([1000, 257])
-    gk.select_mask(bag, rho=0.1)
+    gk.select_mask(bag, rho=0.1, backend="reference")
     assert seen and max(seen) <= 100
 
 

@@ -4,6 +4,7 @@
 
 namespace py = pybind11;
 
+void init_select(py::module& m);
 void init_sparse_adamw(py::module& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -13,5 +14,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  init_select(m);
   init_sparse_adamw(m);
 }
