@@ -48,6 +48,7 @@ from gallop_kernels import backends  # noqa: E402
 from gallop_kernels.ops import sparse_adamw as launcher  # noqa: E402
 
 INDEX_BYTES = 8  # int64 flat indices, as Selection stores them
+KERNEL = {"cpu": "host", "cuda": "cuda"}  # SparseAdamW backend that runs the compiled kernel on each device
 STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master
 
 
@@ -127,9 +128,9 @@ def _row(provider, label, tensors, rho, k, ms, p20, p80, ideal, floor, bw, state
 
 def run(args) -> None:
     device = torch.device(args.device)
-    if device.type == "cuda" and not backends()["ext_cuda"]:
+    if device.type == "cuda" and not backends()["cuda"]:
         raise SystemExit("the CUDA sparse AdamW kernel is not available here (gallop_kernels.backends())")
-    if device.type == "cpu" and not backends()["ext_host"]:
+    if device.type == "cpu" and not backends()["host"]:
         raise SystemExit("gallop_kernels._C is not built: pip install --no-build-isolation -e .")
     dtype = torch.bfloat16
     sector = SECTOR_BYTES[device.type]
@@ -151,7 +152,7 @@ def run(args) -> None:
             for (name, p), g in zip(named, grads):
                 p.grad = g * masks[name]
             del masks
-            opt = gk.SparseAdamW(named, selection=sel, lr=1e-4, weight_decay=0.01, backend="ext")
+            opt = gk.SparseAdamW(named, selection=sel, lr=1e-4, weight_decay=0.01, backend=KERNEL[device.type])
             ms, p20, p80 = bench(opt.step, device, warmup=1, reps=args.reps)
             ideal, floor = floor_bytes(n, k, rho, 2, 2, master=True, sector=sector)
             st = state_bytes(opt) + k * INDEX_BYTES
@@ -213,7 +214,7 @@ def host_overhead(args) -> None:
         for p, g in zip(params, grads):
             p.grad = g
         sel = random_selection(params, 0.01)
-        opt = gk.SparseAdamW([(f"w{i}", p) for i, p in enumerate(params)], selection=sel, lr=1e-4, weight_decay=0.01, backend="ext")
+        opt = gk.SparseAdamW([(f"w{i}", p) for i, p in enumerate(params)], selection=sel, lr=1e-4, weight_decay=0.01, backend=KERNEL[device.type])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
 
         def step():

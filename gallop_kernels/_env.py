@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
-from ._ext import _C
+from ._ext import _C, _IMPORT_ERROR
 
 
 def triton_interpreter() -> bool:
@@ -16,17 +15,37 @@ def triton_interpreter() -> bool:
 
 
 def backends() -> dict[str, bool]:
-    """Which execution paths this installation can use.
+    """Which execution paths this installation can use; the same names are the
+    ``backend`` arguments of :func:`select_mask` and :class:`SparseAdamW`.
 
-    reference: plain PyTorch, always. triton: Triton is installed and either a
-    CUDA device is present or the interpreter is on. ext_host: the compiled
-    extension's CPU build of the kernels' math. ext_cuda: its CUDA kernels, built
-    and with a device to run on.
+    reference: plain PyTorch, always. triton: Triton imports and either a CUDA
+    device is present or the interpreter is on. host: the compiled extension's
+    CPU code (selection passes, the sparse AdamW kernel's host build). cuda: its
+    CUDA kernels, built and with a device to run on. :func:`why_unavailable`
+    says why a path is False.
     """
-    has_triton = importlib.util.find_spec("triton") is not None
-    return {
-        "reference": True,
-        "triton": has_triton and (torch.cuda.is_available() or triton_interpreter()),
-        "ext_host": _C is not None,
-        "ext_cuda": _C is not None and bool(_C.built_with_cuda) and torch.cuda.is_available(),
+    return {name: not reason for name, reason in why_unavailable(all_paths=True).items()}
+
+
+def why_unavailable(all_paths: bool = False) -> dict[str, str]:
+    """Why each execution path that cannot run here cannot (``all_paths``: every path,
+    with "" for those that can)."""
+    from .select import _TOPK_BACKENDS  # select imports this module: import it late
+
+    triton = _TOPK_BACKENDS["triton"]
+    reasons = {
+        "reference": "",
+        "triton": (
+            f"triton failed to import: {type(triton).__name__}: {triton}" if isinstance(triton, BaseException)
+            else "" if torch.cuda.is_available() or triton_interpreter()
+            else "no CUDA device, and TRITON_INTERPRET=1 was not set before triton was imported"
+        ),
+        "host": "" if _C is not None else f"gallop_kernels._C failed to import: {_IMPORT_ERROR}",
+        "cuda": (
+            f"gallop_kernels._C failed to import: {_IMPORT_ERROR}" if _C is None
+            else "gallop_kernels._C was built without CUDA (no nvcc at build time)" if not _C.built_with_cuda
+            else "" if torch.cuda.is_available()
+            else "no CUDA device"
+        ),
     }
+    return reasons if all_paths else {name: why for name, why in reasons.items() if why}

@@ -177,11 +177,6 @@ except (ImportError, RuntimeError) as err:
 _TOPK_BACKENDS["host"] = topk_keys_host
 
 
-def backend_errors() -> dict[str, str]:
-    """Why each unavailable selection backend failed to import (empty when all did)."""
-    return {n: f"{type(e).__name__}: {e}" for n, e in _TOPK_BACKENDS.items() if isinstance(e, BaseException)}
-
-
 def _validate_args(rho, criterion, eps, scope, backend):
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0):
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")

@@ -25,7 +25,7 @@ def test_works_without_the_extension():
     env = dict(os.environ, GALLOP_KERNELS_DISABLE_EXT="1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "'ext_host': False" in out.stdout and "'ext_cuda': False" in out.stdout
+    assert "'host': False" in out.stdout and "'cuda': False" in out.stdout
     assert out.stdout.strip().endswith("ok 9")  # round(0.25 * 36)
 
 
@@ -39,8 +39,9 @@ def test_require_ext_explains_why(monkeypatch):
 def test_backends_report():
     b = gk.backends()
     assert b["reference"] is True
-    assert set(b) == {"reference", "triton", "ext_host", "ext_cuda"}
-    assert b["ext_host"] == (_ext._C is not None)
+    assert set(b) == {"reference", "triton", "host", "cuda"}
+    assert b["host"] == (_ext._C is not None)
+    assert set(gk.why_unavailable()) == {name for name, ok in b.items() if not ok}
 
 
 def test_triton_backend_without_device_or_interpreter(monkeypatch):

@@ -210,7 +210,7 @@ def test_host_work_per_step_does_not_grow_with_parameters():
     for n in (1, 64):
         bag = make_bag([33] * n)
         sel = gk.select_mask(bag, rho=0.3)
-        opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="ext")
+        opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="host")
         sched = _schedule(opt)
         for p in bag.parameters():
             p.grad = torch.randn(p.shape)  # the same gradient tensors every step: their addresses do not change
@@ -352,7 +352,7 @@ def test_master_weights_switched_off_mid_run():
     """Turning master_weights off re-plans: the master copy is dropped and the bf16 weights
     are updated from themselves, on the kernel as on the reference path."""
     runs = []
-    for backend in ("ext", "reference"):
+    for backend in ("host", "reference"):
         bag, sel, opt = _setup(torch.bfloat16, backend=backend)
         gen = torch.Generator().manual_seed(8)
         for step in range(4):

@@ -14,7 +14,7 @@ from gallop_kernels import radix, reference, select
 from gallop_kernels.reference import CRITERIA
 
 sh = pytest.importorskip("gallop_kernels.ops.select_host")
-if not gk.backends()["ext_host"]:
+if not gk.backends()["host"]:
     pytest.skip("gallop_kernels._C is not built", allow_module_level=True)
 
 B = 64  # block of the direct topk_keys_host calls: many blocks on small tensors

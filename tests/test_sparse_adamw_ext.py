@@ -31,7 +31,7 @@ CONFIGS = {
 SCALE = 3000.0  # not a power of two: 1/scale rounds
 
 
-def _pair(dtype, master, device="cpu", backends=("ext", "reference"), rho=0.2, **kw):
+def _pair(dtype, master, device="cpu", backends=("host", "reference"), rho=0.2, **kw):
     bag = make_bag(SIZES, dtype).to(device)
     sel = gk.select_mask(bag, rho=rho)
     bags = [bag] + [copy.deepcopy(bag) for _ in backends[1:]]
@@ -111,7 +111,7 @@ def test_rounding_to_param_dtype_matches_torch(dtype):
     vals = torch.cat([torch.tensor(special), torch.randn(4000) * torch.logspace(-9, 5, 4000)])
     bag = Bag([torch.zeros(vals.numel(), dtype=dt)])
     sel = gk.Selection({"w0": torch.arange(vals.numel())}, {"w0": (vals.numel(),)}, rho=1.0, criterion="gallop", scope="global", threshold=0.0)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=0.0, master_weights=True, backend="ext")
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=0.0, master_weights=True, backend="host")
     bag.w0.grad = torch.zeros_like(bag.w0)
     opt.step()  # creates the state
     opt.state[bag.w0]["master_param"].copy_(vals)
@@ -123,7 +123,7 @@ def test_rounding_to_param_dtype_matches_torch(dtype):
 
 @needs_ext
 def test_found_inf_leaves_everything_bit_for_bit():
-    sel, bags, opts = _pair(torch.bfloat16, True, backends=("ext",), amsgrad=True, weight_decay=0.1)
+    sel, bags, opts = _pair(torch.bfloat16, True, backends=("host",), amsgrad=True, weight_decay=0.1)
     bag, opt = bags[0], opts[0]
     for p in bag.parameters():
         p.grad = torch.randn(p.shape).to(p.dtype)
@@ -142,7 +142,7 @@ def test_found_inf_leaves_everything_bit_for_bit():
 @needs_ext
 def test_state_dict_moves_between_backends():
     """10 steps with the host build, then 10 with the reference path, equal 20 reference steps."""
-    sel, bags, opts = _pair(torch.bfloat16, True, backends=("ext", "reference"), amsgrad=True, weight_decay=0.1)
+    sel, bags, opts = _pair(torch.bfloat16, True, backends=("host", "reference"), amsgrad=True, weight_decay=0.1)
     gen = torch.Generator().manual_seed(3)
     saved = None
     for step in range(20):
@@ -173,7 +173,7 @@ def test_threads_split_the_entries_exactly():
     out = []
     for threads in (1, 4):
         b = copy.deepcopy(bag)
-        opt = gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="ext")
+        opt = gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="host")
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -203,7 +203,7 @@ def test_auto_picks_the_kernel_on_cpu(monkeypatch):
 
 
 def test_without_the_extension(monkeypatch):
-    """auto falls back to the reference path on the CPU; backend='ext' says why it cannot run."""
+    """auto falls back to the reference path on the CPU; backend='host' says why it cannot run."""
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_IMPORT_ERROR", ImportError("test: not built"))
     monkeypatch.setattr(optim, "_C", None)
@@ -213,20 +213,26 @@ def test_without_the_extension(monkeypatch):
     gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2).step()
     assert not torch.equal(bag.w0.detach(), before)
     with pytest.raises(RuntimeError, match="test: not built.*pip install"):
-        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext")
+        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="host")
 
 
 @needs_ext
 def test_unsupported_inputs_name_the_parameter():
     bag = make_bag([97], torch.float64)
     sel = gk.select_mask(bag, rho=0.3)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext")
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="host")
     before = bag.w0.detach().clone()
     with pytest.raises(ValueError, match=r"'w0'.*not supported: grad torch.float64, param torch.float64"):
         opt.step()
     assert torch.equal(bag.w0.detach(), before) and not opt.state[bag.w0]
     with pytest.raises(ValueError, match="unknown backend"):
-        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="cuda")
+        gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext")
+    if _ext._C.built_with_cuda:  # CPU parameters with the CUDA kernel: refused at the step, naming the parameter
+        with pytest.raises(ValueError, match=r"'w0' is on cpu, but backend='cuda' runs on cuda parameters only"):
+            gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="cuda").step()
+    else:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="cuda")
     row = kernel.Row("w9", torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.tensor([1]), *[torch.zeros(1)] * 2,
                      None, None, False, 0, 0, 0.9, 0.999, 1e-8, 0.0, False, False)
     with pytest.raises(ValueError, match=r"'w9'.*not supported: grad torch.float32, param torch.float64"):
@@ -246,7 +252,7 @@ def test_non_contiguous_params_take_the_reference_path():
     gk.SparseAdamW(ref.named_parameters(), selection=sel, lr=1e-2, backend="reference").step()
     assert torch.equal(bag.w0, ref.w0) and not torch.equal(bag.w0, w.clone().t().contiguous().t())
     with pytest.raises(ValueError, match="'w0'.*contiguous"):
-        gk.SparseAdamW(ref.named_parameters(), selection=sel, backend="ext").step()
+        gk.SparseAdamW(ref.named_parameters(), selection=sel, backend="host").step()
 
 
 # ----------------------------------------------------------------------------
@@ -323,7 +329,7 @@ def test_cuda_kernel_equals_host_build(dtype, master):
     bag = make_bag(SIZES, dt)
     sel = gk.select_mask(bag, rho=0.2)
     host, dev = bag, copy.deepcopy(bag).cuda()
-    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master, backend="ext")
+    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master, backend="host")
     o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, **kw)
     o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, **kw)
     gen = torch.Generator().manual_seed(9)
@@ -372,7 +378,7 @@ def test_ulp_budget_against_torch_adamw(dtype, wd, amsgrad, maximize):
     bag = make_bag([97, 1025, 4099], dt)
     sel = gk.select_mask(bag, rho=0.2)
     kw = dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="ext", master_weights=True, **kw)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="host", master_weights=True, **kw)
     comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n]].float().clone()) for n, p in bag.named_parameters()]
     ref = torch.optim.AdamW(comp, foreach=False, **kw)
     gen = torch.Generator().manual_seed(1)
@@ -415,7 +421,7 @@ def _op_args(opt, dev="cpu"):
 def test_custom_op_is_registered_and_passes_opcheck():
     bag = make_bag([97, 1025], torch.bfloat16)
     sel = gk.select_mask(bag, rho=0.2)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, amsgrad=True, backend="ext")
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, amsgrad=True, backend="host")
     for p in bag.parameters():
         p.grad = torch.randn(p.shape).to(p.dtype)
     opt.step()
@@ -430,7 +436,7 @@ def test_custom_op_follows_the_tensors_it_is_given():
     with (what functionalization under torch.compile hands it): clones get the update."""
     bag = make_bag([97, 1025])
     sel = gk.select_mask(bag, rho=0.2)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, backend="ext")
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, backend="host")
     for p in bag.parameters():
         p.grad = torch.randn(p.shape)
     opt.step()
@@ -448,7 +454,7 @@ def _twins(device, dtype=torch.bfloat16, **kw):
     bag = make_bag(SIZES, dtype).to(device)
     sel = gk.select_mask(bag, rho=0.2)
     bags = [bag, copy.deepcopy(bag)]
-    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="ext", weight_decay=0.1, amsgrad=True, **kw) for b in bags]
+    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="host" if device == "cpu" else "cuda", weight_decay=0.1, amsgrad=True, **kw) for b in bags]
     return bags, opts
 
 

@@ -24,7 +24,7 @@ from ..select import Selection
 from . import compact_grads as _compact
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-BACKENDS = ("auto", "reference", "ext")
+BACKENDS = ("auto", "reference", "host", "cuda")
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -55,9 +55,10 @@ class SparseAdamW(torch.optim.Optimizer):
       caller assigns to ``.grad`` directly are still used. Single process only:
       DDP and FSDP hand gradients over in their own hooks, which this does not
       coordinate with.
-    - ``backend`` ("auto", "reference" or "ext"): "ext" runs the compiled
-      kernel (CUDA kernel for CUDA params, its host build for CPU params);
-      "reference" the plain-torch path; "auto" the kernel where it applies
+    - ``backend`` ("auto", "reference", "host" or "cuda"; the names of
+      :func:`gallop_kernels.backends`): "host" runs the compiled kernel's CPU
+      build on CPU params, "cuda" the CUDA kernel on CUDA params (a parameter on
+      the other device raises); "reference" the plain-torch path; "auto" the kernel where it applies
       (fp32/bf16/fp16, contiguous) and the reference path otherwise, but never
       the reference path for CUDA params when the extension is missing: that
       raises. All backends keep the same state and state_dict format, so a run
@@ -98,8 +99,11 @@ class SparseAdamW(torch.optim.Optimizer):
         _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        if backend == "ext":
-            require_ext("SparseAdamW(backend='ext')")
+        if backend in ("host", "cuda"):
+            C = require_ext(f"SparseAdamW(backend={backend!r})")
+            if backend == "cuda" and not C.built_with_cuda:
+                raise RuntimeError("SparseAdamW(backend='cuda'): gallop_kernels._C was built without CUDA; "
+                                   "rebuild with nvcc on PATH (pip install --no-build-isolation -e .)")
         if master_weights not in (None, True, False):
             raise ValueError(f"master_weights must be None, True or False, got {master_weights!r}")
         if not isinstance(selection, Selection):
@@ -246,11 +250,15 @@ class SparseAdamW(torch.optim.Optimizer):
         if self.backend == "reference":
             return False
         lp, lg = local(p), local(g)
-        if self.backend == "ext":
+        if self.backend in ("host", "cuda"):
+            runs_on = "cpu" if self.backend == "host" else "cuda"
+            if lp.device.type != runs_on:
+                raise ValueError(f"parameter {name!r} is on {lp.device}, but backend={self.backend!r} runs on "
+                                 f"{runs_on} parameters only; use backend='auto'")
             if not _kernel.supports(lp, lg, compact):
                 raise ValueError(
                     f"parameter {name!r}: sparse AdamW kernel not supported: grad {lg.dtype}, param {lp.dtype}, "
-                    f"contiguous {lp.is_contiguous()}/{lg.is_contiguous()} (backend='ext' needs float32, bfloat16 "
+                    f"contiguous {lp.is_contiguous()}/{lg.is_contiguous()} (the kernel needs float32, bfloat16 "
                     f"or float16, contiguous); use backend='auto' or 'reference'"
                 )
             return True
