@@ -16,9 +16,8 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .choices import MODES
 from .tasks import Example
-
-MODES = ("generate", "loglik")
 
 
 def extract_answer(reply: str, labels: list[str]) -> int | None:
