@@ -499,8 +499,9 @@ def test_command_line_error_has_no_traceback():
 # ~28 s on 2 idle CPU cores (a 135M model, 32 questions, 3 steps): not marked slow
 @needs_data
 @needs_builtin
-def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
+def test_builtin_model_beats_chance_gallop_lowers_loss_and_apply_round_trips(tmp_path, capsys):
     path = models.builtin_checkpoint(log=lambda *_: None)
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())  # not a GGUF model any more
     model, tok = models.load(path)
     tests = {n: tasks.load_task(n, 0, 16).test for n in ("piqa", "arc_easy")}
     res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False)["loglik"]
@@ -520,6 +521,16 @@ def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
     after = loss()
     assert after < 0.8 * before, (before, after)
     assert result.selected_zero is not None and result.trainable == round(0.01 * 134_515_008)
+
+    # gallop apply --base builtin rebuilds the tuned model bit for bit, in a folder transformers loads
+    saved = tmp_path / "delta.safetensors"
+    delta.save_delta(saved, delta.make_delta(model, result.selection, result.base_values))
+    merged = tmp_path / "merged"
+    assert cli.main(["apply", "--base", "builtin", "--delta", str(saved), "--out", str(merged)]) == 0, capsys.readouterr()
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    tuned = dict(model.named_parameters())
+    for n, p in rebuilt.named_parameters():
+        assert torch.equal(p, tuned[n]), n
 
 
 def _fake_run(method, rho, seed, id_acc, ood):
