@@ -80,6 +80,9 @@ def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, caps
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| gallop |" in printed and "elapsed" in printed
+    # a line per stage, with the time so far and what is left
+    assert "evaluated the vanilla model in" in printed and "then about the same time to evaluate" in printed
+    assert "s of evaluation left" in printed and "binomial standard error of up to" in printed
     report = json.loads((out / "report.json").read_text())
     assert set(report["summary"]) == {"generate", "loglik"}
     gen = report["summary"]["generate"]
@@ -561,3 +564,28 @@ def test_aggregate_gives_means_sds_and_binomial_errors(tmp_path):
     assert points["fft", None]["ood"] == pytest.approx(0.25) and points["fft", None]["ood_sd"] == pytest.approx(0.0707107)
     report.pareto_plot(runs, "loglik", tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_evaluation_progress_counts_questions(tiny_dir, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, total=None, unit="it", **kwargs):
+            self.total, self.unit, self.done = total, unit, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluate, "tqdm", Bar)
+    model, tok = models.load(tiny_dir)
+    tests = {"piqa": tasks.load_task("piqa", 0, 5).test}
+    evaluate.evaluate_tasks(model, tok, tests, modes=("generate",), batch_size=2, max_new_tokens=2)
+    evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), batch_size=2)
+    generate, loglik = bars
+    assert (generate.unit, generate.total, generate.done) == ("question", 5, 5)  # not 3 batches
+    assert (loglik.unit, loglik.total, loglik.done) == ("choice", 10, 10)  # 2 choices per PIQA question
