@@ -4,8 +4,8 @@ Expected failures (GallopError: bad input, a missing file or package, an unwrita
 with one line on stderr (``gallop: error: ...``) and exit status 2; any other exception is a bug
 and keeps its traceback. Every option is checked and the output folder probed before any slow
 work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
-``--help`` and argument errors answer at once. Outputs are written to a temporary folder next to
-``--out`` and renamed at the end; a run that fails removes what it created.
+``--help`` and argument errors answer at once. Outputs go through output.OutputFolder: a
+temporary folder next to ``--out``, renamed at the end, removed when the run fails.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from . import models, tasks
 from ..criteria import CRITERIA
 from .choices import BASELINES, METHODS, MODES
 from .errors import GallopError
+from .output import OutputFolder
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
 FINETUNE_MODULES = ("transformers", "datasets", "accelerate", "gguf", "peft", "safetensors", "tqdm", "matplotlib")
@@ -222,86 +221,6 @@ def _check_inputs(args) -> None:
         tasks.load_jsonl(args.data)
     elif getattr(args, "task", None) is not None:
         tasks.check_task(args.task)
-
-
-class OutputFolder:
-    """A run's output folder: a temporary folder next to it while the run writes, renamed at the end.
-
-    Created and probed (a file made and removed) on entry, before any slow work; GallopError
-    names the path when that fails. ``final`` must be new or an empty folder. On an exception
-    the temporary folder and the parent folders it created are removed, so a failed run leaves
-    nothing behind.
-    """
-
-    def __init__(self, final: str | Path):
-        self.final = Path(final)
-        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
-        self._made: list[Path] = []
-
-    def __enter__(self) -> OutputFolder:
-        if self.final.exists():
-            if not self.final.is_dir() or any(self.final.iterdir()):
-                raise GallopError(f"--out {self.final} already exists and is not an empty folder; choose a new one")
-            self._probe(self.final)  # the rename at the end replaces it
-        try:
-            self._mkdirs(self.final.parent)
-            self.path.mkdir()
-            self._made.append(self.path)
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot create {e.filename or self.path}: {e.strerror}") from None
-        self._probe(self.path)
-        return self
-
-    def _mkdirs(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for f in reversed(missing):
-            f.mkdir()
-            self._made.append(f)
-
-    def _probe(self, folder: Path) -> None:
-        probe = folder / f".gallop-probe-{os.getpid()}"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot write to {folder}: {e.strerror}") from None
-
-    def write_text(self, name: str, text: str) -> None:
-        """Write the file ``name`` in the folder; GallopError names the path on failure."""
-        try:
-            (self.path / name).write_text(text)
-        except OSError as e:
-            raise GallopError(f"cannot write {self.final / name}: {e.strerror}") from None
-
-    def _remove(self) -> None:
-        for f in reversed(self._made):
-            if f == self.path:
-                shutil.rmtree(f, ignore_errors=True)
-            else:
-                _rmdir_if_empty(f)
-        self._made = []
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is not None:
-            self._remove()
-            return
-        try:
-            os.replace(self.path, self.final)
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot rename {self.path} to {self.final}: {e.strerror}") from None
-
-
-def _rmdir_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # not empty: something else wrote there meanwhile, keep it
 
 
 def _out_path(args) -> Path:
