@@ -348,7 +348,8 @@ def test_estimate_gradients_is_the_mean_of_batch_gradients():
         (["apply", "--base", "/no/such/dir", "--delta", "/no/such/x", "--out", "y"], "not a readable safetensors"),
         (["compare", "--methods", "gallop,sgd"], "unknown method 'sgd'"),
         (["finetune", "--grad-fraction", "0"], "argument --grad-fraction: must be in (0, 1], got 0.0"),
-        (["finetune", "--eps", "-1"], "argument --eps: eps must be >= 0, got -1.0"),
+        (["finetune", "--eps", "-1"], "argument --eps: eps must be > 0, got -1.0"),
+        (["finetune", "--eps", "0"], "argument --eps: eps must be > 0, got 0.0"),
         (["finetune", "--eps", "nan"], "argument --eps: eps must be finite"),
         (["finetune", "--lr", "0"], "argument --lr: the learning rate must be positive"),
         (["finetune", "--seed", "-2"], "argument --seed: expected a seed"),
@@ -433,7 +434,7 @@ def test_bad_option_fails_fast_and_leaves_nothing(no_model_load, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # the default --out is gallop-runs/... here
     t0 = time.perf_counter()
     assert cli.main(["finetune", "--eps", "-1"]) == 2
-    assert "eps must be >= 0" in _error_line(capsys)
+    assert "eps must be > 0" in _error_line(capsys)
     assert cli.main(["apply", "--delta", str(tmp_path / "none.safetensors"), "--out", "merged"]) == 2
     assert "not a readable safetensors" in _error_line(capsys)
     assert list(tmp_path.iterdir()) == []

