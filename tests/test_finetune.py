@@ -460,6 +460,22 @@ def test_failed_run_removes_its_folder_and_the_parents_it_made(tiny_dir, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_data
+def test_write_error_is_one_line_naming_the_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out),
+                     *FEW]) == 2
+    assert f"cannot write {out}/delta.safetensors: Error while serializing" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Only GallopError is reported as one line: any other exception is a bug and propagates."""
     def bug(*args, **kwargs):

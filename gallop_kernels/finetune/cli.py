@@ -241,7 +241,8 @@ def cmd_finetune(args) -> None:
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed}
         delta = make_delta(job.model, result.selection, result.base_values, info)
-        report["delta_bytes"] = save_delta(out.path / "delta.safetensors", delta)
+        with out.writing("delta.safetensors") as path:
+            report["delta_bytes"] = save_delta(path, delta)
         report["delta_exact_weights"] = sum(int(t.exact_at.numel()) for t in delta.tensors.values())
         out.write_text("report.json", json.dumps(report, indent=1))
         tables = []
@@ -274,7 +275,8 @@ def cmd_compare(args) -> None:
         for mode in job.modes:
             tables.append(f"### {mode} mode, accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
                           f"SE: binomial standard error)\n\n" + compare_table(reports, mode))
-            pareto_plot(reports, mode, out.path / f"pareto-{mode}.png")
+            with out.writing(f"pareto-{mode}.png") as png:
+                pareto_plot(reports, mode, png)
         summary = {mode: aggregate(reports, mode) for mode in job.modes}
         out.write_text("compare.json", json.dumps({"runs": reports, "summary": summary}, indent=1))
         out.write_text("compare.md", "\n\n".join(tables) + "\n")
@@ -296,11 +298,9 @@ def cmd_apply(args) -> None:
                 check_delta(model, delta)
         for delta in deltas:
             apply_delta(model, delta, force=args.force or together, subtract=args.subtract)
-        try:
-            model.save_pretrained(out.path)
-            tokenizer.save_pretrained(out.path)
-        except OSError as e:
-            raise GallopError(f"cannot write the merged model to {args.out}: {e}") from None
+        with out.writing("") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     n = sum(d.num_weights for d in deltas)
     what = ", ".join(f"{d.info.get('criterion', '?')} on {d.info.get('task', '?')}" for d in deltas)
     print(f"{'removed' if args.subtract else 'applied'} {n:,} weights ({what}) -> {args.out}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import GallopError
@@ -56,12 +58,18 @@ class OutputFolder:
             self._remove()
             raise GallopError(f"cannot write to {folder}: {e.strerror}") from None
 
-    def write_text(self, name: str, text: str) -> None:
-        """Write the file ``name`` in the folder; GallopError names the path on failure."""
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """The temporary path of ``name`` to write to; an OSError while writing becomes GallopError naming it."""
         try:
-            (self.path / name).write_text(text)
+            yield self.path / name
         except OSError as e:
-            raise GallopError(f"cannot write {self.final / name}: {e.strerror}") from None
+            raise GallopError(f"cannot write {self.final / name}: {e.strerror or e}") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write the text file ``name`` in the folder; GallopError names the path on failure."""
+        with self.writing(name) as path:
+            path.write_text(text)
 
     def _remove(self) -> None:
         for f in reversed(self._made):

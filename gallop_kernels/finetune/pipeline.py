@@ -145,6 +145,10 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     from .train import finetune
 
     clock = Clock(log)
+    if not cfg.progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
     path = models.resolve(cfg.model, log)
     job_data = load_job_data(id_task, data, cfg)
     model, tokenizer = models.load(path)
