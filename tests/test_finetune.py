@@ -108,6 +108,17 @@ def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, caps
         moved += int((p != b).sum())
     assert 0 < moved <= result.selection.num_selected
 
+    # the merged model is not the delta's base: refused (one line naming --force), then forced;
+    # --subtract takes the delta off again, bit for bit
+    d = str(out / "delta.safetensors")
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "twice")]) == 2
+    assert "--force" in _error_line(capsys) and not (tmp_path / "twice").exists()
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "twice"), "--force"]) == 0
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "off"), "--subtract"]) == 0
+    assert "removed" in capsys.readouterr().out
+    for (n, p), (_, b) in zip(models.load(tmp_path / "off")[0].named_parameters(), base.named_parameters()):
+        assert torch.equal(p, b), n
+
 
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
