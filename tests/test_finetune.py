@@ -448,7 +448,10 @@ def test_bad_option_fails_fast_and_leaves_nothing(no_model_load, tmp_path, monke
     assert "eps must be > 0" in _error_line(capsys)
     assert cli.main(["apply", "--delta", str(tmp_path / "none.safetensors"), "--out", "merged"]) == 2
     assert "not a readable safetensors" in _error_line(capsys)
-    assert list(tmp_path.iterdir()) == []
+    delta.save_delta(tmp_path / "d.safetensors", delta.make_delta(torch.nn.Linear(2, 2), {}, {}))
+    assert cli.main(["apply", "--base", str(tmp_path / "nope"), "--delta", "d.safetensors", "--out", "merged"]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
     assert time.perf_counter() - t0 < 10
 
 

@@ -215,12 +215,20 @@ def _job_config(args):
 def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
     require_finetune_extra()
-    if args.model != models.BUILTIN:
-        models.resolve(args.model)
+    _check_model(args.model)
     if getattr(args, "data", None) is not None:
         tasks.load_jsonl(args.data)
     elif getattr(args, "task", None) is not None:
         tasks.check_task(args.task)
+
+
+def _check_model(name: str) -> None:
+    """ModelError now, not after the output folder is made, for a model folder that is not one.
+
+    The built-in model is resolved later: the first time, that converts it (slow).
+    """
+    if name != models.BUILTIN:
+        models.resolve(name)
 
 
 def _out_path(args) -> Path:
@@ -290,6 +298,7 @@ def cmd_apply(args) -> None:
     from .delta import apply_delta, check_delta, load_delta
 
     deltas = [load_delta(path) for path in args.delta]
+    _check_model(args.base)
     with OutputFolder(args.out) as out:
         model, tokenizer = models.load(models.resolve(args.base))
         together = len(deltas) > 1 and not args.subtract and not args.force
