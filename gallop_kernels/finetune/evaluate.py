@@ -16,9 +16,8 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .choices import MODES
 from .tasks import Example
-
-MODES = ("generate", "loglik")
 
 
 def extract_answer(reply: str, labels: list[str]) -> int | None:
@@ -52,7 +51,8 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     replies = [""] * len(ids)
     pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(order), desc=desc, unit="question", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, mask = _left_pad([ids[i] for i in chunk], pad)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -60,6 +60,8 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             replies[i] = text
+        bar.update(len(chunk))
+    bar.close()
     return replies
 
 
@@ -86,7 +88,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         seqs.append(((c + t)[-max_len:], min(len(t), max_len - 1)))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [0.0] * len(seqs)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(order), desc=desc, unit="choice", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(seqs[i][0]) for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -100,6 +103,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
             s, n_cont = seqs[i]
             pos = torch.arange(len(s) - n_cont, len(s))
             out[i] = float(logp[row, pos - 1, ids[row, pos]].sum())
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 

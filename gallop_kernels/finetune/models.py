@@ -9,11 +9,10 @@ plain config and cached as an ordinary checkpoint, which reloads in ~1 s.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 from .errors import GallopError
 
@@ -67,8 +66,10 @@ def builtin_checkpoint(log=print) -> Path:
     """The cached plain Llama checkpoint of SmolLM2-135M-Instruct, converted from the GGUF when missing."""
     target = cache_dir() / f"smollm2-135m-instruct-{SMOLLM2_VERSION}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        drop_gguf_config(target)  # caches written before this fix still carry it
         return target
     gguf = smollm2_gguf()
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     log(f"converting {gguf.name} to a Llama checkpoint in {target} (once, ~30 s)")
@@ -81,9 +82,25 @@ def builtin_checkpoint(log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    drop_gguf_config(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def drop_gguf_config(folder: Path) -> None:
+    """Remove the GGUF ``quantization_config`` the copied config carries from ``folder/config.json``.
+
+    With it, transformers treats the plain float checkpoint as GGUF-quantized and refuses to
+    ``save_pretrained`` any model loaded from it (so ``gallop apply`` could not write its result).
+    """
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is None:
+        return
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a reader sees the old or the new file, never half of one
 
 
 def resolve(model: str, log=print) -> Path:
@@ -98,13 +115,15 @@ def resolve(model: str, log=print) -> Path:
     return path
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from a checkpoint folder; the tokenizer pads on the left for generation."""
+def load(path: str | Path, dtype=None):
+    """(model in eval mode, tokenizer) from a checkpoint folder, float32 unless ``dtype`` says otherwise;
+    the tokenizer pads on the left for generation."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a causal LM from {str(path)!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:

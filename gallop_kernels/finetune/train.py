@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
-from ..reference import CRITERIA, GRADIENT_CRITERIA
+from ..reference import GRADIENT_CRITERIA
+from .choices import METHODS
+from .delta import selected_values
 from .tasks import Example
 
-BASELINES = ("fft", "lora")
-METHODS = CRITERIA + BASELINES
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
 
 
@@ -58,6 +58,8 @@ class TrainResult:
     selection: object = None
     selected_zero: int | None = None
     """How many selected weights were exactly 0 in the base model (sparse methods)."""
+    base_values: dict | None = None
+    """The selected weights' values before training (sparse methods): what a delta is the difference from."""
     extra: dict = field(default_factory=dict)
 
 
@@ -177,13 +179,14 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
     del grads
     zeros = count_selected_zeros(model, sel)
+    base = selected_values(model, sel)
     grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
-    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros)
+    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
 
 
 def train_full(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True) -> TrainResult:
@@ -195,18 +198,20 @@ def train_full(model, batches: list[dict], cfg: TrainConfig, log=print, progress
     return TrainResult("fft", losses, sum(p.numel() for p in params))
 
 
-def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True):
-    """LoRA (peft) on the attention and MLP projections; returns (merged model, result)."""
+def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
+    """LoRA (peft) on the attention and MLP projections, or DoRA with ``use_dora``; returns (merged model, result)."""
     from peft import LoraConfig, get_peft_model
 
+    method = "dora" if use_dora else "lora"
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        use_dora=use_dora,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = train_loop(peft_model, opt, lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip), batches, cfg,
-                        log, progress, "lora")
-    return peft_model.merge_and_unload(), TrainResult("lora", losses, sum(p.numel() for p in params))
+                        log, progress, method)
+    return peft_model.merge_and_unload(), TrainResult(method, losses, sum(p.numel() for p in params))
 
 
 def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConfig, log=print, progress: bool = True):
@@ -220,8 +225,8 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed)
     if method == "fft":
         return model, train_full(model, batches, cfg, log, progress)
-    if method == "lora":
-        return train_lora(model, batches, cfg, log, progress)
+    if method in ("lora", "dora"):
+        return train_lora(model, batches, cfg, log, progress, use_dora=method == "dora")
     n_grad = max(1, round(cfg.grad_fraction * len(train)))
     grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
                                 cfg.max_len, cfg.seed + 1)
