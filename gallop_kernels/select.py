@@ -201,15 +201,23 @@ def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] 
         raise ValueError(f"parameter {name!r} has no gradient: {where}")
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"grads[{name!r}] must be a tensor, got {type(g).__name__}")
-    if g.shape != p.shape:
-        raise ValueError(f"parameter {name!r}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
-    if g.device != p.device:
-        raise ValueError(f"parameter {name!r}: gradient on {g.device} but parameter on {p.device}")
-    if g.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-    if g.is_sparse:
-        raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+    check_grad(name, p, g)
     return g
+
+
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise, naming the parameter, unless ``grad`` is a dense gradient of ``param``'s
+    shape and device in a supported dtype (select_mask and SparseAdamW both check this)."""
+    if grad.is_sparse:
+        raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
+    if grad.shape != param.shape:
+        raise ValueError(f"parameter {name!r}: gradient shape {tuple(grad.shape)} != parameter shape {tuple(param.shape)}")
+    if grad.device != param.device:
+        raise ValueError(f"parameter {name!r}: gradient on {grad.device} but parameter on {param.device}")
+    if grad.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"parameter {name!r}: gradient dtype {grad.dtype} is not supported; expected one of {SUPPORTED_DTYPES}"
+        )
 
 
 def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool):

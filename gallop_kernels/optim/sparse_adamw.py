@@ -20,7 +20,7 @@ from .._ext import _C, require_ext
 from ..distributed import gather, is_dtensor, local
 from ..ops import sparse_adamw as _kernel
 from ..reference import SUPPORTED_DTYPES
-from ..select import Selection
+from ..select import Selection, check_grad
 from . import compact_grads as _compact
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
@@ -309,15 +309,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 continue
             name, is_compact = self._names[p], bool(compact and compact[i])
             if not is_compact:
-                if g.is_sparse:
-                    raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
-                if g.shape != local(p).shape or g.device != local(p).device:
-                    raise ValueError(
-                        f"parameter {name!r}: gradient {tuple(g.shape)} on {g.device} does not match "
-                        f"parameter {tuple(local(p).shape)} on {local(p).device}"
-                    )
-                if g.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"parameter {name!r}: gradient dtype {g.dtype} is not supported")
+                check_grad(name, local(p), g)
             work.append((i, p, g, is_compact, self._use_kernel(name, p, g, is_compact)))
         rows: dict[torch.device, list] = {}
         positions: dict[torch.device, dict] = {}
