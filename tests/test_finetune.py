@@ -150,13 +150,35 @@ def test_compare_writes_tables_json_and_plot(tiny_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_extract_answer_takes_the_first_label_word():
+def test_protocol_extraction_is_llm_adapters():
+    arc, boolq = ["answer1", "answer2", "answer3", "answer4"], ["true", "false"]
+    ex = lambda reply, labels: evaluate.extract_answer(reply, labels, "protocol")  # noqa: E731
+    assert ex("the correct answer is answer2", arc) == 1
+    assert ex("answer3, not answer1", arc) == 2  # the first match wins
+    assert ex("Answer3", arc) is None  # case matters
+    assert ex("the answer is 2", arc) is None  # no label word: wrong
+    assert ex("answer12", arc) == 0  # no word boundaries in the protocol's regex: "answer1" matches
+    assert ex("answer5", arc) is None  # a word of the family that is no choice of this question: wrong
+    assert ex("answer5 or answer2", arc) is None  # ... and it still comes first
+    assert ex("the correct answer is answer2", boolq) is None  # another task's word: no answer
+    assert ex("answer2, so false", boolq) == 1  # BoolQ's regex is true|false only
+    assert ex("True.", boolq) is None and ex("untrue", boolq) == 0
+    assert ex("option2", ["option1", "option2"]) == 1 and ex("solution1", ["solution1", "solution2"]) == 0
+    assert ex("ending4", [f"ending{i}" for i in range(1, 5)]) == 3
+    many = [f"answer{i}" for i in range(1, 12)]  # a custom task with 11 choices
+    assert ex("answer11", many) == 10 and ex("answer1", many) == 0
+    with pytest.raises(ValueError, match="extraction rule"):
+        evaluate.extract_answer("x", arc, "fuzzy")
+
+
+def test_lenient_extraction_keeps_the_old_rule():
     labels = ["answer1", "answer2", "answer3"]
-    assert evaluate.extract_answer("the correct answer is answer2", labels) == 1
-    assert evaluate.extract_answer("Answer3, not answer1", labels) == 2
-    assert evaluate.extract_answer("the answer is 2", labels) is None  # not in the format: wrong
-    assert evaluate.extract_answer("answer12", labels) is None
-    assert evaluate.extract_answer("True.", ["true", "false"]) == 0
+    ex = lambda reply, labels: evaluate.extract_answer(reply, labels, "lenient")  # noqa: E731
+    assert ex("the correct answer is answer2", labels) == 1
+    assert ex("Answer3, not answer1", labels) == 2
+    assert ex("the answer is 2", labels) is None
+    assert ex("answer12", labels) is None
+    assert ex("True.", ["true", "false"]) == 0
 
 
 @needs_data
@@ -171,25 +193,69 @@ def test_split_is_fixed_and_disjoint():
         assert len(ex.loglik) == len(ex.choices)
 
 
-def test_estimate_gradients_is_the_mean_of_batch_gradients():
+class _Wrap(torch.nn.Module):
+    """A module whose forward returns an object with a ``loss``, as Hugging Face models do."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return type("Out", (), {"loss": self.lin(x).pow(2).mean()})()
+
+
+@pytest.mark.parametrize("dtype, accum, expect", [
+    (torch.float32, None, torch.float32),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, None, torch.bfloat16),  # summed in .grad, the weight's dtype
+    (torch.bfloat16, torch.float32, torch.float32),
+])
+def test_estimate_gradients_is_the_mean_of_batch_gradients(dtype, accum, expect):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    xs = [torch.randn(3, 4) for _ in range(3)]
+    model = torch.nn.Linear(4, 3).to(dtype)
+    xs = [torch.randn(5, 4, dtype=dtype) for _ in range(3)]
+    wrap = _Wrap(model)
+    grads = train.estimate_gradients(wrap, ({"x": x} for x in xs), accum_dtype=accum, progress=False)  # a generator works
+    expected = sum(torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0].double() for x in xs) / 3
+    assert grads["lin.weight"].dtype == expect and grads["lin.weight"].shape == model.weight.shape
+    tol = 1e-6 if expect == torch.float32 and dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads["lin.weight"].double(), expected, rtol=tol, atol=tol)
+    assert model.weight.grad is None and model.bias.grad is None
 
-    class Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = model
 
-        def forward(self, x):
-            return type("Out", (), {"loss": self.lin(x).pow(2).mean()})()
+@needs_data
+def test_beam_and_greedy_decoding_run(tiny_dir):
+    model, tok = models.load(tiny_dir)
+    exs = tasks.load_task("piqa", 0, 3).test
+    greedy = evaluate.generate_replies(model, tok, exs, decode="greedy", max_new_tokens=6, progress=False)
+    beam = evaluate.generate_replies(model, tok, exs[:1], decode="beam", max_new_tokens=6, progress=False)
+    assert len(greedy) == 3 and all(isinstance(r, str) for r in greedy)
+    ids = torch.tensor([tok(exs[0].prompt(), add_special_tokens=False)["input_ids"]])
+    direct = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=4,
+                            do_sample=False, pad_token_id=tok.pad_token_id)
+    assert beam[0] == tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
+    res = evaluate.evaluate_tasks(model, tok, {"piqa": exs}, modes=("generate",), progress=False, decode="greedy",
+                                  extract="lenient", max_new_tokens=6)["generate"]["piqa"]
+    assert 0 <= res["acc"] <= 1 and len(res["replies"]) == 3
 
-    wrap = Wrap()
-    grads = train.estimate_gradients(wrap, ({"x": x} for x in xs), progress=False)  # a generator works
-    expected = sum(torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0] for x in xs) / 3
-    assert grads["lin.weight"].dtype == torch.float32
-    torch.testing.assert_close(grads["lin.weight"], expected)
-    assert model.weight.grad is None
+
+@needs_data
+@pytest.mark.parametrize("target", tasks.TARGETS)
+def test_loglik_scores_what_training_teaches(tiny_dir, target):
+    """Trained to pick the choice the untrained model least picks, its log-likelihood picks it on unseen questions."""
+    model, tok = models.load(tiny_dir)
+    data = tasks.load_task("arc_easy", 24, 8)
+    if target == "text":  # the same two choice texts every time, so that the text is what is learnt
+        shape = lambda e, a: tasks.Example(e.question, ["no", "yes"], a, ["answer1", "answer2"], e.instruction,  # noqa: E731
+                                           [(e.loglik[0][0], " no"), (e.loglik[0][0], " yes")])
+    else:
+        shape = lambda e, a: tasks.Example(e.question, e.choices, a, e.labels, e.instruction, e.loglik)  # noqa: E731
+    acc = lambda exs: evaluate.accuracy_loglik(model, tok, exs, target=target, progress=False)["acc"]  # noqa: E731
+    before, answer = min((acc([shape(e, a) for e in data.test]), a) for a in (0, 1))
+    assert before <= 0.5
+    cfg = train.TrainConfig(steps=25, batch_size=8, lr=3e-3, warmup=2, max_len=160, log_every=0, target=target)
+    train.finetune(model, tok, [shape(e, answer) for e in data.train], "fft", cfg, log=lambda *_: None, progress=False)
+    assert acc([shape(e, answer) for e in data.test]) == 1.0
 
 
 @needs_data
@@ -251,7 +317,7 @@ def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
     path = models.builtin_checkpoint(log=lambda *_: None)
     model, tok = models.load(path)
     tests = {n: tasks.load_task(n, 0, 16).test for n in ("piqa", "arc_easy")}
-    res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False)["loglik"]
+    res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False, target="text")["loglik"]
     chance = {"piqa": 1 / 2, "arc_easy": 1 / 4}
     assert sum(res[n]["acc"] for n in tests) > sum(chance.values()) + 0.1, res
 
