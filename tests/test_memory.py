@@ -109,3 +109,48 @@ def test_measured_master_weights_equal_the_plan_for_bf16():
 
     assert held("exp_avg", "exp_avg_sq") == plan.optimizer_state
     assert held("master_param") == plan.master_weights == 4 * sel.num_selected
+
+
+def test_preflight_refuses_what_does_not_fit_and_names_the_fix(monkeypatch):
+    from gallop_kernels.finetune import plan
+    from gallop_kernels.finetune.errors import GallopError
+    from gallop_kernels.finetune.train import TrainConfig
+
+    cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
+    run = TrainConfig(batch_size=8, max_len=256, rho=0.05)
+    need = plan.plan_row(cfg, "gallop", run, dtype).peak
+    assert "needs" in plan.preflight(cfg, "gallop", run, dtype, cpu, budget=need)
+    with_ckpt = plan.plan_row(cfg, "gallop", TrainConfig(batch_size=8, max_len=256, rho=0.05, gradient_checkpointing=True), dtype).peak
+    assert with_ckpt < need
+    with pytest.raises(GallopError) as e:
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=with_ckpt)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "does not fit on cpu" in msg and "short" in msg
+    assert "--gradient-checkpointing" in msg and "--batch-size" in msg
+    with pytest.raises(GallopError, match="none of --compact-grads"):
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=1000)
+    monkeypatch.setenv(plan.BUDGET_ENV, "1KiB")
+    assert plan.device_budget(cpu) == (1024, f"${plan.BUDGET_ENV}")
+    with pytest.raises(GallopError, match="short"):
+        plan.preflight(cfg, "fft", run, dtype, cpu)
+    monkeypatch.setenv(plan.BUDGET_ENV, "lots")
+    with pytest.raises(GallopError, match="expected bytes"):
+        plan.device_budget(cpu)
+
+
+def test_plan_prints_the_table_and_measures_on_cpu(tmp_path, capsys):
+    import argparse
+
+    from gallop_kernels.finetune import plan
+
+    _tiny_config().save_pretrained(tmp_path)
+    ap = argparse.ArgumentParser()
+    plan.add_arguments(ap)
+    plan.cmd_plan(ap.parse_args(["--model", str(tmp_path), "--device", "cpu", "--batch-size", "2", "--max-len", "16",
+                                 "--measure", "--measure-steps", "1"]))
+    out = capsys.readouterr().out
+    assert "| full FT (AdamW) | 65,328 |" in out and "| GaLLoP rho=0.01, compact grads |" in out
+    for method in plan.MEASURED:
+        assert f"| {method} |" in out
+    plan.cmd_plan(ap.parse_args(["--model", "llama3-8b", "--dtype", "bfloat16", "--batch-size", "1", "--max-len", "512"]))
+    assert "| full FT (AdamW) | 8,030,261,248 |" in capsys.readouterr().out
