@@ -4,12 +4,32 @@ select_mask scores every trainable weight (|g| / (|theta| + eps) by default) and
 keeps exactly round(rho * N) of them; SparseAdamW trains only those.
 """
 
-from ._env import backends
-from .memory import memory_plan
-from .optim import SparseAdamW
-from .reference import CRITERIA, SCOPES
-from .select import Selection, select_mask
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["CRITERIA", "SCOPES", "Selection", "SparseAdamW", "backends", "memory_plan", "select_mask", "__version__"]
+# name -> the module that defines it. The names load on first use (PEP 562), so importing the
+# package, as the `gallop` command does for --help and argument errors, does not import torch.
+_PUBLIC = {
+    "CRITERIA": ".criteria",
+    "SCOPES": ".reference",
+    "Selection": ".select",
+    "SparseAdamW": ".optim",
+    "backends": "._env",
+    "memory_plan": ".memory",
+    "select_mask": ".select",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
+from .criteria import CRITERIA, GRADIENT_CRITERIA  # noqa: F401 (GRADIENT_CRITERIA is re-exported)
 from .distributed import gather, scatter_
 
-CRITERIA = ("gallop", "saft", "pafi", "magnitude", "random")
-GRADIENT_CRITERIA = ("gallop", "saft")  # the others need no gradient
 SCOPES = ("global", "per_tensor")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

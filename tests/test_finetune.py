@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,8 @@ def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, caps
     # The same run through the API gives the tuned model; base + delta must equal it bit for bit.
     train_cfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, rho=0.05, max_len=128)
     job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False)
-    _, tuned, _, result, _ = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
+    run = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
+    tuned, result = run.model, run.train
     merged = tmp_path / "merged"
     assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(out / "delta.safetensors"), "--out", str(merged)]) == 0
     base, _ = models.load(tiny_dir)
@@ -105,50 +107,188 @@ def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, caps
     assert 0 < moved <= result.selection.num_selected
 
 
-def test_delta_round_trip_is_bit_exact_in_bf16(tmp_path):
+def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(dtype)
+
+
+def _tuned_delta(model, rho: float, seed: int, info=None):
+    """Select rho of ``model``'s weights at random, move every weight (the delta keeps the selected ones), return the delta.
+
+    Some weights move far (x1000 and across 0), so float32 cannot round-trip every difference.
+    """
     import gallop_kernels as gk
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sel = gk.select_mask(model, rho=0.2, criterion="random")
+    sel = gk.select_mask(model, rho=rho, criterion="random", seed=seed)
+    base = delta.selected_values(model, sel)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 1e-2)  # tuned: change everything, the delta keeps the selected only
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-2)
+            p.view(-1)[::7].mul_(-1000)
+    return sel, delta.make_delta(model, sel, base, info)
+
+
+def _copy(model, dtype=None) -> torch.nn.Module:
+    fresh = _two_layers(dtype or next(model.parameters()).dtype, seed=123)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_delta_applies_and_subtracts_bit_for_bit(dtype, tmp_path):
+    model = _two_layers(dtype)
+    base = _copy(model)
+    sel, d = _tuned_delta(model, 0.3, seed=1, info={"task": "t"})
+    assert all(t.diff.dtype == torch.float32 for t in d.tensors.values())
     path = tmp_path / "d.safetensors"
-    delta.save_delta(path, model, sel, {"criterion": "random"})
-    loaded, info = delta.load_delta(path)
-    assert info == {"criterion": "random"}
-    assert all(i.dtype == torch.long for i, _ in loaded.values())
-    fresh = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
-    with torch.no_grad():
-        for n, p in fresh.named_parameters():
-            p.copy_(base[n])
-    delta.apply_delta(fresh, loaded)
+    delta.save_delta(path, d)
+    loaded = delta.load_delta(path)
+    assert loaded.info == {"task": "t"} and loaded.base_fingerprint == d.base_fingerprint
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith(".indices")} == {torch.int32}
+    merged = _copy(base)
+    delta.apply_delta(merged, loaded)
     masks = sel.masks()
-    for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
-        assert torch.equal(q[masks[n]], p[masks[n]]), n
-        assert torch.equal(q[~masks[n]], base[n][~masks[n]]), n
+    for (n, p), (_, q), (_, b) in zip(model.named_parameters(), merged.named_parameters(), base.named_parameters()):
+        assert torch.equal(q[masks[n]].view(-1), p[masks[n]].view(-1)), n  # the tuned values, bit for bit
+        assert torch.equal(q[~masks[n]], b[~masks[n]]), n  # nothing else moved
+    delta.apply_delta(merged, loaded, subtract=True)
+    for (n, q), (_, b) in zip(merged.named_parameters(), base.named_parameters()):
+        assert torch.equal(q, b), n
+    exact = sum(t.exact_at.numel() for t in d.tensors.values())
+    if dtype in (torch.bfloat16, torch.float16):
+        assert exact == 0  # the float32 difference of two 16-bit floats is exact
+    else:
+        assert exact > 0  # float32 cannot carry every difference: the exact values are stored
+
+
+def test_delta_refuses_another_base_unless_forced(tmp_path):
+    model = _two_layers(torch.float32)
+    other = _two_layers(torch.float32, seed=7)
+    _, d = _tuned_delta(model, 0.3, seed=1)
+    with pytest.raises(delta.DeltaError, match="not the base model.*--force"):
+        delta.apply_delta(other, d)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(delta.DeltaError, match="not the tuned model"):
+        delta.apply_delta(other, d, subtract=True)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())  # refused: nothing written
+    delta.apply_delta(other, d, force=True)
+    assert any(not torch.equal(p, before[n]) for n, p in other.named_parameters())
+    with pytest.raises(delta.DeltaError, match="shape"):
+        delta.apply_delta(torch.nn.Sequential(torch.nn.Linear(16, 9), torch.nn.Linear(9, 4)), d)
+
+
+def test_two_deltas_that_share_weights_add_up():
+    base = _two_layers(torch.bfloat16)
+    task_a, task_b = _copy(base), _copy(base)
+    sel_a, da = _tuned_delta(task_a, 0.2, seed=1)
+    sel_b, db = _tuned_delta(task_b, 0.2, seed=2)
+    ma, mb = sel_a.masks(), sel_b.masks()
+    assert any((ma[n] & mb[n]).any() for n in ma)  # they share weights
+    both = _copy(base)
+    delta.apply_delta(both, da)
+    with pytest.raises(delta.DeltaError, match="shares weights"):
+        delta.apply_delta(both, db)  # b's base values at the shared weights are gone
+    delta.check_delta(base, db)  # checked against the base instead, as `gallop apply --delta A B` does
+    delta.apply_delta(both, db, force=True)
+    for (n, b), (_, q), (_, a), (_, t) in zip(base.named_parameters(), both.named_parameters(),
+                                               task_a.named_parameters(), task_b.named_parameters()):
+        only_a, only_b = ma[n] & ~mb[n], mb[n] & ~ma[n]
+        assert torch.equal(q[only_a], a[only_a]) and torch.equal(q[only_b], t[only_b]), n
+        shared = ma[n] & mb[n]  # both differences added, each rounded to bf16
+        expected = ((b.float() + (a.float() - b.float())).bfloat16().float() + (t.float() - b.float())).bfloat16()
+        assert torch.equal(q[shared], expected[shared]), n
+        assert torch.equal(q[~(ma[n] | mb[n])], b[~(ma[n] | mb[n])]), n
+    with pytest.raises(delta.DeltaError, match="not the tuned model"):
+        delta.apply_delta(both, db, subtract=True)  # the shared weights hold neither task's tuned values
+    delta.apply_delta(both, db, subtract=True, force=True)
+    delta.apply_delta(both, da, subtract=True, force=True)
+    for (n, q), (_, b) in zip(both.named_parameters(), base.named_parameters()):
+        shared = ma[n] & mb[n]
+        assert torch.equal(q[~shared], b[~shared]), n  # exact wherever the deltas do not overlap
+        torch.testing.assert_close(q[shared], b[shared], rtol=0.05, atol=0.05)  # up to the rounding of each step
+
+
+def test_disjoint_deltas_apply_one_after_the_other():
+    base = _two_layers(torch.float32)
+    task_a, task_b = _copy(base), _copy(base)
+    sel_a, da = _tuned_delta(task_a, 0.2, seed=1)
+    # b selects only weights a did not: its fingerprint covers only its own indices, so it still matches
+    import gallop_kernels as gk
+
+    grads = {n: (~m).float() for n, m in sel_a.masks().items()}
+    sel_b = gk.select_mask(task_b, grads, rho=0.2, criterion="saft")
+    base_b = delta.selected_values(task_b, sel_b)
+    with torch.no_grad():
+        for p in task_b.parameters():
+            p.add_(0.5)
+    db = delta.make_delta(task_b, sel_b, base_b)
+    both = _copy(base)
+    delta.apply_delta(both, da)
+    delta.apply_delta(both, db)
+    ma, mb = sel_a.masks(), sel_b.masks()
+    for (n, q), (_, a), (_, t) in zip(both.named_parameters(), task_a.named_parameters(), task_b.named_parameters()):
+        assert not (ma[n] & mb[n]).any()
+        assert torch.equal(q[ma[n]], a[ma[n]]) and torch.equal(q[mb[n]], t[mb[n]]), n
+    delta.apply_delta(both, da, subtract=True)  # disjoint deltas come off in any order, bit for bit
+    delta.apply_delta(both, db, subtract=True)
+    assert all(torch.equal(q, b) for (_, q), (_, b) in zip(both.named_parameters(), base.named_parameters()))
+
+
+def test_damaged_delta_file_is_one_error(tmp_path):
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(delta.DeltaError, match="not a readable safetensors"):
+        delta.load_delta(path)
+
+
+def test_drop_gguf_config_repairs_a_cached_config(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 8, "quantization_config": {"quant_method": "gguf"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    models.drop_gguf_config(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama", "hidden_size": 8}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    models.drop_gguf_config(tmp_path)  # nothing to drop: unchanged
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama", "hidden_size": 8}
 
 
 @needs_data
-def test_compare_writes_tables_json_and_plot(tiny_dir, tmp_path, capsys):
+def test_compare_sweeps_densities_and_seeds_with_means_and_sds(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,pafi,lora,fft",
-            "--eval-tasks", "winogrande,boolq", "--out", str(out), *FEW]
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,pafi,lora,dora,fft",
+            "--rhos", "0.01", "0.05", "--seeds", "0", "1", "--eval-tasks", "winogrande,boolq", "--out", str(out), *FEW,
+            "--eval-mode", "loglik", "--n-eval", "6"]
     assert cli.main(args) == 0
-    runs = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in runs] == ["gallop", "pafi", "lora", "fft"]
+    report = json.loads((out / "compare.json").read_text())
+    runs = report["runs"]
+    # every sparse method at every density and seed, the dense ones once per seed
+    assert sorted((r["method"], r["rho"], r["seed"]) for r in runs) == sorted(
+        [(m, rho, seed) for m in ("gallop", "pafi") for rho in (0.01, 0.05) for seed in (0, 1)]
+        + [(m, None, seed) for m in ("lora", "dora", "fft") for seed in (0, 1)])
     total = sum(p.numel() for p in models.load(tiny_dir)[0].parameters())
-    trainable = {r["method"]: r["trainable"] for r in runs}
-    assert trainable["fft"] == total and trainable["gallop"] == trainable["pafi"] == round(0.01 * total)
-    assert 0 < trainable["lora"] < total
+    trainable = {(r["method"], r["rho"]): r["trainable"] for r in runs}
+    assert trainable["fft", None] == total and trainable["gallop", 0.05] == trainable["pafi", 0.05] == round(0.05 * total)
+    assert 0 < trainable["lora", None] < trainable["dora", None] < total  # DoRA adds a magnitude vector
+    rows = {(a["method"], a["rho"]): a for a in report["summary"]["loglik"]}
+    spread = 0
+    for (m, rho), a in rows.items():
+        accs = [r["summary"]["loglik"]["id_acc"] for r in runs if (r["method"], r["rho"]) == (m, rho)]
+        assert a["seeds"] == [0, 1] and a["id_acc"] == pytest.approx(sum(accs) / 2)
+        assert a["id_acc_sd"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)  # sample sd of two values
+        p = a["id_acc"]
+        assert a["id_se"] == pytest.approx((p * (1 - p) / 6) ** 0.5)  # 6 winogrande questions
+        spread += a["id_acc_sd"] + a["id_se"]
+    assert spread > 0  # the checks above saw numbers, not only zeros
     table = (out / "compare.md").read_text()
-    for m in ("vanilla", "gallop", "pafi", "lora", "fft"):
-        assert f"| {m} | winogrande |" in table
-    png = (out / "pareto-generate.png").read_bytes()
+    assert "| vanilla | - | winogrande |" in table and "| gallop | 0.05 | winogrande |" in table
+    assert "| dora | - | winogrande |" in table and " ± " in table
+    png = (out / "pareto-loglik.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["cmp"]  # the temporary folder was renamed
 
 
 def test_protocol_extraction_is_llm_adapters():
@@ -269,9 +409,16 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["finetune", "--rho", "1.5"], "rho must be in (0, 1]"),
         (["finetune", "--rho", "abc"], "rho must be a number"),
         (["finetune", "--model", "/no/such/dir"], "does not exist"),
-        (["apply", "--base", "/no/such/dir", "--delta", "x", "--out", "y"], "not a readable safetensors"),
+        (["apply", "--base", "/no/such/dir", "--delta", "/no/such/x", "--out", "y"], "not a readable safetensors"),
         (["compare", "--methods", "gallop,sgd"], "unknown method 'sgd'"),
-        (["finetune", "--grad-fraction", "0"], "--grad-fraction must be in (0, 1]"),
+        (["finetune", "--grad-fraction", "0"], "argument --grad-fraction: must be in (0, 1], got 0.0"),
+        (["finetune", "--eps", "-1"], "argument --eps: eps must be >= 0, got -1.0"),
+        (["finetune", "--eps", "nan"], "argument --eps: eps must be finite"),
+        (["finetune", "--lr", "0"], "argument --lr: the learning rate must be positive"),
+        (["finetune", "--seed", "-2"], "argument --seed: expected a seed"),
+        (["compare", "--rhos", "0.01", "2"], "argument --rhos/--rho: rho must be in (0, 1], got 2.0"),
+        (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
+        (["apply", "--delta", "x"], "the following arguments are required: --out"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):
@@ -302,6 +449,111 @@ def test_missing_model_config_and_data_file(tmp_path, capsys):
     assert "no config.json" in _error_line(capsys)
     assert cli.main(["finetune", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in _error_line(capsys)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Make loading or converting a model fail the test: a refused command must not get that far."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(models, "builtin_checkpoint", refuse)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path) -> Path:
+    """An existing empty folder this process cannot write to (root writes through chmod: then a sysfs folder)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    candidates = [folder] + [p for p in Path("/sys/kernel").glob("*") if p.is_dir()] if Path("/sys/kernel").is_dir() else [folder]
+    for c in candidates:
+        try:
+            if not c.is_dir() or any(c.iterdir()):
+                continue
+            (c / ".probe").write_bytes(b"")
+            (c / ".probe").unlink()
+        except OSError:
+            yield c
+            folder.chmod(0o755)
+            return
+    folder.chmod(0o755)
+    pytest.skip("no read-only empty folder found")
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_readonly_out_fails_fast_and_leaves_nothing(command, readonly_dir, no_model_load, tmp_path, capsys):
+    t0 = time.perf_counter()
+    before = sorted(readonly_dir.parent.iterdir())
+    assert cli.main([command, "--out", str(readonly_dir)]) == 2
+    assert f"cannot write to {readonly_dir}" in _error_line(capsys)
+    assert sorted(readonly_dir.parent.iterdir()) == before and not any(readonly_dir.iterdir())
+    assert time.perf_counter() - t0 < 10  # a guard against running the job, not a benchmark
+
+
+def test_bad_option_fails_fast_and_leaves_nothing(no_model_load, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out is gallop-runs/... here
+    t0 = time.perf_counter()
+    assert cli.main(["finetune", "--eps", "-1"]) == 2
+    assert "eps must be >= 0" in _error_line(capsys)
+    assert cli.main(["apply", "--delta", str(tmp_path / "none.safetensors"), "--out", "merged"]) == 2
+    assert "not a readable safetensors" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+    assert time.perf_counter() - t0 < 10
+
+
+def test_out_folder_that_is_not_empty_is_refused(tmp_path, no_model_load, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.json").write_text("{}")
+    assert cli.main(["finetune", "--out", str(tmp_path / "old")]) == 2
+    assert "already exists and is not an empty folder" in _error_line(capsys)
+
+
+@needs_data
+def test_failed_run_removes_its_folder_and_the_parents_it_made(tiny_dir, tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise models.ModelError("the disk is gone")
+
+    monkeypatch.setattr(models, "load", fail)
+    out = tmp_path / "runs" / "deep" / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--out", str(out), *FEW]) == 2
+    assert "the disk is gone" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only GallopError is reported as one line: any other exception is a bug and propagates."""
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "_check_inputs", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["finetune", "--out", str(tmp_path / "x")])
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_help_does_not_import_torch():
+    proc = _run_python("import sys\nfrom gallop_kernels.finetune import cli\n"
+                       "try:\n    cli.main(['finetune', '--help'])\nexcept SystemExit:\n    pass\n"
+                       "print(sorted(m for m in ('torch', 'transformers', 'tqdm', 'datasets', 'peft', 'matplotlib', "
+                       "'safetensors') if m in sys.modules))")
+    assert proc.returncode == 0, proc.stderr
+    assert "--criterion" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("module", ["tqdm", "transformers"])
+def test_missing_finetune_extra_names_it_in_one_line(module):
+    proc = _run_python(f"import sys\nsys.modules[{module!r}] = None\nfrom gallop_kernels.finetune import cli\n"
+                       "sys.exit(cli.main(['finetune', '--no-progress']))")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"gallop: error: gallop needs the finetune extra ({module} missing): pip install 'gallop_kernels[finetune]'"]
 
 
 def test_command_line_error_has_no_traceback():
@@ -335,6 +587,36 @@ def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
     after = loss()
     assert after < 0.8 * before, (before, after)
     assert result.selected_zero is not None and result.trainable == round(0.01 * 134_515_008)
+
+
+def _fake_run(method, rho, seed, id_acc, ood):
+    """A compare report entry with only what the tables and the plot read (loglik mode, 10 and 20 questions)."""
+    summary = {"id_acc": id_acc, "vanilla_id_acc": 0.25, "ood_acc": {"piqa": ood}, "vanilla_ood_acc": {"piqa": 0.5},
+               "mean_ood": ood, "vanilla_mean_ood": 0.5, "forget_ratio": metrics.forget_ratio(0.5, ood),
+               "collapse_rate": None, "questions": {"arc_easy": 10, "piqa": 20}}
+    return {"task": "arc_easy", "method": method, "rho": rho, "seed": seed, "trainable": 7, "train_seconds": 1.0,
+            "summary": {"loglik": summary}}
+
+
+def test_aggregate_gives_means_sds_and_binomial_errors(tmp_path):
+    from gallop_kernels.finetune import report
+
+    runs = [_fake_run("gallop", 0.01, 0, 0.4, 0.5), _fake_run("gallop", 0.01, 1, 0.6, 0.4),
+            _fake_run("gallop", 0.1, 0, 0.7, 0.45), _fake_run("gallop", 0.1, 1, 0.7, 0.45),
+            _fake_run("fft", None, 0, 0.9, 0.3), _fake_run("fft", None, 1, 0.8, 0.2)]
+    rows = {(a["method"], a["rho"]): a for a in report.aggregate(runs, "loglik")}
+    a = rows["gallop", 0.01]
+    assert a["id_acc"] == pytest.approx(0.5) and a["id_acc_sd"] == pytest.approx(0.1414213562)  # sd of 0.4, 0.6
+    assert a["id_se"] == pytest.approx((0.5 * 0.5 / 10) ** 0.5)  # at the mean, on the 10 ID questions
+    assert a["ood_se"] == pytest.approx((0.45 * 0.55 / 20) ** 0.5)  # one OOD task of 20 questions
+    assert rows["gallop", 0.1]["id_acc_sd"] == 0.0 and rows["fft", None]["forget_ratio"] == pytest.approx(0.5)
+    table = report.compare_table(runs, "loglik")
+    assert "| gallop | 0.01 | arc_easy | 7 | 2 | 50.0 ± 14.1 | 15.8 | 45.0 ± 7.1 | 11.1 |" in table
+    assert "| vanilla | - | arc_easy | 0 | - | 25.0 | 13.7 | 50.0 | 11.2 |" in table
+    points = {(p["method"], p["rho"]): p for p in report.pareto_points(runs, "loglik")}
+    assert points["fft", None]["ood"] == pytest.approx(0.25) and points["fft", None]["ood_sd"] == pytest.approx(0.0707107)
+    report.pareto_plot(runs, "loglik", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _tinyllama_shape_dir(path: Path) -> Path:

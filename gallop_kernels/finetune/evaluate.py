@@ -22,11 +22,10 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .choices import DECODES, EXTRACTS, MODES
 from .tasks import Example
 
-MODES = ("generate", "loglik")
-DECODES = {"beam": 4, "greedy": 1}  # decode -> beams; LLM-Adapters' commonsense_evaluate.py uses num_beams=4
-EXTRACTS = ("protocol", "lenient")
+BEAMS = {"beam": 4, "greedy": 1}  # per decode; LLM-Adapters' commonsense_evaluate.py uses num_beams=4
 MAX_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py
 # One regex per dataset in LLM-Adapters' commonsense_evaluate.py (boolq, piqa, siqa/arc/obqa, hellaswag, winogrande).
 PROTOCOL_WORDS = (
@@ -100,7 +99,7 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
         chunk = order[start:start + batch_size]
         input_ids, mask = (t.to(device) for t in _left_pad([ids[i] for i in chunk], pad))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=DECODES[decode], pad_token_id=pad)
+                             do_sample=False, num_beams=BEAMS[decode], pad_token_id=pad)
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             replies[i] = text

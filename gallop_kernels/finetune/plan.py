@@ -20,7 +20,8 @@ from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
 from .errors import GallopError
-from .train import BASELINES, GRAD_ACCUM_DTYPES, TrainConfig
+from .choices import BASELINES, DEVICES, DTYPES, GRAD_ACCUM_DTYPES
+from .train import TrainConfig, accum_dtype
 
 BUDGET_ENV = "GALLOP_MEMORY_BUDGET"
 """Bytes (or "<x>GiB" / "<x>MiB") the preflight takes as the device's free memory, instead of measuring it."""
@@ -82,7 +83,7 @@ def model_config(model: str, log=print):
 def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> MemoryRow:
     """The memory_plan row of ``method`` as ``cfg`` trains it (batch, length, checkpointing, gradient options)."""
     rows = memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
-                       grad_accum_dtype=GRAD_ACCUM_DTYPES[cfg.grad_accum_dtype], batch_size=cfg.batch_size,
+                       grad_accum_dtype=accum_dtype(cfg.grad_accum_dtype), batch_size=cfg.batch_size,
                        seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing)
     full, lora, dense, compact = rows
     if method == "fft":
@@ -209,7 +210,7 @@ def measure_method(config, method: str, device: torch.device, dtype: torch.dtype
         clip = lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # noqa: E731
         trainable = sum(p.numel() for p in params)
     else:
-        grads = estimate_gradients(model, [batch], accum_dtype=GRAD_ACCUM_DTYPES[cfg.grad_accum_dtype],
+        grads = estimate_gradients(model, [batch], accum_dtype=accum_dtype(cfg.grad_accum_dtype),
                                    progress=False)
         sel = select_mask(model, grads, rho=cfg.rho, eps=cfg.eps, seed=cfg.seed)
         del grads
@@ -267,7 +268,7 @@ def report(model: str, cfg: TrainConfig, device: torch.device, dtype: torch.dtyp
     dname = str(dtype).removeprefix("torch.")
     shape = f"batch {cfg.batch_size} x {cfg.max_len}" + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
     rows = memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
-                       grad_accum_dtype=GRAD_ACCUM_DTYPES[cfg.grad_accum_dtype], batch_size=cfg.batch_size,
+                       grad_accum_dtype=accum_dtype(cfg.grad_accum_dtype), batch_size=cfg.batch_size,
                        seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing)
     budget, source = device_budget(device)
     free = f"{budget / GIB:.2f} GiB ({source})" if budget is not None else f"unknown ({source})"
@@ -285,13 +286,13 @@ def add_arguments(p) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=models.BUILTIN,
                    help=f"a preset ({', '.join(PRESETS)}), 'builtin', a Hugging Face folder or a hub id (config only)")
-    p.add_argument("--device", choices=models.DEVICES, default="auto")
-    p.add_argument("--dtype", choices=tuple(models.DTYPES), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--rho", type=float, default=d.rho)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per training example")
-    p.add_argument("--grad-accum-dtype", choices=tuple(GRAD_ACCUM_DTYPES), default=d.grad_accum_dtype)
+    p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=d.grad_accum_dtype)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--measure", action="store_true",
                    help="also run a few training steps of each method on a random model of this shape")

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .choices import TARGETS
 from .errors import GallopError
 from .models import installed_package_dir
 
@@ -32,7 +33,6 @@ TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 REPLY = "the correct answer is {label}"
-TARGETS = ("label", "text")
 
 
 class DataError(GallopError):

@@ -20,13 +20,12 @@ from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
 from ..memory import LORA_TARGETS
-from ..reference import CRITERIA, GRADIENT_CRITERIA
+from ..reference import GRADIENT_CRITERIA
+from .choices import GRAD_ACCUM_DTYPES, METHODS
+from .delta import selected_values
 from .tasks import TARGETS, Example
 
-BASELINES = ("fft", "lora")
-METHODS = CRITERIA + BASELINES
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
-GRAD_ACCUM_DTYPES = {"param": None, "float32": torch.float32}
 
 
 @dataclass
@@ -68,6 +67,8 @@ class TrainResult:
     selection: object = None
     selected_zero: int | None = None
     """How many selected weights were exactly 0 in the base model (sparse methods)."""
+    base_values: dict | None = None
+    """The selected weights' values before training (sparse methods): what a delta is the difference from."""
     extra: dict = field(default_factory=dict)
 
 
@@ -116,6 +117,11 @@ def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches:
         take, order = order[:batch_size], order[batch_size:]
         batches.append(collate([encoded[i] for i in take], tokenizer.pad_token_id))
     return batches
+
+
+def accum_dtype(name: str) -> torch.dtype | None:
+    """The dtype a TrainConfig.grad_accum_dtype name sums gradients in: None ("param": the weights' own)."""
+    return None if name == "param" else getattr(torch, name)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -212,12 +218,13 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
-    accum = GRAD_ACCUM_DTYPES[cfg.grad_accum_dtype]
-    grads = estimate_gradients(model, grad_batches, accum_dtype=accum, progress=progress) if grads_used else None
+    grads = estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
+                               progress=progress) if grads_used else None
     t1 = time.perf_counter()
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
     del grads
     zeros = count_selected_zeros(model, sel)
+    base = selected_values(model, sel)
     grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
@@ -226,7 +233,7 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
                       compact_grads=cfg.compact_grads)
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
     opt.remove_hooks()
-    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros)
+    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
 
 
 def adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -245,29 +252,29 @@ def train_full(model, batches: list[dict], cfg: TrainConfig, log=print, progress
     return TrainResult("fft", losses, sum(p.numel() for p in params))
 
 
-def lora_model(model, rank: int):
-    """``model`` wrapped by peft's LoRA at ``rank`` (alpha 2 * rank, no dropout) on memory.LORA_TARGETS.
+def lora_model(model, rank: int, use_dora: bool = False):
+    """``model`` wrapped by peft's LoRA (or DoRA) at ``rank`` (alpha 2 * rank, no dropout) on memory.LORA_TARGETS.
 
     The adapters are float32 on a bf16 model (peft's default, ``autocast_adapter_dtype=True``).
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=use_dora,
                         target_modules=list(LORA_TARGETS))
     return get_peft_model(model, config)
 
 
-def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True):
-    """LoRA (peft) on the DoRA/LLM-Adapters recipe's projections; returns (merged model, result).
-
-    The adapters train in float32 and are merged into the weights in the weights' dtype afterwards.
+def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
+    """LoRA (peft), or DoRA with ``use_dora``, on the DoRA/LLM-Adapters recipe's projections; returns (merged
+    model, result). The adapters train in float32 and are merged into the weights in the weights' dtype afterwards.
     """
-    peft_model = lora_model(model, cfg.lora_rank)
+    method = "dora" if use_dora else "lora"
+    peft_model = lora_model(model, cfg.lora_rank, use_dora)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = adamw(params, cfg)
     losses = train_loop(peft_model, opt, lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip), batches, cfg,
-                        log, progress, "lora")
-    return peft_model.merge_and_unload(), TrainResult("lora", losses, sum(p.numel() for p in params))
+                        log, progress, method)
+    return peft_model.merge_and_unload(), TrainResult(method, losses, sum(p.numel() for p in params))
 
 
 def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConfig, log=print, progress: bool = True):
@@ -286,8 +293,8 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
     if method == "fft":
         return model, train_full(model, batches, cfg, log, progress)
-    if method == "lora":
-        return train_lora(model, batches, cfg, log, progress)
+    if method in ("lora", "dora"):
+        return train_lora(model, batches, cfg, log, progress, use_dora=method == "dora")
     n_grad = max(1, round(cfg.grad_fraction * len(train)))
     grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
                                 cfg.max_len, cfg.seed + 1, cfg.target)
