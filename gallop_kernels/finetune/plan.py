@@ -1,7 +1,6 @@
 """``gallop plan``: what a run holds in memory before it starts, the presets, and the memory preflight.
 
 - :func:`model_config`: the config of "builtin", a folder, a hub id or a preset (no weights read).
-- :data:`PRESETS`: the paper's models and the hyper-parameters it states.
 - :func:`preflight`: refuses, before any weight is loaded, a run whose memory plan exceeds the device's free memory.
 - :func:`measure`: a few training steps of each method on a randomly initialised model of a shape.
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,57 +19,13 @@ from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
 from .errors import GallopError
-from .choices import BASELINES, DEVICES, DTYPES, GRAD_ACCUM_DTYPES
+from .choices import BASELINES
+from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
 
 BUDGET_ENV = "GALLOP_MEMORY_BUDGET"
 """Bytes (or "<x>GiB" / "<x>MiB") the preflight takes as the device's free memory, instead of measuring it."""
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A model of the paper and the hyper-parameters the paper states for it; None: not stated or not verified.
-
-    The values below could not be checked against the paper's text (arXiv
-    2510.19778, its experimental set-up and appendix were not readable where
-    this was written), so every hyper-parameter is None and the run's own
-    options apply. What each field would set, and its status:
-
-    ========================  ==========================  ==============================================
-    field (option)            llama3-8b / gemma-2b        source
-    ========================  ==========================  ==============================================
-    model (--model)           meta-llama/Meta-Llama-3-8B  the abstract names "LLaMA3 8B" and "Gemma 2B";
-                              / google/gemma-2b           base or instruct checkpoint: not verified
-    shape (gallop plan)       memory.preset_config        the models' published configs
-    rho (--rho)               None                        not verified
-    grad_fraction (d_s)       None                        not verified
-    lr (--lr)                 None                        not verified
-    steps / epochs            None                        not verified
-    batch_size                None                        not verified
-    max_len                   None                        not verified
-    ========================  ==========================  ==============================================
-    """
-
-    model: str
-    shape: str
-    rho: float | None = None
-    grad_fraction: float | None = None
-    lr: float | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    max_len: int | None = None
-
-    def train_overrides(self) -> dict:
-        """The TrainConfig fields this preset sets (the stated ones only)."""
-        keys = ("rho", "grad_fraction", "lr", "steps", "batch_size", "max_len")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-
-
-PRESETS = {
-    "llama3-8b": Preset(model="meta-llama/Meta-Llama-3-8B", shape="llama3-8b"),
-    "gemma-2b": Preset(model="google/gemma-2b", shape="gemma-2b"),
-}
 
 
 def model_config(model: str, log=print):
@@ -88,8 +43,8 @@ def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> Memor
     full, lora, dense, compact = rows
     if method == "fft":
         return full
-    if method == "lora":
-        return lora
+    if method in ("lora", "dora"):  # DoRA adds a magnitude vector per adapted projection: left out
+        return replace(lora, method=method) if method == "dora" else lora
     row = compact if cfg.compact_grads else dense
     if method not in GRADIENT_CRITERIA:  # data-free criteria estimate no gradient
         row = replace(row, estimation=0)
@@ -280,32 +235,3 @@ def report(model: str, cfg: TrainConfig, device: torch.device, dtype: torch.dtyp
                   measure_markdown(results, "method")]
     return "\n".join(parts)
 
-
-def add_arguments(p) -> None:
-    """The options of ``gallop plan``."""
-    d = TrainConfig()
-    p.add_argument("--model", default=models.BUILTIN,
-                   help=f"a preset ({', '.join(PRESETS)}), 'builtin', a Hugging Face folder or a hub id (config only)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--rho", type=float, default=d.rho)
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per training example")
-    p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=d.grad_accum_dtype)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--measure", action="store_true",
-                   help="also run a few training steps of each method on a random model of this shape")
-    p.add_argument("--measure-steps", type=int, default=3)
-
-
-def cmd_plan(args) -> None:
-    """gallop plan: print the memory plan (and, with --measure, measured steps)."""
-    for name in ("rho", "batch_size", "max_len", "lora_rank", "measure_steps"):
-        value = getattr(args, name)
-        if not value > 0 or (name == "rho" and value > 1):
-            raise GallopError(f"--{name.replace('_', '-')} must be {'in (0, 1]' if name == 'rho' else 'positive'}, got {value}")
-    device, dtype = models.resolve_device(args.device, args.dtype)
-    cfg = TrainConfig(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size, max_len=args.max_len,
-                      grad_accum_dtype=args.grad_accum_dtype, gradient_checkpointing=args.gradient_checkpointing)
-    print(report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0))
