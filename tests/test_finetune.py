@@ -74,32 +74,39 @@ def _error_line(capsys) -> str:
 
 
 @needs_data
-def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype, ood", [("float32", set(tasks.TASKS) - {"piqa"}), ("bfloat16", {"boolq"})])
+def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-mode", "both",
-            "--lr", "1e-2", "--out", str(out), *FEW]
+            "--lr", "1e-2", "--dtype", dtype, "--eval-tasks", ",".join(sorted(ood | {"piqa"})), "--out", str(out), *FEW]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| gallop |" in printed and "elapsed" in printed
     report = json.loads((out / "report.json").read_text())
     assert set(report["summary"]) == {"generate", "loglik"}
     gen = report["summary"]["generate"]
-    assert gen["id_task"] == "piqa" and set(gen["ood_acc"]) == set(tasks.TASKS) - {"piqa"}
+    assert gen["id_task"] == "piqa" and set(gen["ood_acc"]) == ood
     assert gen["collapse_rate"] == metrics.collapse_rate(list(gen["ood_acc"].values()))
     assert report["summary"]["loglik"]["collapse_rate"] is None  # only the generative mode can show collapse
     total = sum(p.numel() for p in models.load(tiny_dir)[0].parameters())
     assert len(report["losses"]) == 3 and report["trainable"] == round(0.05 * total)
-    assert "| gallop |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| gallop |" in md and "generate mode (4 beams, 32 new tokens, protocol extraction;" in md
+    assert "loglik mode (log-likelihood of the protocol's reply per label;" in md
+    assert (report["device"], report["dtype"]) == ("cpu", dtype)
 
     # The same run through the API gives the tuned model; base + delta must equal it bit for bit.
     train_cfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, rho=0.05, max_len=128)
-    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             dtype=dtype)
     run = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
     tuned, result = run.model, run.train
+    assert all(p.dtype == getattr(torch, dtype) for p in tuned.parameters())
     merged = tmp_path / "merged"
+    # --dtype auto: the dtype the delta was trained in
     assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(out / "delta.safetensors"), "--out", str(merged)]) == 0
-    base, _ = models.load(tiny_dir)
-    merged_model, _ = models.load(merged)
+    base, _ = models.load(tiny_dir, getattr(torch, dtype))
+    merged_model, _ = models.load(merged, getattr(torch, dtype))
     moved = 0
     for (n, p), (_, q), (_, b) in zip(tuned.named_parameters(), merged_model.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
@@ -289,6 +296,44 @@ def test_compare_sweeps_densities_and_seeds_with_means_and_sds(tiny_dir, tmp_pat
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert "wrote" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["cmp"]  # the temporary folder was renamed
+
+
+@needs_data
+def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,lora,fft",
+            "--eval-tasks", "winogrande", "--dtype", "bfloat16", "--compact-grads", "--gradient-checkpointing",
+            "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both", "--out", str(out), *FEW]
+    assert cli.main(args) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["gallop", "lora", "fft"]
+    assert all(r["dtype"] == "bfloat16" and r["train_config"]["compact_grads"] for r in runs)
+    assert runs[0]["evaluation"]["generate"] == "greedy, 32 new tokens, lenient extraction"
+    assert all(len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]) for r in runs)
+    assert "### generate mode (greedy, 32 new tokens, lenient extraction)" in (out / "compare.md").read_text()
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, monkeypatch, capsys):
+    from gallop_kernels.finetune import plan
+
+    monkeypatch.setenv(plan.BUDGET_ENV, "64KiB")  # a fake small device
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "out" / "run"
+    assert cli.main([command, "--model", str(tiny_dir), "--out", str(out), *FEW]) == 2
+    err = _error_line(capsys)
+    assert "does not fit on cpu" in err and "short" in err and f"${plan.BUDGET_ENV}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_that_cannot_be_loaded_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    assert cli.main(["finetune", "--model", "nobody-here/no-such-model", "--out", str(tmp_path / "run")]) == 2
+    assert _error_line(capsys).startswith("gallop: error: cannot load the config of 'nobody-here/no-such-model'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_protocol_extraction_is_llm_adapters():
@@ -636,7 +681,7 @@ def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, capsys):
             "--dtype", "bfloat16", "--eval-mode", "both", "--eval-tasks", "piqa,boolq", "--out", str(out), *FEW]
     assert cli.main(args) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["job_config"]["device"] == "cuda" and report["job_config"]["dtype"] == "bfloat16"
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
     assert len(report["losses"]) == 3 and all(math.isfinite(x) for x in report["losses"])
     delta_file, _ = delta.load_delta(out / "delta.safetensors")
     assert all(values.dtype == torch.bfloat16 for _, values in delta_file.values())

@@ -280,7 +280,7 @@ def _job_config(args):
 
 
 def _check_memory(args, train_cfgs: dict) -> None:
-    """The memory preflight (plan.preflight) of every method before anything is loaded or written.
+    """The memory preflight (plan.preflight) of every method before any weight is loaded.
 
     ``train_cfgs``: {method: TrainConfig}; GallopError names what does not fit and the option that would make it.
     """
@@ -392,8 +392,8 @@ def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    _check_memory(args, {args.criterion: train_cfg})
     with OutputFolder(_out_path(args)) as out:
+        _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
         from .delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
@@ -431,8 +431,8 @@ def cmd_compare(args) -> None:
     for _, method, cfg, _ in configs:
         if method not in largest or cfg.rho > largest[method].rho:
             largest[method] = cfg
-    _check_memory(args, largest)
     with OutputFolder(_out_path(args)) as out:
+        _check_memory(args, largest)  # the folder is probed first; a refusal removes it
         from .pipeline import Run, describe_evaluation, sweep
         from .report import aggregate, compare_table, pareto_plot
 

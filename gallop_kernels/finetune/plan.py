@@ -145,14 +145,14 @@ def measure_method(config, method: str, device: torch.device, dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     from .. import SparseAdamW, select_mask
-    from .train import adamw, estimate_gradients, lora_model
+    from .train import adamw, checkpointing, estimate_gradients, lora_model
 
     _reset_peak(device)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model, True)
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.max_len), generator=gen).to(device)

@@ -179,14 +179,26 @@ def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
     return f
 
 
+def checkpointing(model, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of a Hugging Face model on or off.
+
+    Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA).
+    transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; both are served.
+    """
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
                progress: bool = True, desc: str = "train") -> list[float]:
     """Train for one step per batch with the shared schedule; returns the loss of every step."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, len(batches)))
     device = model_device(model)
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model, True)
     model.train()
     losses = []
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
@@ -202,7 +214,7 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        checkpointing(model, False)
     model.eval()
     return losses
 
