@@ -696,3 +696,20 @@ def test_plan_measures_the_tinyllama_shape_on_cuda(tmp_path, capsys):
     print(out)  # the table, in the GPU check's log
     for method in ("fft", "lora", "gallop", "gallop compact"):
         assert f"| {method} |" in out
+
+
+@pytest.mark.gpu
+@needs_data
+def test_same_seed_and_data_select_the_same_weights_on_cpu_and_cuda(tiny_dir):
+    """The batches are built on the CPU from a seeded order, so only the gradients' float rounding differs."""
+    data = tasks.load_task("piqa", 16, 0).train
+    cfg = train.TrainConfig(steps=1, batch_size=4, rho=0.05, max_len=128, log_every=0)
+    selections = {}
+    for device in ("cpu", "cuda"):
+        model, tok = models.load(tiny_dir, torch.float32, device)
+        _, result = train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)
+        selections[device] = {n: set(i.tolist()) for n, i in result.selection.items()}
+    same = sum(len(selections["cpu"][n] & selections["cuda"][n]) for n in selections["cpu"])
+    total = sum(len(s) for s in selections["cpu"].values())
+    print(f"{same} of {total} selected weights are the same on cpu and cuda")
+    assert same >= 0.99 * total
