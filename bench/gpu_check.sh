@@ -22,7 +22,7 @@ run() {  # run a step under a time limit; remember a failure, keep going
   run 150 python3 -m pytest -q -x tests/test_sparse_adamw_ext.py -k "cuda or gpu"
   run 150 python3 -m pytest -q -x tests/test_select_triton.py
   # The application on the GPU: finetune in bf16 on a tiny random Llama; gallop plan --measure on the 1.1B TinyLlama shape.
-  run 90 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
+  run 150 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
   run 120 python3 bench/bench_select.py --sizes 1e6 1e8 1e9 --dtypes bf16 fp32 --rhos 0.001 0.01 0.1
   run 90 python3 bench/bench_sparse_adamw.py --sizes 26 28 30
   exit "$status"
