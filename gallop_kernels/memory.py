@@ -37,13 +37,19 @@ def preset_config(name: str):
     raise ValueError(f"unknown preset {name!r}; expected 'llama3-8b' or 'gemma-2b'")
 
 
+_SHAPES: dict[str, dict[str, torch.Size]] = {}  # config JSON -> shapes: a planner asks again per batch size
+
+
 def _shapes(config) -> dict[str, torch.Size]:
     """Trainable parameter shapes of the causal LM ``config`` describes (meta device, no memory)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {n: p.shape for n, p in model.named_parameters()}  # tied weights are listed once
+    key = config.to_json_string()
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _SHAPES[key] = {n: p.shape for n, p in model.named_parameters()}  # tied weights are listed once
+    return _SHAPES[key]
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -53,13 +59,15 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype =
     Per token and layer a Llama-style block keeps the inputs of its norms,
     projections and attention (7 hidden-size vectors, q/k/v counted once, k and v
     at their grouped size) and of its gated MLP (4 intermediate-size vectors);
-    attention is assumed memory-efficient (SDPA / flash: no seq x seq matrix).
+    attention is assumed memory-efficient (SDPA / flash: no seq x seq matrix);
+    a config without ``intermediate_size`` counts 4 x hidden.
     The loss keeps the logits in ``dtype`` and twice in float32 (upcast and
     log-softmax). With gradient checkpointing a layer keeps only its input, and
     one layer's activations exist at a time while it is recomputed.
     """
     b = torch.empty((), dtype=dtype).element_size()
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h  # GPT-2: n_inner
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv = 2 * getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
     tokens = batch_size * seq_len

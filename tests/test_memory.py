@@ -150,3 +150,14 @@ def test_plan_prints_the_table_and_measures_on_cpu(tmp_path, capsys):
         assert f"| {method} | " in out
     assert cli.main(["plan", "--model", "llama3-8b", "--dtype", "bfloat16", "--batch-size", "1", "--max-len", "512"]) == 0
     assert "| full FT (AdamW) | 8,030,261,248 |" in capsys.readouterr().out
+
+
+def test_plan_and_lora_on_a_model_without_llama_names():
+    from gallop_kernels.finetune import train
+    from gallop_kernels.finetune.errors import GallopError
+
+    cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    rows = memory_plan(cfg, batch_size=2, seq_len=8)
+    assert rows[1].trainable == 0 and rows[0].activations == activation_bytes(cfg, 2, 8)  # no q_proj ... to adapt
+    with pytest.raises(GallopError, match="LoRA cannot adapt GPT2LMHeadModel"):
+        train.lora_model(transformers.GPT2LMHeadModel(cfg), 8)

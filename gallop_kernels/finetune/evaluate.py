@@ -139,12 +139,13 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
             s = seqs[i][0]
             ids[row, :len(s)] = torch.tensor(s)
             mask[row, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(chunk):
+        ids = ids.to(device)
+        logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+        for row, i in enumerate(chunk):  # log-softmax at the continuation's positions only: no B x L x V float32 copy
             s, n_cont = seqs[i]
-            pos = torch.arange(len(s) - n_cont, len(s))
-            out[i] = float(logp[row, pos - 1, ids[row, pos]].sum())
+            pos = torch.arange(len(s) - n_cont, len(s), device=device)
+            logp = torch.log_softmax(logits[row, pos - 1].float(), dim=-1)
+            out[i] = float(logp.gather(1, ids[row, pos].unsqueeze(1)).sum())
     return out
 
 

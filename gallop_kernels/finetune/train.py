@@ -23,6 +23,7 @@ from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
 from .choices import GRAD_ACCUM_DTYPES, METHODS
 from .delta import selected_values
+from .errors import GallopError
 from .tasks import TARGETS, Example
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
@@ -273,7 +274,11 @@ def lora_model(model, rank: int, use_dora: bool = False):
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=use_dora,
                         target_modules=list(LORA_TARGETS))
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # no module of the model has these names (GPT-2's c_attn, ...)
+        raise GallopError(f"LoRA cannot adapt {type(model).__name__}: {str(e).splitlines()[0]} "
+                          f"(the baseline adapts {', '.join(LORA_TARGETS)}, as in Llama, Gemma, Mistral, Qwen)") from None
 
 
 def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
