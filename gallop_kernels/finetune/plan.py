@@ -1,4 +1,4 @@
-"""``gallop plan``: what a run holds in memory before it starts, the presets, and the memory preflight.
+"""``gallop plan``: what a run holds in memory before it starts, and the memory preflight of finetune and compare.
 
 - :func:`model_config`: the config of "builtin", a folder, a hub id or a preset (no weights read).
 - :func:`preflight`: refuses, before any weight is loaded, a run whose memory plan exceeds the device's free memory.
@@ -18,8 +18,8 @@ import torch
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
-from .errors import GallopError
 from .choices import BASELINES
+from .errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
 
@@ -43,8 +43,10 @@ def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> Memor
     full, lora, dense, compact = rows
     if method == "fft":
         return full
-    if method in ("lora", "dora"):  # DoRA adds a magnitude vector per adapted projection: left out
-        return replace(lora, method=method) if method == "dora" else lora
+    if method == "lora":
+        return lora
+    if method == "dora":  # LoRA's row: DoRA's magnitude vector per adapted projection is left out
+        return replace(lora, method=lora.method.replace("LoRA", "DoRA"))
     row = compact if cfg.compact_grads else dense
     if method not in GRADIENT_CRITERIA:  # data-free criteria estimate no gradient
         row = replace(row, estimation=0)
@@ -78,8 +80,8 @@ def device_budget(device: torch.device) -> tuple[int | None, str]:
     return None, "no /proc/meminfo MemAvailable on this system"
 
 
-def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, budget: int) -> list[str]:
-    """The options that would make ``method`` fit in ``budget`` bytes, alone or together."""
+def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, budget: int) -> tuple[list[str], list[str]]:
+    """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
     fits = lambda c: plan_row(config, method, c, dtype).peak <= budget  # noqa: E731
     options = []
     if method not in BASELINES and not cfg.compact_grads:
@@ -93,7 +95,7 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, budget: in
             break
     if not found and len(options) > 1 and fits(replace(cfg, **{k: v for _, c in options for k, v in c.items()})):
         found.append(" ".join(flag for flag, _ in options))
-    return found
+    return found, [flag for flag, _ in options] + (["a smaller --batch-size"] if cfg.batch_size > 1 else [])
 
 
 def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
@@ -114,9 +116,11 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
         return f"memory check skipped ({source}); {row.method} plans {gib(row.peak)} ({parts})"
     if row.peak <= budget:
         return f"memory plan: {row.method} needs ~{gib(row.peak)} of {gib(budget)} ({source}) on {device.type}"
-    fixes = _fixes(config, method, cfg, dtype, budget)
-    hint = ("it would fit with " + " or ".join(fixes)) if fixes else \
-        "none of --compact-grads, --gradient-checkpointing or a smaller batch makes it fit: use a smaller model or a larger device"
+    fixes, tried = _fixes(config, method, cfg, dtype, budget)
+    if fixes:
+        hint = "it would fit with " + " or ".join(fixes)
+    else:
+        hint = (f"none of {', '.join(tried)} makes it fit; " if tried else "") + "use a smaller model or a larger device"
     raise GallopError(f"{row.method} does not fit on {device.type}: it needs ~{gib(row.peak)} ({parts}) but "
                       f"{gib(budget)} is free ({source}), {gib(row.peak - budget)} short; {hint}")
 
