@@ -164,7 +164,8 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     path = models.resolve(cfg.model, log)
     job_data = load_job_data(id_task, data, cfg)
     model, tokenizer = models.load(path, dtype, device)
-    clock.stage(f"loaded {path} ({sum(p.numel() for p in model.parameters()):,} weights, {dtype} on {device}) "
+    weights = f"{sum(p.numel() for p in model.parameters()):,} weights, {str(dtype).removeprefix('torch.')} on {device}"
+    clock.stage(f"loaded {path} ({weights}) "
                 f"and task {job_data.name} "
                 f"({len(job_data.train)} training examples; {len(job_data.tests)} tasks x {cfg.n_eval} test questions)",
                 f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
