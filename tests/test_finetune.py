@@ -713,3 +713,15 @@ def test_same_seed_and_data_select_the_same_weights_on_cpu_and_cuda(tiny_dir):
     total = sum(len(s) for s in selections["cpu"].values())
     print(f"{same} of {total} selected weights are the same on cpu and cuda")
     assert same >= 0.99 * total
+
+
+def test_preset_picks_the_papers_model_unless_one_is_given():
+    from gallop_kernels.finetune.presets import PRESETS
+
+    parse = cli.build_parser().parse_args
+    assert cli._model(parse(["finetune", "--preset", "llama3-8b"])) == PRESETS["llama3-8b"].model
+    assert cli._model(parse(["compare", "--preset", "gemma-2b", "--model", "x/y"])) == "x/y"
+    assert cli._model(parse(["finetune"])) == models.BUILTIN
+    args = parse(["finetune", "--preset", "gemma-2b", "--batch-size", "2"])
+    cfg = cli._train_config(args, "gallop", None, 0)
+    assert cfg.batch_size == 2 and cfg == train.TrainConfig(batch_size=2, lr=cli.default_lr("gallop"), **PRESETS["gemma-2b"].train_overrides())
