@@ -5,6 +5,12 @@ same schedule (linear warm-up, cosine decay) and clipping: ``fft`` is
 torch.optim.AdamW on all weights, ``lora`` is peft's LoRA (merged back into the
 weights afterwards), and the criteria of ``select_mask`` go through the
 sparse path: estimate the mean gradient, select, train with SparseAdamW.
+
+Training runs where the model is, in its dtype: batches are built on the CPU
+(a seeded order, the same on every device) and moved per step. On bf16 weights
+``fft`` is pure bf16 AdamW (its state bf16 too; fused on CUDA), ``lora``
+trains float32 adapters (peft's default), and SparseAdamW keeps a float32
+master copy of the selected weights (its default for bf16).
 """
 
 from __future__ import annotations
