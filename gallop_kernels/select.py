@@ -111,6 +111,9 @@ class Selection(Mapping):
         """Replace this selection by one saved with :meth:`state_dict`."""
         if state.get("version") != 1:
             raise ValueError(f"unsupported Selection state version {state.get('version')!r}; expected 1")
+        missing = [k for k in ("indices", "shapes", "rho", "criterion", "scope", "threshold") if k not in state]
+        if missing:
+            raise ValueError(f"Selection state lacks {', '.join(map(repr, missing))}: expected what state_dict() returns")
         shapes = {n: torch.Size(s) for n, s in state["shapes"].items()}
         indices = dict(state["indices"])
         if set(shapes) != set(indices):
@@ -189,6 +192,8 @@ def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] 
     if g is None:
         where = "its .grad is None (run backward first)" if grads is None else "it is missing from grads"
         raise ValueError(f"parameter {name!r} has no gradient: {where}")
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"grads[{name!r}] must be a tensor, got {type(g).__name__}")
     if g.shape != p.shape:
         raise ValueError(f"parameter {name!r}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     if g.device != p.device:
@@ -206,6 +211,10 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
+    if grads is not None and not isinstance(grads, Mapping):
+        hint = f"; to pass rho, write rho={grads!r}" if isinstance(grads, (int, float)) else ""
+        raise TypeError(f"grads must be a mapping of parameter name -> gradient tensor (or None: each parameter's "
+                        f".grad), got {type(grads).__name__}{hint}")
     if grads is not None:
         unknown = set(grads) - {n for n, _ in named}
         if unknown:

@@ -82,6 +82,9 @@ def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tm
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| gallop |" in printed and "elapsed" in printed
+    # a line per stage, with the time so far and what is left
+    assert "evaluated the vanilla model in" in printed and "then about the same time to evaluate" in printed
+    assert "s of evaluation left" in printed and "binomial standard error of up to" in printed
     report = json.loads((out / "report.json").read_text())
     assert set(report["summary"]) == {"generate", "loglik"}
     gen = report["summary"]["generate"]
@@ -112,6 +115,17 @@ def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tm
         assert torch.equal(p, q), n
         moved += int((p != b).sum())
     assert 0 < moved <= result.selection.num_selected
+
+    # the merged model is not the delta's base: refused (one line naming --force), then forced;
+    # --subtract takes the delta off again, bit for bit
+    d = str(out / "delta.safetensors")
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "twice")]) == 2
+    assert "--force" in _error_line(capsys) and not (tmp_path / "twice").exists()
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "twice"), "--force"]) == 0
+    assert cli.main(["apply", "--base", str(merged), "--delta", d, "--out", str(tmp_path / "off"), "--subtract"]) == 0
+    assert "removed" in capsys.readouterr().out
+    for (n, p), (_, b) in zip(models.load(tmp_path / "off")[0].named_parameters(), base.named_parameters()):
+        assert torch.equal(p, b), n
 
 
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -457,7 +471,8 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["apply", "--base", "/no/such/dir", "--delta", "/no/such/x", "--out", "y"], "not a readable safetensors"),
         (["compare", "--methods", "gallop,sgd"], "unknown method 'sgd'"),
         (["finetune", "--grad-fraction", "0"], "argument --grad-fraction: must be in (0, 1], got 0.0"),
-        (["finetune", "--eps", "-1"], "argument --eps: eps must be >= 0, got -1.0"),
+        (["finetune", "--eps", "-1"], "argument --eps: eps must be > 0, got -1.0"),
+        (["finetune", "--eps", "0"], "argument --eps: eps must be > 0, got 0.0"),
         (["finetune", "--eps", "nan"], "argument --eps: eps must be finite"),
         (["finetune", "--lr", "0"], "argument --lr: the learning rate must be positive"),
         (["finetune", "--seed", "-2"], "argument --seed: expected a seed"),
@@ -542,10 +557,13 @@ def test_bad_option_fails_fast_and_leaves_nothing(no_model_load, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # the default --out is gallop-runs/... here
     t0 = time.perf_counter()
     assert cli.main(["finetune", "--eps", "-1"]) == 2
-    assert "eps must be >= 0" in _error_line(capsys)
+    assert "eps must be > 0" in _error_line(capsys)
     assert cli.main(["apply", "--delta", str(tmp_path / "none.safetensors"), "--out", "merged"]) == 2
     assert "not a readable safetensors" in _error_line(capsys)
-    assert list(tmp_path.iterdir()) == []
+    delta.save_delta(tmp_path / "d.safetensors", delta.make_delta(torch.nn.Linear(2, 2), {}, {}))
+    assert cli.main(["apply", "--base", str(tmp_path / "nope"), "--delta", "d.safetensors", "--out", "merged"]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
     assert time.perf_counter() - t0 < 10
 
 
@@ -565,6 +583,22 @@ def test_failed_run_removes_its_folder_and_the_parents_it_made(tiny_dir, tmp_pat
     out = tmp_path / "runs" / "deep" / "run"
     assert cli.main(["finetune", "--model", str(tiny_dir), "--out", str(out), *FEW]) == 2
     assert "the disk is gone" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_data
+def test_write_error_is_one_line_naming_the_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out),
+                     *FEW]) == 2
+    assert f"cannot write {out}/delta.safetensors: Error while serializing" in _error_line(capsys)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -611,8 +645,9 @@ def test_command_line_error_has_no_traceback():
 # ~28 s on 2 idle CPU cores (a 135M model, 32 questions, 3 steps): not marked slow
 @needs_data
 @needs_builtin
-def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
+def test_builtin_model_beats_chance_gallop_lowers_loss_and_apply_round_trips(tmp_path, capsys):
     path = models.builtin_checkpoint(log=lambda *_: None)
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())  # not a GGUF model any more
     model, tok = models.load(path)
     tests = {n: tasks.load_task(n, 0, 16).test for n in ("piqa", "arc_easy")}
     res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False, target="text")["loglik"]
@@ -632,6 +667,16 @@ def test_builtin_model_beats_chance_and_gallop_lowers_training_loss():
     after = loss()
     assert after < 0.8 * before, (before, after)
     assert result.selected_zero is not None and result.trainable == round(0.01 * 134_515_008)
+
+    # gallop apply --base builtin rebuilds the tuned model bit for bit, in a folder transformers loads
+    saved = tmp_path / "delta.safetensors"
+    delta.save_delta(saved, delta.make_delta(model, result.selection, result.base_values))
+    merged = tmp_path / "merged"
+    assert cli.main(["apply", "--base", "builtin", "--delta", str(saved), "--out", str(merged)]) == 0, capsys.readouterr()
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    tuned = dict(model.named_parameters())
+    for n, p in rebuilt.named_parameters():
+        assert torch.equal(p, tuned[n]), n
 
 
 def _fake_run(method, rho, seed, id_acc, ood):
@@ -662,6 +707,31 @@ def test_aggregate_gives_means_sds_and_binomial_errors(tmp_path):
     assert points["fft", None]["ood"] == pytest.approx(0.25) and points["fft", None]["ood_sd"] == pytest.approx(0.0707107)
     report.pareto_plot(runs, "loglik", tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_evaluation_progress_counts_questions(tiny_dir, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, total=None, unit="it", **kwargs):
+            self.total, self.unit, self.done = total, unit, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluate, "tqdm", Bar)
+    model, tok = models.load(tiny_dir)
+    tests = {"piqa": tasks.load_task("piqa", 0, 5).test}
+    evaluate.evaluate_tasks(model, tok, tests, modes=("generate",), batch_size=2, max_new_tokens=2)
+    evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), batch_size=2)
+    generate, loglik = bars
+    assert (generate.unit, generate.total, generate.done) == ("question", 5, 5)  # not 3 batches
+    assert (loglik.unit, loglik.total, loglik.done) == ("choice", 10, 10)  # 2 choices per PIQA question
 
 
 def _tinyllama_shape_dir(path: Path) -> Path:

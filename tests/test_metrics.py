@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gallop_kernels.finetune.metrics import collapse_rate, forget_ratio
+from gallop_kernels.finetune.metrics import binomial_se, collapse_rate, forget_ratio, mean_se
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,36 @@ def test_metrics_refuse_accuracies_outside_unit_interval(bad):
 def test_collapse_rate_needs_tasks():
     with pytest.raises(ValueError, match="at least one"):
         collapse_rate([])
+
+
+@pytest.mark.parametrize(
+    "acc, n, expected",
+    [
+        (0.5, 12, 0.5 / math.sqrt(12)),  # 14.4 points: the noise of one score on 12 questions
+        (0.25, 100, math.sqrt(0.25 * 0.75 / 100)),
+        (0.0, 8, 0.0),
+        (1.0, 8, 0.0),
+    ],
+)
+def test_binomial_se_hand_computed(acc, n, expected):
+    assert math.isclose(binomial_se(acc, n), expected)
+
+
+def test_mean_se_of_independent_accuracies():
+    # two tasks: the variances p (1 - p) / n add, and the mean divides by 2
+    expected = math.sqrt(0.5 * 0.5 / 4 + 0.2 * 0.8 / 10) / 2
+    assert math.isclose(mean_se([0.5, 0.2], [4, 10]), expected)
+    assert math.isclose(mean_se([0.3], [7]), binomial_se(0.3, 7))
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_binomial_se_needs_a_question_count(n):
+    with pytest.raises(ValueError, match="questions must be a positive integer"):
+        binomial_se(0.5, n)
+
+
+def test_mean_se_needs_matching_counts():
+    with pytest.raises(ValueError, match="one question count per accuracy"):
+        mean_se([0.5, 0.5], [10])
+    with pytest.raises(ValueError, match="accuracy in"):
+        mean_se([1.5], [10])

@@ -277,3 +277,19 @@ def test_selection_load_rejects_bad_indices():
     state["version"] = 99
     with pytest.raises(ValueError, match="version"):
         sel.load_state_dict(state)
+
+
+def test_api_mistakes_name_themselves():
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(TypeError, match=r"grads must be a mapping of parameter name -> gradient tensor.*rho=0\.01"):
+        gk.select_mask(model, 0.01)  # rho passed where grads goes
+    with pytest.raises(TypeError, match=r"grads must be a mapping of parameter name -> gradient tensor.*got list"):
+        gk.select_mask(model, [torch.ones(3, 4), torch.ones(3)])
+    with pytest.raises(TypeError, match=r"grads\['bias'\] must be a tensor, got list"):
+        gk.select_mask(model, {"weight": torch.ones(3, 4), "bias": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match="lacks 'indices', 'shapes', 'rho', 'criterion', 'scope', 'threshold'"):
+        gk.Selection.from_state_dict({"version": 1})
+    state = gk.select_mask(model, rho=0.5, criterion="magnitude").state_dict()
+    del state["scope"]
+    with pytest.raises(ValueError, match=r"lacks 'scope':"):
+        gk.Selection.from_state_dict(state)

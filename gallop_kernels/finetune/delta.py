@@ -44,6 +44,7 @@ each step.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ def make_delta(model: torch.nn.Module, selection, base_values: dict[str, torch.T
 
 
 def save_delta(path: str | Path, delta: Delta) -> int:
-    """Write ``delta`` to ``path`` (safetensors); returns the file size in bytes. DeltaError names the path on failure."""
+    """Write ``delta`` to ``path`` (safetensors); returns the file size in bytes. OSError when the write fails."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -166,9 +167,9 @@ def save_delta(path: str | Path, delta: Delta) -> int:
     }
     try:
         save_file(out, str(path), metadata=meta)
-        return Path(path).stat().st_size
-    except (OSError, SafetensorError) as e:
-        raise DeltaError(f"cannot write {path}: {e}") from None
+    except SafetensorError as e:  # how safetensors reports a failed write (disk full, no permission)
+        raise OSError(errno.EIO, str(e), str(path)) from None
+    return Path(path).stat().st_size
 
 
 def load_delta(path: str | Path) -> Delta:
@@ -209,6 +210,8 @@ def _checked_params(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Ten
             raise DeltaError(f"delta parameter {name!r}: {t.indices.numel()} indices but {t.diff.numel()} differences")
         if t.indices.numel() and (int(t.indices.min()) < 0 or int(t.indices.max()) >= p.numel()):
             raise DeltaError(f"delta parameter {name!r}: index out of range for {p.numel()} weights")
+        if not t.exact_at.numel() == t.exact_base.numel() == t.exact_tuned.numel():
+            raise DeltaError(f"delta parameter {name!r}: its exact_at, exact_base and exact_tuned differ in length")
     return params
 
 

@@ -1,4 +1,4 @@
-"""A short GaLLoP run on the CPU: ``python -m gallop_kernels.finetune.demo``.
+"""A short GaLLoP run on the CPU with the public API only: ``python -m gallop_kernels.finetune.demo``.
 
 A small Llama built from a config (random weights, no download) learns a toy
 language (each token is an affine function of the one before it) while only a
@@ -13,9 +13,7 @@ import time
 
 import torch
 
-from .. import SparseAdamW, select_mask
-from ..reference import CRITERIA
-from .train import estimate_gradients
+from .. import CRITERIA, SparseAdamW, select_mask
 
 VOCAB = 96
 
@@ -61,8 +59,10 @@ def run(
     log(f"model: Llama, {n_params:,} weights (random init, built from a config)")
 
     t0 = time.perf_counter()
-    grads = estimate_gradients(model, [lm_inputs(toy_batch(gen)) for _ in range(4)], progress=False)
-    sel = select_mask(model, grads, rho=rho, criterion=criterion)
+    for _ in range(4):  # the mean gradient of 4 batches accumulates in each parameter's .grad
+        (model(**lm_inputs(toy_batch(gen))).loss / 4).backward()
+    sel = select_mask(model, rho=rho, criterion=criterion)  # without grads: scores each parameter's .grad
+    model.zero_grad(set_to_none=True)
     log(
         f"select_mask: {sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.2f}%), "
         f"criterion={criterion}, threshold={sel.threshold:.4g}, {time.perf_counter() - t0:.2f} s"

@@ -95,7 +95,8 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     replies = [""] * len(ids)
     pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(order), desc=desc, unit="question", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, mask = (t.to(device) for t in _left_pad([ids[i] for i in chunk], pad))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -103,6 +104,8 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             replies[i] = text
+        bar.update(len(chunk))
+    bar.close()
     return replies
 
 
@@ -130,7 +133,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         seqs.append(((c + t)[-max_len:], min(len(t), max_len - 1)))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [0.0] * len(seqs)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(order), desc=desc, unit="choice", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(seqs[i][0]) for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -146,6 +150,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
             pos = torch.arange(len(s) - n_cont, len(s), device=device)
             logp = torch.log_softmax(logits[row, pos - 1].float(), dim=-1)
             out[i] = float(logp.gather(1, ids[row, pos].unsqueeze(1)).sum())
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 

@@ -161,6 +161,10 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
 
     clock = Clock(log)
     device, dtype = models.resolve_device(cfg.device, cfg.dtype)
+    if not cfg.progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
     path = models.resolve(cfg.model, log)
     job_data = load_job_data(id_task, data, cfg)
     model, tokenizer = models.load(path, dtype, device)
@@ -206,11 +210,11 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     return JobResult(report, model, tokenizer, result, vanilla)
 
 
-def sweep(runs: list[Run], cfg: JobConfig, log=print, on_run=None) -> list[dict]:
+def sweep(runs: list[Run], cfg: JobConfig, log=print) -> list[dict]:
     """Every run in order, the vanilla model evaluated once; returns their reports.
 
-    ``on_run(report)`` is called after each run. Logs, after each, the time so far and an
-    estimate of what is left (the mean time of a finished run times the runs to go).
+    Logs, after each run, the time so far and an estimate of what is left (the mean time of a
+    finished run times the runs to go).
     """
     clock = Clock(log)
     reports, vanilla = [], None
@@ -220,8 +224,6 @@ def sweep(runs: list[Run], cfg: JobConfig, log=print, on_run=None) -> list[dict]
         job = finetune_job(run.task, None, run.method, run.train_cfg, cfg, log, vanilla=vanilla)
         vanilla = job.vanilla
         reports.append(job.report)
-        if on_run is not None:
-            on_run(job.report)
         per_run = (time.perf_counter() - clock.start) / i
         clock.stage(f"run {i} of {len(runs)} done", f"about {per_run * (len(runs) - i):.0f} s left" if i < len(runs) else "")
     return reports

@@ -1,0 +1,97 @@
+"""The output folder of a ``gallop`` run: written under a temporary name, renamed when the run succeeds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import GallopError
+
+
+class OutputFolder:
+    """A run's output folder: a temporary folder next to it while the run writes, renamed at the end.
+
+    Created and probed (a file made and removed) on entry, before any slow work; GallopError
+    names the path when that fails. ``final`` must be new or an empty folder. On an exception
+    the temporary folder and the parent folders it created are removed, so a failed run leaves
+    nothing behind.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        self._made: list[Path] = []
+
+    def __enter__(self) -> OutputFolder:
+        if self.final.exists():
+            if not self.final.is_dir() or any(self.final.iterdir()):
+                raise GallopError(f"--out {self.final} already exists and is not an empty folder; choose a new one")
+            self._probe(self.final)  # the rename at the end replaces it
+        try:
+            self._mkdirs(self.final.parent)
+            self.path.mkdir()
+            self._made.append(self.path)
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot create {e.filename or self.path}: {e.strerror}") from None
+        self._probe(self.path)
+        return self
+
+    def _mkdirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for f in reversed(missing):
+            f.mkdir()
+            self._made.append(f)
+
+    def _probe(self, folder: Path) -> None:
+        probe = folder / f".gallop-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot write to {folder}: {e.strerror}") from None
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """The temporary path of ``name`` to write to; an OSError while writing becomes GallopError naming it."""
+        try:
+            yield self.path / name
+        except OSError as e:
+            raise GallopError(f"cannot write {self.final / name}: {e.strerror or e}") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write the text file ``name`` in the folder; GallopError names the path on failure."""
+        with self.writing(name) as path:
+            path.write_text(text)
+
+    def _remove(self) -> None:
+        for f in reversed(self._made):
+            if f == self.path:
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                _rmdir_if_empty(f)
+        self._made = []
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None:
+            self._remove()
+            return
+        try:
+            os.replace(self.path, self.final)
+        except OSError as e:
+            self._remove()
+            raise GallopError(f"cannot rename {self.path} to {self.final}: {e.strerror}") from None
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: something else wrote there meanwhile, keep it
