@@ -3,7 +3,8 @@
 Per method: weights, gradients, optimizer state, master weights, index lists,
 the gradients held while the selection's mean gradient is estimated, and (given
 a batch shape) an estimate of the activations, as ``gallop finetune`` trains
-them. ``gallop plan`` prints it (``gallop_kernels.finetune.plan``).
+them. ``gallop plan`` prints it for any model (``gallop_kernels.finetune.plan``);
+``python -m gallop_kernels.memory`` prints the paper's two models.
 """
 
 from __future__ import annotations
@@ -167,3 +168,13 @@ def markdown(rows: list[MemoryRow], title: str = "") -> str:
         d = asdict(r)
         lines.append(f"| {r.method} | {r.trainable:,} | " + " | ".join(gib(d[c]) for c in cols) + f" | {gib(r.peak)} |")
     return "\n".join(lines)
+
+
+def main() -> None:
+    """Print the plan of the paper's two models in bf16 (activations excluded); ``gallop plan`` does more."""
+    for name in ("llama3-8b", "gemma-2b"):
+        print(markdown(memory_plan(preset_config(name)), title=f"{name}, bf16") + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -161,3 +161,14 @@ def test_plan_and_lora_on_a_model_without_llama_names():
     assert rows[1].trainable == 0 and rows[0].activations == activation_bytes(cfg, 2, 8)  # no q_proj ... to adapt
     with pytest.raises(GallopError, match="LoRA cannot adapt GPT2LMHeadModel"):
         train.lora_model(transformers.GPT2LMHeadModel(cfg), 8)
+
+
+def test_python_m_memory_prints_without_runpy_warning():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "gallop_kernels.memory"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr
+    assert "| llama3-8b, bf16 |" in proc.stdout and "| gemma-2b, bf16 |" in proc.stdout
