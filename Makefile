@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gallop-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt requirements-ci.txt \
 	$(wildcard csrc/*.cpp csrc/*.cu csrc/gallop/*.h python/src/*.cc)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test install clean
 
 install: $(STAMP)
 

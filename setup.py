@@ -53,7 +53,7 @@ setup(
     install_requires=[
         "torch>=2.6",  # named parameters in torch.optim param groups
         "triton>=3.2",  # tl.math.div_rn, triton.compiler.ASTSource with GPUTarget
-        "numpy",
+        "numpy",  # Triton's interpreter (TRITON_INTERPRET=1: the Triton kernels on the CPU) imports it; neither triton nor torch declares it
     ],
     extras_require={
         "dev": [

@@ -1,22 +1,32 @@
-"""Selection benchmark: GaLLoP top-k selection against torch.topk on a materialized score.
+"""Selection benchmark: select_mask (the public call) against torch.topk on a materialized score.
 
-One tensor of N weights (theta and grad in --dtypes), k = round(rho * N), criterion
-gallop. Providers:
+Criterion gallop, k = round(rho * N), global scope. Inputs (``--sets``): one tensor of N
+weights (``1e8``, ``1e9``, ...) or ``llama3-8b``, the 291 parameter shapes of
+LLaMA-3-8B (8.03e9 weights); theta and grad in --dtypes. Data (``--data``):
 
-- gallop: the package's selection (backend "triton" on CUDA, the plain-PyTorch
-  reference on the CPU): two streaming passes over theta and grad, no score tensor;
-- torch.topk: the fp32 score |g| / (|theta| + eps) materialized, then
-  ``torch.topk(score, k, sorted=False)``.
+- normal: theta, g ~ N(0, 1);
+- llm: theta ~ N(0, 0.02), g ~ N(0, 1e-4), as in a fine-tuned LLM;
+- equal: every weight and gradient equal (the k-th key is one huge tie);
+- zeros30: normal data with 30% exact zeros in theta and in g.
 
-Columns: ms = median (p20-p80); bytes = the provider's traffic model (``moved_bytes``);
-%floor = (two-pass floor / bandwidth) / time, where the floor is
-2 * (bytes of theta + bytes of grad) + k int64 indices and the bandwidth is --bandwidth
-or a measured device copy; peak = extra memory at peak (CUDA:
-torch.cuda.max_memory_allocated; CPU: growth of the peak RSS, reset before each
-measurement, see _common.peak_memory).
+Providers:
 
-Usage: python bench/bench_select.py [--device cuda] [--sizes 1e6 1e8 1e9] [--dtypes bf16 fp32]
-       [--rhos 0.001 0.01 0.1] [--bandwidth 4.3e12] [--no-memory] [--threads 1]
+- select_mask: ``gallop_kernels.select_mask`` on a module holding the tensors
+  (backend auto: Triton on CUDA, the reference on the CPU); ``plan`` is the window
+  plan's mode (collect / ties, or miss / overflow when it fell back), from a
+  separate traced call of the same backend;
+- torch.topk: the fp32 score |g| / (|theta| + eps) materialized over all weights,
+  then ``torch.topk(score, k, sorted=False)``; skipped past 2**31 weights (torch
+  falls back to a single-block radix select there).
+
+Columns: ms = median (p20-p80); floor ms = the 2-pass floor 2 * (bytes of theta and
+grad) + k int64 indices at the measured copy bandwidth (or --bandwidth); %floor =
+floor / time; peak = extra memory at peak (CUDA: torch.cuda.max_memory_allocated;
+CPU: growth of the peak RSS, see _common.peak_memory).
+
+Usage: python bench/bench_select.py [--device cuda] [--sets 1e8 1e9 8e9 llama3-8b]
+       [--dtypes bf16] [--rhos 0.001 0.01 0.1] [--data normal llm equal zeros30]
+       [--bandwidth 4.2e12] [--no-memory] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,119 +36,163 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import copy_bandwidth, fmt_bytes, peak_bandwidth, peak_memory, print_report, time_fn  # noqa: E402
 
-from gallop_kernels import reference  # noqa: E402
+import gallop_kernels as gk  # noqa: E402
+from gallop_kernels import reference, select  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-PROVIDERS = ("gallop", "torch.topk")
+PROVIDERS = ("select_mask", "torch.topk")
+DATA = ("normal", "llm", "equal", "zeros30")
 EPS = 1e-8
 INDEX_BYTES = 8  # int64 flat indices
+TOPK_LIMIT = 2**31
 
 
-def make_inputs(n: int, dtype: torch.dtype, device, seed: int = 0):
-    """theta and grad of n weights, filled chunk by chunk so that no fp32 temporary
-    of size n raises the peak before the measurement."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for _ in range(2):
-        t = torch.empty(n, dtype=dtype, device=device)
-        for s in range(0, n, 1 << 24):
-            t[s : s + (1 << 24)] = torch.randn(min(1 << 24, n - s), generator=gen, device=device)
-        out.append(t)
-    return out
+def llama3_8b_shapes() -> list[tuple[int, ...]]:
+    """The 291 parameter shapes of LLaMA-3-8B in named_parameters() order (transformers
+    LlamaConfig for meta-llama/Meta-Llama-3-8B: vocab 128256, hidden 4096,
+    intermediate 14336, 32 layers, 32 heads, 8 key-value heads of 128, untied lm_head)."""
+    vocab, hidden, inter, layers, kv = 128256, 4096, 14336, 32, 8 * 128
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),  # q k v o
+             (inter, hidden), (inter, hidden), (hidden, inter),  # gate up down
+             (hidden,), (hidden,)]  # input / post-attention RMSNorm
+    return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
 
 
-def selector(provider: str, theta: torch.Tensor, grad: torch.Tensor, k: int):
+def shapes_of(name: str) -> list[tuple[int, ...]]:
+    return llama3_8b_shapes() if name == "llama3-8b" else [(int(float(name)),)]
+
+
+def _fill(t: torch.Tensor, data: str, scale: float, gen) -> None:
+    """Fill t in chunks, so that no fp32 temporary of t's size raises the peak."""
+    flat = t.view(-1)
+    for s in range(0, flat.numel(), 1 << 24):
+        part = flat[s : s + (1 << 24)]
+        if data == "equal":
+            part.fill_(0.5 * scale)
+            continue
+        x = torch.randn(part.numel(), generator=gen, device=t.device) * scale
+        if data == "zeros30":
+            x *= torch.rand(part.numel(), generator=gen, device=t.device) >= 0.3
+        part.copy_(x)
+
+
+class Weights(nn.Module):
+    """The benchmark's parameters, with their gradients in .grad."""
+
+    def __init__(self, shapes, dtype, device, data: str, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator(device=device).manual_seed(seed)
+        theta_scale, grad_scale = (0.02, 1e-4) if data == "llm" else (1.0, 1.0)
+        self.params = nn.ParameterList()
+        for shape in shapes:
+            p = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            _fill(p.data, data, theta_scale, gen)
+            p.grad = torch.empty_like(p)
+            _fill(p.grad, data, grad_scale, gen)
+            self.params.append(p)
+
+
+def selector(provider: str, model: Weights, rho: float):
     """A no-argument function running one selection."""
-    if provider == "gallop":
-        if theta.is_cuda:
-            from gallop_kernels.ops.select_triton import topk_keys_triton as topk
-        else:
-            topk = reference.topk_keys
-        srcs = [reference.Source("w", theta, grad, 0)]
-        return lambda: topk(srcs, k, "gallop", EPS)
-    return lambda: torch.topk(reference.score("gallop", theta, grad, EPS), k, sorted=False)
+    if provider == "select_mask":
+        return lambda: gk.select_mask(model, rho=rho)
+    params = list(model.parameters())
+    k = reference.num_to_select(rho, sum(p.numel() for p in params))
+
+    def topk():
+        score = torch.cat([reference.score("gallop", p, p.grad, EPS) for p in params])
+        return torch.topk(score, k, sorted=False)
+
+    return topk
 
 
-def moved_bytes(provider: str, n: int, k: int, b: int) -> int:
-    """Traffic model. gallop: theta and grad read twice, k indices written.
-    torch.topk: theta and grad read once, fp32 score written and read at least once
-    by the select, k fp32 values and k int64 indices written."""
-    if provider == "gallop":
-        return 2 * n * 2 * b + k * INDEX_BYTES
-    return n * 2 * b + 2 * 4 * n + k * (4 + INDEX_BYTES)
-
-
-def floor_bytes(n: int, k: int, b: int) -> int:
-    """Two-pass floor: 2 * (bytes of theta + bytes of grad) + output indices."""
-    return 2 * (n * b + n * b) + k * INDEX_BYTES
+def plan_mode(model: Weights, rho: float) -> str:
+    """The window plan's mode for this selection (a separate, traced call)."""
+    sources = select._sources(model, None, True)[0]
+    name = select._pick_backend("auto", sources, False)
+    if name != "triton":
+        return "reference"
+    trace = []
+    k = reference.num_to_select(rho, sum(s.numel for s in sources))
+    select._TOPK_BACKENDS["triton"](sources, k, "gallop", EPS, trace=trace)
+    return trace[0].mode if trace else "-"
 
 
 def run(args) -> None:
     device = torch.device(args.device)
     bw = args.bandwidth or copy_bandwidth(device)
     rows = []
-    for n in (int(float(s)) for s in args.sizes):
+    for set_name in args.sets:
+        shapes = shapes_of(set_name)
+        n = sum(torch.Size(s).numel() for s in shapes)
         for dname in args.dtypes:
             b = DTYPES[dname].itemsize
-            try:
-                theta, grad = make_inputs(n, DTYPES[dname], device)
-            except torch.OutOfMemoryError:
-                print(f"N={n:.0e} {dname}: inputs do not fit", file=sys.stderr)
-                continue
-            for rho in args.rhos:
-                k = reference.num_to_select(rho, n)
-                floor = floor_bytes(n, k, b)
-                for provider in args.providers:
-                    try:
-                        p50, p20, p80 = time_fn(selector(provider, theta, grad, k), device, reps=args.reps)
-                    except torch.OutOfMemoryError:
-                        rows.append({"N": f"{n:.0e}", "dtype": dname, "rho": rho, "provider": provider, "ms": "OOM"})
-                        continue
-                    moved = moved_bytes(provider, n, k, b)
-                    row = {
-                        "N": f"{n:.0e}",
-                        "dtype": dname,
-                        "rho": rho,
-                        "provider": provider,
-                        "ms": f"{p50:.2f} ({p20:.2f}-{p80:.2f})",
-                        "bytes": fmt_bytes(moved),
-                        "GB/s": f"{moved / (p50 * 1e-3) / 1e9:.1f}",
-                        "%floor": f"{100 * floor / bw / (p50 * 1e-3):.1f}",
-                    }
-                    if args.memory:
-                        row["peak"] = fmt_bytes(peak_memory(selector(provider, theta, grad, k), device))
-                    rows.append(row)
-            del theta, grad
+            for data in args.data:
+                try:
+                    model = Weights(shapes, DTYPES[dname], device, data)
+                except torch.OutOfMemoryError:
+                    print(f"{set_name} {dname} {data}: inputs do not fit", file=sys.stderr)
+                    continue
+                for rho in args.rhos:
+                    k = reference.num_to_select(rho, n)
+                    floor_ms = 1e3 * (2 * 2 * n * b + k * INDEX_BYTES) / bw
+                    for provider in args.providers:
+                        row = {"set": set_name, "tensors": len(shapes), "N": f"{n:.2e}", "dtype": dname,
+                               "data": data, "rho": rho, "provider": provider}
+                        if provider == "torch.topk" and n >= TOPK_LIMIT:
+                            rows.append({**row, "ms": "n/a (past 2**31)"})
+                            continue
+                        try:
+                            fn = selector(provider, model, rho)
+                            p50, p20, p80 = time_fn(fn, device, reps=args.reps)
+                            row.update(ms=f"{p50:.2f} ({p20:.2f}-{p80:.2f})", floor_ms=f"{floor_ms:.2f}",
+                                       pct_floor=f"{100 * floor_ms / p50:.1f}")
+                            if provider == "select_mask":
+                                row["plan"] = plan_mode(model, rho)
+                            if args.memory:
+                                extra = peak_memory(fn, device)
+                                row["peak"] = fmt_bytes(extra)
+                                row["peak/(8k)"] = f"{extra / (INDEX_BYTES * k):.2f}"
+                        except torch.OutOfMemoryError:
+                            row["ms"] = "OOM"
+                        rows.append(row)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     peak = peak_bandwidth(device)
     notes = [
-        f"Bandwidth for %floor: {bw / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured device copy'})"
+        f"Bandwidth for the floor: {bw / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured device copy'})"
         + (f"; datasheet peak {peak / 1e12:.1f} TB/s" if peak else ""),
-        "gallop = " + ("Triton backend" if device.type == "cuda" else "reference backend (plain PyTorch, CPU)"),
+        "select_mask backend: " + ("triton (window plan)" if device.type == "cuda" else "reference (plain PyTorch)"),
+        "goal (issue 9, H200): 1e9 bf16 >= 60% of floor and >= 10x torch.topk; 8e9 <= 25 ms; llama3-8b <= 30 ms; "
+        "peak <= 8 B per selected weight + 64 MiB",
     ]
-    print_report("Selection: gallop vs torch.topk on a materialized fp32 score", rows, device, notes=notes)
+    print_report("Selection: select_mask vs torch.topk on a materialized fp32 score", rows, device, notes=notes)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", nargs="+", help="N values, e.g. 1e6 1e8 (default: up to 1e9 on CUDA, 1e7 on CPU)")
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    ap.add_argument("--sets", nargs="+", help="N values (1e8) or llama3-8b (default: 1e8 1e9 8e9 llama3-8b on CUDA, 1e6 1e7 on CPU)")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     ap.add_argument("--rhos", nargs="+", type=float, default=[0.001, 0.01, 0.1])
+    ap.add_argument("--data", nargs="+", default=["normal"], choices=DATA)
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    ap.add_argument("--bandwidth", type=float, default=None, help="bytes/s for %%floor (default: measured copy)")
+    ap.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the floor (default: measured copy)")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions (CUDA: do_bench decides)")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.sizes is None:
-        args.sizes = ["1e6", "1e7", "1e8", "1e9"] if args.device.startswith("cuda") else ["1e6", "1e7"]
+    if args.sets is None:
+        args.sets = ["1e8", "1e9", "8e9", "llama3-8b"] if args.device.startswith("cuda") else ["1e6", "1e7"]
     run(args)
 
 

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 try:  # DTensor is public from torch 2.5
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = Shard = None
+    DTensor = Shard = None
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -2,9 +2,9 @@
 
 Per method: weights, gradients, optimizer state, master weights, index lists,
 the gradients held while the selection's mean gradient is estimated, and (given
-a batch shape) an estimate of the activations, as ``gallop finetune`` trains
-them. ``gallop plan`` prints it for any model (``gallop_kernels.finetune.plan``);
-``python -m gallop_kernels.memory`` prints the paper's two models.
+a batch shape) an estimate of the activations, as the ``gallop`` command trains
+them. ``gallop plan`` prints it for any model; ``python -m gallop_kernels.memory``
+prints the paper's two models.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def memory_plan(
     gradient_checkpointing: bool = False,
 ) -> list[MemoryRow]:
     """Rows for full fine-tuning (AdamW), LoRA at ``lora_rank`` and GaLLoP at ``rho``
-    (dense and compact gradients), with the weights in ``dtype``, as ``gallop finetune`` trains them.
+    (dense and compact gradients), with the weights in ``dtype``, as the ``gallop`` command trains them.
 
     - Full fine-tuning: ``torch.optim.AdamW`` on the weights as they are, so
       gradients and ``exp_avg`` / ``exp_avg_sq`` are in ``dtype`` (pure bf16

@@ -19,18 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
+from . import radix
 from .criteria import CRITERIA, GRADIENT_CRITERIA  # noqa: F401 (GRADIENT_CRITERIA is re-exported)
 from .distributed import gather, scatter_
 
 SCOPES = ("global", "per_tensor")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-BITS = 16  # radix digit: two levels of 2**16 bins cover the 32-bit key
-NUM_BINS = 1 << BITS
-CHUNK = 1 << 20  # elements scored at a time
-# A boundary bin with at most this many weights is resolved from a candidate
-# buffer (2 passes); a larger one (heavy ties) costs a third, low-digit pass.
-CANDIDATE_CAP = 1 << 20
 
 _U32 = 0xFFFFFFFF
 _SIGN = 0x80000000
@@ -152,7 +146,7 @@ def _chunk_scores(src: Source, criterion: str, eps: float, seed: int, chunk: int
 def raise_nonfinite(sources: list[Source], criterion: str, eps: float, seed: int = 0) -> None:
     """Raise ValueError naming the first weight whose score is NaN or Inf."""
     for src in sources:
-        for start, s in _chunk_scores(src, criterion, eps, seed, CHUNK):
+        for start, s in _chunk_scores(src, criterion, eps, seed, radix.DEFAULT.chunk):
             bad = (~torch.isfinite(s)).nonzero()
             if bad.numel():
                 i = start + int(bad[0])
@@ -163,34 +157,6 @@ def raise_nonfinite(sources: list[Source], criterion: str, eps: float, seed: int
                     f"(param={src.param.reshape(-1)[i].item()!r}{grad}); check the weights and "
                     f"gradients for NaN/Inf, or use eps > 0"
                 )
-
-
-# High digits of non-finite keys: +Inf/+NaN above 0xFF80, -Inf/-NaN up to 0x007F.
-_NONFINITE_LOW, _NONFINITE_HIGH = 0x0080, 0xFF80
-
-
-def has_nonfinite(hist: torch.Tensor) -> bool:
-    """Whether a high-digit histogram counted any NaN or Inf score."""
-    return bool(int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()))
-
-
-def resolve_candidates(keys: torch.Tensor, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, int]:
-    """The ``need`` best boundary-bin candidates: their global positions and the last key taken.
-
-    Candidates may arrive out of position order (ranks, GPU programs): ordering by
-    position first makes the stable key sort break ties by position.
-    """
-    by_pos = torch.sort(pos, stable=True).indices
-    top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
-    return pos[top], int(keys[top[-1]])
-
-
-def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bin holding the k-th largest key, and how many keys lie in higher bins."""
-    from_top = hist.flip(0).cumsum(0)
-    i = int(torch.searchsorted(from_top, k))  # first position with count >= k
-    b = NUM_BINS - 1 - i
-    return b, int(from_top[i]) - int(hist[b])
 
 
 class LocalComm:
@@ -211,19 +177,21 @@ def topk_keys(
     criterion: str,
     eps: float = 1e-8,
     seed: int = 0,
-    chunk: int | None = None,
     comm: LocalComm | None = None,
+    config: radix.Config | None = None,
 ) -> tuple[list[torch.Tensor], int | None]:
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Returns the sorted int64 flat indices selected in each source and the
     threshold key (the k-th largest :func:`order_key`; None when k == 0).
-    ``chunk`` defaults to the module's CHUNK. Raises ValueError on a NaN or Inf
-    score. With a ``comm`` over several ranks, ``sources`` are this rank's shards
+    ``config`` sets the chunk and candidate buffer sizes (radix.Config;
+    default radix.DEFAULT). Raises
+    ValueError on a NaN or Inf score. With a ``comm`` over several ranks, ``sources`` are this rank's shards
     and k counts over all ranks: only histograms and the boundary bin's
     candidates cross ranks.
     """
-    chunk = chunk or CHUNK
+    config = config or radix.DEFAULT
+    chunk = config.chunk
     comm = comm or LocalComm()
     devices = [s.param.device for s in sources]
     empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
@@ -237,24 +205,24 @@ def topk_keys(
                 yield si, start, _signed_key(s)
 
     # Pass 1: histogram of the high digit (key >> 16, i.e. signed key >> 16 + 2**15).
-    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
+    hist = torch.zeros(radix.NUM_BINS, dtype=torch.int64, device=dev)
     for _, _, sk in stream():
-        hist += torch.bincount((sk >> BITS) + (NUM_BINS // 2), minlength=NUM_BINS).to(dev)
+        hist += torch.bincount((sk >> radix.BITS) + (radix.NUM_BINS // 2), minlength=radix.NUM_BINS).to(dev)
     hist = comm.all_sum(hist).cpu()
-    if has_nonfinite(hist):
+    if radix.has_nonfinite(hist):
         raise_nonfinite(sources, criterion, eps, seed)
         raise ValueError(f"a {criterion} score is NaN or Inf on another rank")
-    hi_bin, above = _boundary(hist, k)
+    hi_bin, above = radix.boundary(hist, k)
     need = k - above  # weights still to take from the boundary bin, in key order
-    collect = int(hist[hi_bin]) <= CANDIDATE_CAP
-    bin_first = (hi_bin << BITS) - _SIGN  # signed keys of the bin are [bin_first, bin_last]
-    bin_last = bin_first + NUM_BINS - 1
+    collect = int(hist[hi_bin]) <= config.candidate_cap
+    bin_first = (hi_bin << radix.BITS) - _SIGN  # signed keys of the bin are [bin_first, bin_last]
+    bin_last = bin_first + radix.NUM_BINS - 1
 
     # Pass 2: emit everything above the boundary bin; resolve the bin itself from a
     # candidate buffer, or histogram its low digit when it is too large to buffer.
     picked = [[] for _ in sources]
     cand_key, cand_pos = [], []
-    low_hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
+    low_hist = torch.zeros(radix.NUM_BINS, dtype=torch.int64, device=dev)
     for si, start, sk in stream():
         over = sk > bin_last
         picked[si].append(over.nonzero().reshape(-1) + start)
@@ -263,17 +231,17 @@ def topk_keys(
             cand_key.append(sk[in_bin].to(dev, torch.int64))
             cand_pos.append((in_bin + (sources[si].offset + start)).to(dev))
         else:
-            low_hist += torch.bincount(sk[in_bin] - bin_first, minlength=NUM_BINS).to(dev)
+            low_hist += torch.bincount(sk[in_bin] - bin_first, minlength=radix.NUM_BINS).to(dev)
 
     if collect:
         keys = comm.all_cat(torch.cat(cand_key) if cand_key else torch.empty(0, dtype=torch.int64, device=dev))
         pos = comm.all_cat(torch.cat(cand_pos) if cand_pos else torch.empty(0, dtype=torch.int64, device=dev))
-        chosen, threshold = resolve_candidates(keys, pos, need)
+        chosen, threshold = radix.resolve_candidates(keys, pos, need)
         for si, src in enumerate(sources):
             mine = chosen[(chosen >= src.offset) & (chosen < src.offset + src.numel)]
             picked[si].append((mine - src.offset).to(devices[si]))
     else:
-        lo_bin, above_lo = _boundary(comm.all_sum(low_hist).cpu(), need)
+        lo_bin, above_lo = radix.boundary(comm.all_sum(low_hist).cpu(), need)
         threshold = bin_first + lo_bin
         _take_ties(sources, stream, picked, threshold, bin_last, need - above_lo, comm, dev)
 
@@ -293,8 +261,7 @@ def _take_ties(sources, stream, picked, threshold, bin_last, ties, comm, dev) ->
     has = all_eq > 0  # pieces with ties have distinct offsets; empty ones may share
     all_off, all_eq = all_off[has], all_eq[has]
     order = torch.argsort(all_off)
-    before = torch.cumsum(all_eq[order], 0) - all_eq[order]
-    quota = dict(zip(all_off[order].tolist(), (ties - before).clamp(min=0).minimum(all_eq[order]).tolist()))
+    quota = dict(zip(all_off[order].tolist(), radix.tie_quota(all_eq[order], ties).tolist()))
     left = [quota.get(s.offset, 0) if int(equal[si]) else 0 for si, s in enumerate(sources)]
     for si, start, sk in stream():
         if left[si]:

@@ -164,13 +164,20 @@ def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 # select_mask
 # ----------------------------------------------------------------------------
 
-_TOPK_BACKENDS = {"reference": reference.topk_keys}
-try:  # the package imports without a working triton; select_mask then has no "triton" backend
+# The one list of selection backends: name -> topk_keys-like function, or the
+# exception that made it unavailable (kept so that asking for it says why).
+_TOPK_BACKENDS: dict[str, object] = {"reference": reference.topk_keys}
+try:  # the package imports without a working triton
     from .ops.select_triton import topk_keys_triton
 
     _TOPK_BACKENDS["triton"] = topk_keys_triton
-except (ImportError, RuntimeError):
-    pass
+except (ImportError, RuntimeError) as err:
+    _TOPK_BACKENDS["triton"] = err
+
+
+def backend_errors() -> dict[str, str]:
+    """Why each unavailable selection backend failed to import (empty when all did)."""
+    return {n: f"{type(e).__name__}: {e}" for n, e in _TOPK_BACKENDS.items() if isinstance(e, BaseException)}
 
 
 def _validate_args(rho, criterion, eps, scope, backend):
@@ -238,12 +245,15 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
         if backend not in ("auto", "reference"):
             raise ValueError(f"backend {backend!r} does not run across ranks yet; use backend='reference' or 'auto'")
         return "reference"
-    if backend == "triton" and not backends()["triton"]:
-        raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
     if backend != "auto":
+        found = _TOPK_BACKENDS[backend]
+        if isinstance(found, BaseException):
+            raise RuntimeError(f"backend={backend!r} is unavailable: importing it failed") from found
+        if backend == "triton" and not backends()["triton"]:
+            raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
         return backend
     on_cuda = any(s.param.is_cuda for s in sources)
-    return "triton" if on_cuda and "triton" in _TOPK_BACKENDS else "reference"
+    return "triton" if on_cuda and not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
 
 
 @torch.no_grad()

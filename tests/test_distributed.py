@@ -1,5 +1,6 @@
 """Selection and training across 2 gloo ranks (DDP and FSDP2) against one process."""
 
+import functools
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import Bag
 
 import gallop_kernels as gk
 from gallop_kernels import distributed as gdist
-from gallop_kernels import reference
+from gallop_kernels import radix, reference, select
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
@@ -67,7 +68,8 @@ def _selection_worker(rank, cases):
     for (_, p), q in zip(named, full.parameters()):
         q.grad = p.grad.full_tensor()
     for criterion, scope, rho, tie_cap in cases:
-        reference.CANDIDATE_CAP = tie_cap
+        select._TOPK_BACKENDS["reference"] = functools.partial(
+            reference.topk_keys, config=radix.Config(candidate_cap=tie_cap))
         for (_, p), q in zip(named, full.parameters()):
             if tie_cap < 10:  # a tiny candidate buffer: make every |g| equal
                 q.grad = q.grad.sign()
@@ -93,11 +95,11 @@ def _selection_worker(rank, cases):
 
 def test_fsdp2_union_of_rank_selections_equals_one_process(tmp_path):
     cases = [
-        ("gallop", "global", 0.1, reference.CANDIDATE_CAP),
-        ("gallop", "per_tensor", 0.3, reference.CANDIDATE_CAP),
-        ("saft", "global", 0.05, reference.CANDIDATE_CAP),
-        ("pafi", "global", 0.2, reference.CANDIDATE_CAP),
-        ("random", "global", 0.2, reference.CANDIDATE_CAP),
+        ("gallop", "global", 0.1, radix.DEFAULT.candidate_cap),
+        ("gallop", "per_tensor", 0.3, radix.DEFAULT.candidate_cap),
+        ("saft", "global", 0.05, radix.DEFAULT.candidate_cap),
+        ("pafi", "global", 0.2, radix.DEFAULT.candidate_cap),
+        ("random", "global", 0.2, radix.DEFAULT.candidate_cap),
         ("saft", "global", 0.5, 3),  # |sign(g)| ties everywhere: low-digit and tie-quota passes
         ("saft", "per_tensor", 0.5, 3),
     ]

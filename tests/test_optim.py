@@ -164,21 +164,124 @@ def test_params_without_grad_are_skipped():
 
 
 def test_clip_grad_norm_zero_grad_and_closure():
+    """SparseAdamW.clip_grad_norm_ inside a closure clips the selected entries to max_norm."""
     bag, sel, opt = _setup()
     x = torch.randn(1025)
+    norms = []
 
     def closure():
         opt.zero_grad()
         loss = (bag.w1 * x).sum() ** 2
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(bag.parameters(), 1.0)
+        norms.append(opt.clip_grad_norm_(1.0))
         return loss
 
+    before = bag.w1.detach().clone()
     loss = opt.step(closure)
     assert loss is not None and bag.w1.grad is not None
-    assert float(bag.w1.grad.norm()) <= 1.0 + 1e-5
+    assert float(norms[0]) > 1.0, "no clipping: the check below would be trivial"
+    assert float(bag.w1.grad.reshape(-1)[sel["w1"]].norm()) <= 1.0 + 1e-5
+    assert not torch.equal(bag.w1.detach(), before)
     opt.zero_grad()
     assert all(p.grad is None for p in bag.parameters())
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops run, and host syncs (reads of a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_work_per_step_does_not_grow_with_parameters():
+    """1 and 64 parameters: the same torch ops, table writes and plan builds per step
+    (none of either after the first step), and no host sync."""
+    from gallop_kernels.ops import sparse_adamw as kernel
+
+    seen = {}
+    for n in (1, 64):
+        bag = make_bag([33] * n)
+        sel = gk.select_mask(bag, rho=0.3)
+        opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="ext")
+        sched = _schedule(opt)
+        for p in bag.parameters():
+            p.grad = torch.randn(p.shape)  # the same gradient tensors every step: their addresses do not change
+        opt.step()
+        sched.step()
+        kernel.STATS.clear()
+        with _CountOps() as count:
+            for _ in range(5):
+                opt.step()
+                sched.step()  # a new lr every step: written into the device buffer, no re-plan
+        seen[n] = (count.ops, count.syncs, dict(kernel.STATS))
+        assert all(float(opt.state[p]["step"]) == 6 for p in bag.parameters())
+    assert seen[1] == seen[64], seen
+    ops, syncs, stats = seen[64]
+    assert syncs == 0 and stats == {"launches": 5}, seen
+
+
+def test_replan_when_a_gradient_goes_missing_or_changes_layout():
+    """A parameter without gradient leaves the plan; a non-contiguous gradient moves its
+    parameter to the reference path; both equal a fresh optimizer's steps."""
+    from gallop_kernels.ops import sparse_adamw as kernel
+
+    runs = []
+    for fresh_each_step in (False, True):
+        bag, sel, opt = _setup(weight_decay=0.1)
+        gen = torch.Generator().manual_seed(5)
+        kernel.STATS.clear()
+        for step in range(4):
+            if fresh_each_step:  # a new optimizer with the old one's state: plans from scratch
+                state = opt.state_dict()
+                opt = gk.SparseAdamW(_groups(bag.named_parameters()), selection=sel, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+                opt.load_state_dict(state)
+            for n, g in _grads(bag, gen).items():
+                getattr(bag, n).grad = g
+            if step == 1:
+                bag.w1.grad = None
+            if step >= 2:
+                bag.w1.grad = torch.randn(2 * 1025, generator=gen)[::2]
+            opt.step()
+        if not fresh_each_step:
+            assert kernel.STATS["plans"] == 3, kernel.STATS  # first, without w1, with w1 on the reference path
+        assert float(opt.state[bag.w0]["step"]) == 4 and float(opt.state[bag.w1]["step"]) == 3
+        runs.append([p.detach().clone() for p in bag.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_tensor_lr_and_step_counter_on_the_device():
+    """A tensor lr (changed in place, as schedulers do) equals the same float lr; state["step"]
+    is a float32 view of the device counter and state_dict() holds a copy."""
+    out = []
+    for tensor_lr in (False, True):
+        bag, sel, opt = _setup()
+        if tensor_lr:
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(5):
+            for n, g in _grads(bag, gen).items():
+                getattr(bag, n).grad = g
+            opt.step()
+            for group in opt.param_groups:
+                lr = group["lr"] * 0.5
+                group["lr"] = group["lr"].fill_(lr) if tensor_lr else lr
+        out.append([p.detach().clone() for p in bag.parameters()])
+        st = opt.state[bag.w1]
+        assert st["step"].dtype == torch.float32 and st["step"].dim() == 0 and float(st["step"]) == 5
+        saved = opt.state_dict()["state"][1]["step"]
+        assert torch.equal(saved, st["step"]) and saved.data_ptr() != st["step"].data_ptr()
+    for p, q in zip(*out):
+        assert torch.equal(p, q)
 
 
 # ----------------------------------------------------------------------------
@@ -243,3 +346,23 @@ def test_unsupported_dtype():
     sel = gk.Selection({"w0": torch.tensor([1])}, {"w0": (4,)}, rho=0.25, criterion="gallop", scope="global", threshold=0.0)
     with pytest.raises(TypeError, match=r"'w0'.*dtype torch.complex64"):
         gk.SparseAdamW(bag.named_parameters(), selection=sel)
+
+
+def test_master_weights_switched_off_mid_run():
+    """Turning master_weights off re-plans: the master copy is dropped and the bf16 weights
+    are updated from themselves, on the kernel as on the reference path."""
+    runs = []
+    for backend in ("ext", "reference"):
+        bag, sel, opt = _setup(torch.bfloat16, backend=backend)
+        gen = torch.Generator().manual_seed(8)
+        for step in range(4):
+            if step == 2:
+                assert all("master_param" in st for st in opt.state.values() if st)
+                opt.master_weights = False
+            for n, g in _grads(bag, gen).items():
+                getattr(bag, n).grad = g
+            opt.step()
+        assert all("master_param" not in st for st in opt.state.values())
+        runs.append([p.detach().clone() for p in bag.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q)

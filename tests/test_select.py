@@ -1,5 +1,6 @@
 """select_mask and Selection on the reference path, against a float64 full sort."""
 
+import functools
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from helpers import DTYPES, SIZES, Bag, make_bag, oracle_selection
 
 import gallop_kernels as gk
-from gallop_kernels import reference
+from gallop_kernels import radix, reference, select
 from gallop_kernels.reference import CRITERIA
 
 
@@ -16,18 +17,19 @@ def assert_same_selection(sel, expected, thr):
     for name, idx in expected.items():
         assert sel[name].dtype == torch.int64
         assert torch.equal(sel[name], idx), f"{name}: {sel[name].tolist()[:10]} != {idx.tolist()[:10]}"
-    if sel.scope == "global":
-        assert sel.threshold == thr
-    else:
-        assert sel.threshold == thr
+    assert sel.threshold == thr
+
+
+def use_config(monkeypatch, config: radix.Config) -> None:
+    """Make select_mask's reference backend run with ``config``."""
+    monkeypatch.setitem(select._TOPK_BACKENDS, "reference", functools.partial(reference.topk_keys, config=config))
 
 
 @pytest.fixture(params=[False, True], ids=["chunk=default", "chunk=tiny"])
 def tiny_chunks(request, monkeypatch):
     """Also run with chunks and candidate buffers far smaller than the tensors."""
-    if request.param:
-        monkeypatch.setattr(reference, "CHUNK", 1000)  # several chunks in the larger tensors
-        monkeypatch.setattr(reference, "CANDIDATE_CAP", 5)
+    if request.param:  # several chunks in the larger tensors
+        use_config(monkeypatch, radix.Config(chunk=1000, candidate_cap=5))
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -50,9 +52,9 @@ def test_matches_full_sort(criterion, scope, dtype, rho, tiny_chunks):
 def test_tiny_chunks_take_every_path(monkeypatch):
     """Chunks of 64 and a buffer of 5 force the three-pass (heavy tie) resolution."""
     calls = []
-    real = reference._boundary
-    monkeypatch.setattr(reference, "_boundary", lambda h, k: calls.append(k) or real(h, k))
-    monkeypatch.setattr(reference, "CANDIDATE_CAP", 5)
+    real = radix.boundary
+    monkeypatch.setattr(radix, "boundary", lambda h, k: calls.append(k) or real(h, k))
+    use_config(monkeypatch, radix.Config(chunk=64, candidate_cap=5))
     bag = make_bag([300, 301])
     for p in bag.parameters():  # 3 distinct values: the boundary bin is huge
         p.grad = torch.randint(0, 3, p.shape).float()
@@ -65,7 +67,7 @@ def test_tiny_chunks_take_every_path(monkeypatch):
 
 def test_chunks_bound_the_scored_block(monkeypatch):
     """No score tensor larger than one chunk is ever materialized."""
-    monkeypatch.setattr(reference, "CHUNK", 100)
+    use_config(monkeypatch, radix.Config(chunk=100))
     seen = []
     real = reference.score
     monkeypatch.setattr(reference, "score", lambda *a, **kw: seen.append(a[1].numel()) or real(*a, **kw))
@@ -175,11 +177,11 @@ def test_num_to_select_rounding():
 
 
 def test_boundary_counts_beyond_int32():
-    hist = torch.zeros(reference.NUM_BINS, dtype=torch.int64)
+    hist = torch.zeros(radix.NUM_BINS, dtype=torch.int64)
     hist[-1], hist[100], hist[7] = 2**32, 3 * 2**31, 5
-    assert reference._boundary(hist, 2**32) == (reference.NUM_BINS - 1, 0)
-    assert reference._boundary(hist, 2**32 + 1) == (100, 2**32)
-    assert reference._boundary(hist, 2**32 + 3 * 2**31 + 2) == (7, 2**32 + 3 * 2**31)
+    assert radix.boundary(hist, 2**32) == (radix.NUM_BINS - 1, 0)
+    assert radix.boundary(hist, 2**32 + 1) == (100, 2**32)
+    assert radix.boundary(hist, 2**32 + 3 * 2**31 + 2) == (7, 2**32 + 3 * 2**31)
 
 
 def test_order_key_orders_like_floats():

@@ -59,27 +59,27 @@ GALLOP_HD uint16_t float_to_fp16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
-GALLOP_HD float load_as_float(const void* base, int64_t i, int32_t dtype) {
-  switch (dtype) {
-    case kBFloat16:
-      return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case kFloat16:
-      return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default:
-      return static_cast<const float*>(base)[i];
+// Element i of a tensor of dtype D, in float32. D is a template argument: a
+// kernel instantiated for one dtype pair has no per-entry dtype switch.
+template <int32_t D>
+GALLOP_HD float load_as_float(const void* base, int64_t i) {
+  if constexpr (D == kBFloat16) {
+    return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  } else if constexpr (D == kFloat16) {
+    return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
+  } else {
+    return static_cast<const float*>(base)[i];
   }
 }
 
-GALLOP_HD void store_from_float(void* base, int64_t i, int32_t dtype, float v) {
-  switch (dtype) {
-    case kBFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-      break;
-    case kFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_fp16(v);
-      break;
-    default:
-      static_cast<float*>(base)[i] = v;
+template <int32_t D>
+GALLOP_HD void store_from_float(void* base, int64_t i, float v) {
+  if constexpr (D == kBFloat16) {
+    static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+  } else if constexpr (D == kFloat16) {
+    static_cast<uint16_t*>(base)[i] = float_to_fp16(v);
+  } else {
+    static_cast<float*>(base)[i] = v;
   }
 }
 

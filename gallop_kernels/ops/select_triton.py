@@ -1,19 +1,21 @@
-"""Triton selection backend: score, one shared histogram and index emission in two streaming passes.
+"""Triton selection backend: the window plan's count and emission passes on the GPU.
 
-Same contract and output as :func:`gallop_kernels.reference.topk_keys`.
+Same contract and output as :func:`gallop_kernels.reference.topk_keys` (one process).
+The plan is gallop_kernels.radix.select_window: a strided sample predicts a window
+(lo, hi] of order keys around the k-th largest, then
 
-Pass 1 (``_histogram_kernel``) reads theta and grad in their own dtype, computes the
-float32 score exactly as ``reference.score`` does, maps it to the signed order key
-and counts the key's high 16 bits in ONE histogram shared by every tensor of the
-selection. A prefix sum over the histogram gives the boundary bin. Pass 2
-(``_emit_kernel``) re-reads theta and grad, appends the flat indices above the
-boundary bin and buffers the boundary bin's candidates (key, position), which are
-resolved exactly with torch ops on the small buffer. A boundary bin larger than
-``reference.CANDIDATE_CAP`` (heavy ties) gets a low-digit histogram instead and two
-more passes (keys above the exact threshold, then ties in position order), as in
-the reference. No score or key tensor is materialized: extra memory is the
-output (k int64), the histograms, the candidate buffer and a per-program segment
-table (16 bytes per 4096 weights and pass).
+- ``_count_kernel`` reads theta and grad once and writes, per block of BLOCK
+  weights, how many keys are > hi, in (lo, hi], == lo and non-finite: block
+  reductions and four plain stores per program, no atomics;
+- ``_emit_kernel`` reads them again and writes each block's selected positions at
+  the block's exclusive prefix offset (order-preserving, no shared counter), and
+  its window candidates (key, position) at its own offset, or in ties mode its
+  first quota[b] keys == lo.
+
+One launch per pass for all sources of one (theta dtype, grad dtype, layout): a
+program finds its source in a program -> source table and the source's pointers,
+size, strides and bases in a per-source int64 table (int -> pointer casts). A
+window miss falls back to the histogram plan (ops/select_histogram.py).
 """
 
 from __future__ import annotations
@@ -24,267 +26,187 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ..reference import BITS, NUM_BINS
+from .. import radix, reference
+from .score import READS, flat, signed_key
+from .select_histogram import topk_keys_histogram
 
-# 4096 weights per program: 16 per thread at 8 warps, i.e. two 16-byte loads per
-# thread for bf16. One program per block keeps the emission order-preserving
-# within a block with a single scalar atomic per program.
-BLOCK = 4096
+# 2048 weights per program at 8 warps: 8 per thread, one 16-byte load of bf16, two
+# of fp32 (4096 took the collect emission to 128 registers). Counts cost 16 bytes
+# per block (0.2% of bf16 theta and grad).
+BLOCK = 2048
 NUM_WARPS = 8
-_HALF = NUM_BINS // 2  # high digit of the order key = (signed key >> 16) + 2**15
-_READS = {"gallop": (True, True), "saft": (False, True), "magnitude": (True, False), "pafi": (True, False)}
+# Registers (tests/test_triton_compile.py holds the budgets): the count and the ties
+# emission fit 64 (4 blocks of 8 warps per SM, 50% occupancy); the collect emission
+# takes 64-80 (37.5%): its scattered stores keep 64-bit addresses, and capping it
+# at 64 with maxnreg makes ptxas spill.
+# Per-source table columns (int64).
+_COLUMNS = ("theta", "grad", "n", "theta_stride", "grad_stride", "base", "first_block", "first_program")
+_FINITE_MAX = tl.constexpr(radix.FINITE_MAX)
+_FINITE_MIN = tl.constexpr(radix.FINITE_MIN)
 
 
 @triton.jit
-def _load_f32(ptr, offs, stride, mask):
-    """Load in the tensor's dtype and widen exactly to float32."""
-    x = tl.load(ptr + offs * stride, mask=mask, other=0.0)
-    if x.dtype == tl.bfloat16:
-        # bf16 is the high half of a float32. Widening by the shift keeps subnormals,
-        # which the interpreter's bf16 -> fp32 cast (triton 3.6 _convert_float)
-        # gets wrong; on the GPU both are one integer op.
-        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION: tl.constexpr):
-    """reference._signed_key(reference.score(...)) of the weights at ``offs``."""
-    if CRITERION == "gallop":
-        g = _load_f32(grad_ptr, offs, grad_stride, mask)
-        t = _load_f32(theta_ptr, offs, theta_stride, mask)
-        # Triton's '/' is an approximate divide on the GPU; the reference divides
-        # correctly rounded, and a one-ulp difference moves ties at the threshold.
-        s = tl.math.div_rn(tl.abs(g), tl.abs(t) + eps)
-    elif CRITERION == "saft":
-        s = tl.abs(_load_f32(grad_ptr, offs, grad_stride, mask))
-    elif CRITERION == "magnitude":
-        s = tl.abs(_load_f32(theta_ptr, offs, theta_stride, mask))
-    else:  # pafi; 0 - |x| (not -|x|) turns -0.0 into +0.0, as in the reference
-        s = 0.0 - tl.abs(_load_f32(theta_ptr, offs, theta_stride, mask))
-    bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _histogram_kernel(
-    theta_ptr, grad_ptr, hist_ptr, n, theta_stride, grad_stride, eps,
-    CRITERION: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Pass 1: add the high digit of every key to the shared int64 histogram."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    key = _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
-    # Exact zeros (zero gradients; pafi of theta = 0) are common and would all hit
-    # one bin: count them with one atomic per program instead of one per weight.
-    zero = mask & (key == 0)
-    tl.atomic_add(hist_ptr + ((key >> 16) + HALF), 1, mask=mask & (key != 0), sem="relaxed")
-    zeros = tl.sum(zero.to(tl.int64), axis=0)
-    tl.atomic_add(hist_ptr + HALF, zeros, mask=zeros > 0, sem="relaxed")
-
-
-@triton.jit
-def _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, take):
-    """Append offs[take] to ``out`` in order; record where this program's run went."""
-    taken = take.to(tl.int32)
-    cnt = tl.sum(taken, axis=0).to(tl.int64)
-    dst = tl.atomic_add(count_ptr, cnt, sem="relaxed")
-    tl.store(out_ptr + (dst + tl.cumsum(taken, axis=0) - 1), offs, mask=take)
-    tl.store(seg_dst_ptr + prog, dst)
-    tl.store(seg_cnt_ptr + prog, cnt)
-
-
-@triton.jit
-def _emit_kernel(
-    theta_ptr, grad_ptr, out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, key_buf_ptr, pos_buf_ptr, aux_ptr,
-    n, theta_stride, grad_stride, base, prog0, eps, lo, hi,
-    CRITERION: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Passes 2-4, by MODE (lo, hi are signed keys):
-
-    collect: append keys > hi; keys in [lo, hi] go to the candidate buffers
-      (key_buf, pos_buf = base + index), their count in aux.
-    low: append keys > hi; count keys in [lo, hi] in the low-digit histogram aux.
-    above: append keys in (lo, hi]; store this program's count of keys == lo in aux.
-    ties: append the first aux[program] keys == lo of this program.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    prog = prog0 + pid
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    if MODE == "ties":
-        quota = tl.load(aux_ptr + prog)
-        mask = mask & (quota > 0)  # programs past the quota read nothing
-    key = _signed_key(theta_ptr, grad_ptr, offs, mask, theta_stride, grad_stride, eps, CRITERION)
-    if MODE == "collect":
-        _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, mask & (key > hi))
-        cand = mask & (key >= lo) & (key <= hi)
-        taken = cand.to(tl.int32)
-        dst = tl.atomic_add(aux_ptr, tl.sum(taken, axis=0).to(tl.int64), sem="relaxed")
-        slot = dst + tl.cumsum(taken, axis=0) - 1
-        tl.store(key_buf_ptr + slot, key, mask=cand)
-        tl.store(pos_buf_ptr + slot, base + offs, mask=cand)
-    elif MODE == "low":
-        _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, mask & (key > hi))
-        in_bin = mask & (key >= lo) & (key <= hi)
-        tl.atomic_add(aux_ptr + (key - lo), 1, mask=in_bin, sem="relaxed")
-    elif MODE == "above":
-        _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, mask & (key > lo) & (key <= hi))
-        tl.store(aux_ptr + prog, tl.sum((mask & (key == lo)).to(tl.int64), axis=0))
+def _block_keys(table_ptr, source_ptr, theta_like, grad_like, eps,
+                CRITERION: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block: its global number, its first global position, lanes,
+    lane mask and the signed keys of its weights."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(source_ptr + pid).to(tl.int64) * 8
+    local = pid - tl.load(row + 7)  # int64 from here: offsets pass 2**31
+    start = local * BLOCK
+    lane = tl.arange(0, BLOCK)
+    size = tl.minimum(tl.load(row + 2) - start, BLOCK).to(tl.int32)
+    theta = tl.load(row).to(tl.pointer_type(theta_like.dtype.element_ty), bitcast=True)
+    grad = tl.load(row + 1).to(tl.pointer_type(grad_like.dtype.element_ty), bitcast=True)
+    if ALIGNED:  # contiguous, 16-byte aligned, n % 16 == 0: 16-byte vector loads
+        mask = lane < tl.multiple_of(size, 16)
+        theta_ptrs = tl.multiple_of(theta + start, 16) + lane
+        grad_ptrs = tl.multiple_of(grad + start, 16) + lane
     else:
+        mask = lane < size
+        flat_index = start + lane
+        theta_ptrs = theta + flat_index * tl.load(row + 3)
+        grad_ptrs = grad + flat_index * tl.load(row + 4)
+    key = signed_key(theta_ptrs, grad_ptrs, mask, eps, CRITERION)
+    return tl.load(row + 6) + local, tl.load(row + 5) + start, lane, mask, key
+
+
+@triton.jit
+def _count_kernel(table_ptr, source_ptr, theta_like, grad_like, counts_ptr, eps, lo, hi,
+                  CRITERION: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: per block, int32 counts of keys > hi, in (lo, hi], == lo, non-finite."""
+    block, first, lane, mask, key = _block_keys(
+        table_ptr, source_ptr, theta_like, grad_like, eps, CRITERION, ALIGNED, BLOCK)
+    out = counts_ptr + block * 4
+    tl.store(out, tl.sum((mask & (key > hi)).to(tl.int32), axis=0))
+    tl.store(out + 1, tl.sum((mask & (key > lo) & (key <= hi)).to(tl.int32), axis=0))
+    tl.store(out + 2, tl.sum((mask & (key == lo)).to(tl.int32), axis=0))
+    tl.store(out + 3, tl.sum((mask & ((key > _FINITE_MAX) | (key < _FINITE_MIN))).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _emit_kernel(table_ptr, source_ptr, theta_like, grad_like, out_ptr, out_dst_ptr, quota_ptr,
+                 cand_key_ptr, cand_pos_ptr, cand_dst_ptr, eps, lo, hi,
+                 TIES: tl.constexpr, CRITERION: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: positions of keys > hi (and, TIES, of the first quota[b] keys == lo) to
+    out[out_dst[b]:] in order; without TIES, keys in (lo, hi] and their positions to
+    cand_key/cand_pos[cand_dst[b]:]."""
+    block, first, lane, mask, key = _block_keys(
+        table_ptr, source_ptr, theta_like, grad_like, eps, CRITERION, ALIGNED, BLOCK)
+    take = mask & (key > hi)
+    if TIES:
         tie = mask & (key == lo)
-        rank = tl.cumsum(tie.to(tl.int64), axis=0) - 1
-        _append(out_ptr, count_ptr, seg_dst_ptr, seg_cnt_ptr, prog, offs, tie & (rank < quota))
+        take = take | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tl.load(quota_ptr + block)))
+    else:  # candidates first: key is dead after this, fewer live registers
+        cand = mask & (key > lo) & (key <= hi)
+        slot = tl.cumsum(cand.to(tl.int32), axis=0) - 1
+        dst = tl.load(cand_dst_ptr + block)
+        tl.store(cand_key_ptr + dst + slot, key, mask=cand)
+        tl.store(cand_pos_ptr + dst + slot, first + lane, mask=cand)
+    out = out_ptr + tl.load(out_dst_ptr + block)
+    tl.store(out + (tl.cumsum(take.to(tl.int32), axis=0) - 1), first + lane, mask=take)
 
 
-# ----------------------------------------------------------------------------
-# launcher
-# ----------------------------------------------------------------------------
+def _launch(kernel, sources: list[int], grid: int, *args, **meta) -> None:
+    """Every kernel launch goes through here (tests see which sources each pass reads)."""
+    kernel[(grid,)](*args, BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
 
 
-def _plan(numels: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """Per source: its grid, its first global program number, and its first global
-    position. Python ints, so nothing overflows at 2**31 elements."""
-    grids, prog_base, bases, p, b = [], [], [], 0, 0
-    for n in numels:
-        grids.append(triton.cdiv(n, BLOCK))
-        prog_base.append(p)
-        bases.append(b)
-        p += grids[-1]
-        b += n
-    return grids, prog_base + [p], bases + [b]
+class _Group:
+    """Sources launched together: same dtypes and layout; their program -> source table."""
+
+    def __init__(self, theta_like: torch.Tensor, grad_like: torch.Tensor, aligned: bool):
+        self.theta_like, self.grad_like, self.aligned = theta_like, grad_like, aligned
+        self.sources: list[int] = []
+        self.blocks: list[int] = []
+        self.programs = 0
 
 
-def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A 1-D view of ``t`` in flat-index order and its stride; copies only when no
-    such view exists (e.g. a transposed matrix)."""
-    f = t.detach().reshape(-1)
-    return f, (f.stride(0) if f.numel() else 1)
+class TritonPrimitives:
+    """radix.Primitives on Triton kernels for ``sources`` (k > 0 selections only)."""
 
+    def __init__(self, sources: list[reference.Source], criterion: str, eps: float, device: torch.device):
+        reads_theta, reads_grad = READS[criterion]
+        self.criterion, self.eps, self.device = criterion, eps, device
+        groups: dict[tuple, _Group] = {}
+        rows, self._views = [], []
+        base, blocks = 0, 0
+        for i, s in enumerate(sources):
+            n, nb = s.numel, triton.cdiv(s.numel, BLOCK)
+            t = flat(s.param) if reads_theta else None
+            g = flat(s.grad) if reads_grad else None
+            (t, ts), (g, gs) = t or g, g or t  # an unread tensor is passed as the read one
+            aligned = n % 16 == 0 and all(v.data_ptr() % 16 == 0 and st == 1 for v, st in ((t, ts), (g, gs)))
+            if nb:
+                grp = groups.setdefault((t.dtype, g.dtype, aligned), _Group(t, g, aligned))
+                rows.append([t.data_ptr(), g.data_ptr(), n, ts, gs, base, blocks, grp.programs])
+                grp.sources.append(i)
+                grp.blocks.append(nb)
+                grp.programs += nb
+                self._views += [t, g]  # the table holds raw addresses: keep copies alive
+            else:
+                rows.append([0] * len(_COLUMNS))
+            base, blocks = base + n, blocks + nb
+        self.num_blocks = blocks
+        self.groups = list(groups.values())
+        self.table = torch.tensor(rows, dtype=torch.int64).to(device)
+        for grp in self.groups:  # built on the device: 4 bytes per block, no host copy
+            ids = torch.tensor(grp.sources, dtype=torch.int32).to(device)
+            grp.program_source = torch.repeat_interleave(
+                ids, torch.tensor(grp.blocks).to(device), output_size=grp.programs)
 
-def _launch(kernel, theta, grad, grid, *args, **meta) -> None:
-    """Every kernel launch goes through here (tests count the reads of theta and grad)."""
-    kernel[(grid,)](theta, grad, *args, BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
+    def _sweep(self, kernel, *args, **meta) -> None:
+        for grp in self.groups:
+            _launch(kernel, grp.sources, grp.programs, self.table, grp.program_source, grp.theta_like,
+                    grp.grad_like, *args, CRITERION=self.criterion, ALIGNED=grp.aligned, **meta)
 
+    def count(self, lo: int, hi: int) -> torch.Tensor:
+        """See radix.Primitives.count."""
+        counts = torch.empty(self.num_blocks, 4, dtype=torch.int32, device=self.device)
+        self._sweep(_count_kernel, counts, self.eps, lo, hi)
+        return counts
 
-class _Pass:
-    """One emission pass over all sources: its per-program segment table."""
-
-    def __init__(self, programs: int, device):
-        self.dst = torch.zeros(programs, dtype=torch.int64, device=device)
-        self.cnt = torch.zeros(programs, dtype=torch.int64, device=device)
-
-    def in_order(self, out: torch.Tensor, prog_base: list[int]) -> list[torch.Tensor]:
-        """The indices this pass appended, per source and ascending: programs cover
-        increasing index ranges, so ordering the runs by program orders them."""
-        ends = self.cnt.cumsum(0)
-        total = int(ends[-1]) if ends.numel() else 0
-        shift = torch.repeat_interleave(self.dst - (ends - self.cnt), self.cnt, output_size=total)
-        ordered = out[shift + torch.arange(total, device=out.device)]
-        cuts = torch.cat([ends.new_zeros(1), ends])[prog_base].tolist()
-        return list(ordered.split([b - a for a, b in zip(cuts, cuts[1:])]))
-
-
-def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Merge two ascending, disjoint index tensors without sorting."""
-    if not b.numel() or not a.numel():
-        return a if b.numel() == 0 else b
-    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
-    out[torch.arange(a.numel(), device=a.device) + torch.searchsorted(b, a)] = a
-    out[torch.arange(b.numel(), device=b.device) + torch.searchsorted(a, b)] = b
-    return out
+    def emit(self, lo, hi, out, out_dst, quota, cand_key, cand_pos, cand_dst) -> None:
+        """See radix.Primitives.emit."""
+        ties = quota is not None
+        if ties:  # unused buffers: the same dtypes, so the same kernel signature
+            cand_key, cand_pos, cand_dst = quota, out, out_dst
+        else:
+            quota = cand_key
+        self._sweep(_emit_kernel, out, out_dst, quota, cand_key, cand_pos, cand_dst, self.eps, lo, hi, TIES=ties)
 
 
 def topk_keys_triton(
-    sources: list[reference.Source], k: int, criterion: str, eps: float = 1e-8, seed: int = 0
+    sources: list[reference.Source],
+    k: int,
+    criterion: str,
+    eps: float = 1e-8,
+    seed: int = 0,
+    *,
+    config: radix.Config = radix.DEFAULT,
+    trace: list | None = None,
 ) -> tuple[list[torch.Tensor], int | None]:
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Same contract and output as :func:`gallop_kernels.reference.topk_keys`
     (single process): sorted int64 flat indices per source, and the threshold
     order key (None when k == 0). theta and grad may be fp32, bf16 or fp16, each
-    in its own dtype. Raises ValueError on a NaN or Inf score. Reads theta and
-    grad twice (four times when more than reference.CANDIDATE_CAP weights share
-    the boundary bin).
+    in its own dtype. Raises ValueError on a NaN or Inf score. Reads theta and grad
+    twice when the sampled window holds the k-th key, else falls back to the
+    histogram plan. ``trace``: a list that receives the radix.Plan.
     """
     # random is a counter-based hash, no streaming read worth a kernel; float64
     # weights are rare and keep the kernels to three dtypes: both stay on the reference.
     if criterion == "random" or any(
         t is not None and t.dtype == torch.float64 for s in sources for t in (s.param, s.grad)
     ):
-        return reference.topk_keys(sources, k, criterion, eps, seed)
-    if criterion not in _READS:
+        return reference.topk_keys(sources, k, criterion, eps, seed, config=config)
+    if criterion not in READS:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {reference.CRITERIA}")
-    devices = [s.param.device for s in sources]
-    empty = [torch.empty(0, dtype=torch.int64, device=d) for d in devices]
     if k == 0:
-        return empty, None
-    dev = devices[0]
+        return [torch.empty(0, dtype=torch.int64, device=s.param.device) for s in sources], None
+    dev = sources[0].param.device
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _select(sources, k, criterion, eps, dev)
-
-
-def _select(sources, k, criterion, eps, dev):
-    """topk_keys_triton for k > 0, on device ``dev``."""
-    reads_theta, reads_grad = _READS[criterion]
-    views = []
-    for s in sources:  # an unread tensor is passed as the read one: fewer kernel variants
-        t = _flat(s.param) if reads_theta else None
-        g = _flat(s.grad) if reads_grad else None
-        views.append((t or g, g or t))
-    grids, prog_base, bases = _plan([s.numel for s in sources])
-    live = [i for i, g in enumerate(grids) if g]
-
-    def sweep(kernel, buffers, scalars, grid_of=grids.__getitem__, **meta):
-        """Launch ``kernel`` over every source: theta, grad, *buffers, n, strides, *scalars(i)."""
-        for i in live:
-            (t, ts), (g, gs) = views[i]
-            if grid_of(i) > 0:
-                args = (*buffers, t.numel(), ts, gs, *scalars(i))
-                _launch(kernel, t, g, grid_of(i), *args, CRITERION=criterion, **meta)
-
-    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)  # int64: all-zero grads of 8e9 weights
-    sweep(_histogram_kernel, (hist,), lambda i: (eps,), HALF=_HALF)
-    hist = hist.cpu()
-    if reference.has_nonfinite(hist):
-        reference.raise_nonfinite(sources, criterion, eps)
-        raise ValueError(f"a {criterion} score is NaN or Inf")  # the kernel saw one the reference did not
-    hi_bin, above = reference._boundary(hist, k)
-    need = k - above
-    bin_first = (hi_bin << BITS) - reference._SIGN  # signed keys of the boundary bin
-    bin_last = bin_first + NUM_BINS - 1
-
-    out = torch.empty(k, dtype=torch.int64, device=dev)
-    count = torch.zeros(1, dtype=torch.int64, device=dev)
-    unused_keys = torch.zeros(1, dtype=torch.int32, device=dev)  # same pointer type: same kernel variant
-
-    def emit(mode, aux, lo, hi, key_buf=unused_keys, pos_buf=count, **grid_of):
-        p = _Pass(prog_base[-1], dev)
-        buffers = (out, count, p.dst, p.cnt, key_buf, pos_buf, aux)
-        sweep(_emit_kernel, buffers, lambda i: (bases[i], prog_base[i], eps, lo, hi), MODE=mode, **grid_of)
-        return p.in_order(out, prog_base)
-
-    cand_n = int(hist[hi_bin])
-    if cand_n <= reference.CANDIDATE_CAP:
-        keys = torch.empty(cand_n, dtype=torch.int32, device=dev)
-        pos = torch.empty(cand_n, dtype=torch.int64, device=dev)
-        picked = emit("collect", torch.zeros(1, dtype=torch.int64, device=dev), bin_first, bin_last, keys, pos)
-        # Candidates arrive in program-completion order; resolve_candidates orders them.
-        chosen, threshold = reference.resolve_candidates(keys, pos, need)
-        chosen = torch.sort(chosen).values
-        cuts = torch.searchsorted(chosen, torch.tensor(bases, device=dev)).tolist()
-        picked = [_merge(p, chosen[a:b] - bases[i]) for i, (p, a, b) in enumerate(zip(picked, cuts, cuts[1:]))]
-    else:
-        low = torch.zeros(NUM_BINS, dtype=torch.int64, device=dev)
-        picked = emit("low", low, bin_first, bin_last)
-        lo_bin, above_lo = reference._boundary(low.cpu(), need)
-        threshold = bin_first + lo_bin
-        ties = torch.zeros(prog_base[-1], dtype=torch.int64, device=dev)
-        picked = [_merge(a, b) for a, b in zip(picked, emit("above", ties, threshold, bin_last))]
-        # Ties go to the lowest positions: each program takes what the earlier ones left.
-        quota = (need - above_lo - (ties.cumsum(0) - ties)).clamp(min=0).minimum(ties)
-        last = int(quota.nonzero()[-1]) + 1 if int(quota.sum()) else 0
-        tied = emit("ties", quota, threshold, threshold, grid_of=lambda i: min(grids[i], last - prog_base[i]))
-        picked = [_merge(a, b) for a, b in zip(picked, tied)]
-    return [p.to(d) for p, d in zip(picked, (s.param.device for s in sources))], threshold + reference._SIGN
+        prims = TritonPrimitives(sources, criterion, eps, dev)
+        fallback = lambda: topk_keys_histogram(sources, k, criterion, eps, config)  # noqa: E731
+        return radix.select_window(sources, k, criterion, eps, prims, fallback, config, trace)
