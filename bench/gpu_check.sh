@@ -35,6 +35,9 @@ run() {  # run a step under a time limit; remember a failure, keep going
   run 100 python3 bench/bench_select.py --sets 1e8 1e9 --rhos 0.001 0.01 0.1
   run 60 python3 bench/bench_select.py --sets 1e9 --rhos 0.01 --data llm equal zeros30
   run 70 python3 bench/bench_select.py --sets 8e9 llama3-8b --rhos 0.01 --providers select_mask
+  # The application on the GPU: finetune in bf16 on a tiny random Llama, the same selection on cpu and cuda,
+  # gallop plan --measure on the TinyLlama-1.1B shape (batch 1 x 512; the table is printed).
+  run 120 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
   exit "$status"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"

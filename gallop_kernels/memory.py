@@ -1,22 +1,23 @@
-"""Memory planner: bytes of weights, gradients, optimizer state, master weights
-and index lists for full fine-tuning, LoRA and GaLLoP on a Hugging Face config.
+"""Memory planner: the bytes full fine-tuning, LoRA and GaLLoP hold on a Hugging Face config.
 
-``python -m gallop_kernels.memory`` prints the table for LLaMA-3-8B and Gemma-2B
-configs built locally (no download).
+Per method: weights, gradients, optimizer state, master weights, index lists,
+the gradients held while the selection's mean gradient is estimated, and (given
+a batch shape) an estimate of the activations, as the ``gallop`` command trains
+them. ``gallop plan`` prints it for any model; ``python -m gallop_kernels.memory``
+prints the paper's two models.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .reference import num_to_select
 
-# The DoRA/LLM-Adapters commonsense recipe targets these projections.
+# The DoRA / LLM-Adapters commonsense recipe adapts these projections; the trainer uses the same list.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master entries
+STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master / gradient-buffer entries
 INDEX_BYTES = 8  # int64 flat indices
 
 
@@ -37,18 +38,49 @@ def preset_config(name: str):
     raise ValueError(f"unknown preset {name!r}; expected 'llama3-8b' or 'gemma-2b'")
 
 
+_SHAPES: dict[str, dict[str, torch.Size]] = {}  # config JSON -> shapes: a planner asks again per batch size
+
+
 def _shapes(config) -> dict[str, torch.Size]:
     """Trainable parameter shapes of the causal LM ``config`` describes (meta device, no memory)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {n: p.shape for n, p in model.named_parameters()}  # tied weights are listed once
+    key = config.to_json_string()
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _SHAPES[key] = {n: p.shape for n, p in model.named_parameters()}  # tied weights are listed once
+    return _SHAPES[key]
+
+
+def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
+                     gradient_checkpointing: bool = False) -> int:
+    """Estimated bytes of the activations one training step keeps for backward (an estimate, not a bound).
+
+    Per token and layer a Llama-style block keeps the inputs of its norms,
+    projections and attention (7 hidden-size vectors, q/k/v counted once, k and v
+    at their grouped size) and of its gated MLP (4 intermediate-size vectors);
+    attention is assumed memory-efficient (SDPA / flash: no seq x seq matrix);
+    a config without ``intermediate_size`` counts 4 x hidden.
+    The loss keeps the logits in ``dtype`` and twice in float32 (upcast and
+    log-softmax). With gradient checkpointing a layer keeps only its input, and
+    one layer's activations exist at a time while it is recomputed.
+    """
+    b = torch.empty((), dtype=dtype).element_size()
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h  # GPT-2: n_inner
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = 2 * getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
+    tokens = batch_size * seq_len
+    layer = tokens * (7 * h + kv + 4 * inter) * b
+    blocks = layers * tokens * h * b + layer if gradient_checkpointing else layers * layer
+    logits = tokens * config.vocab_size * (b + 2 * STATE_BYTES)
+    return blocks + logits
 
 
 @dataclass
 class MemoryRow:
-    """Bytes held during training by one method (activations excluded)."""
+    """Bytes held by one method; ``peak`` = weights + activations + the larger of estimation and training."""
 
     method: str
     trainable: int
@@ -57,10 +89,18 @@ class MemoryRow:
     optimizer_state: int
     master_weights: int
     index_lists: int
+    estimation: int = 0
+    """Gradients held while the mean gradient of the selection is estimated (sparse methods)."""
+    activations: int = 0
 
     @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.master_weights + self.index_lists
+    def training(self) -> int:
+        """Bytes besides the weights and activations during a training step."""
+        return self.gradients + self.optimizer_state + self.master_weights + self.index_lists
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations + max(self.training, self.estimation)
 
 
 def memory_plan(
@@ -69,16 +109,32 @@ def memory_plan(
     lora_rank: int = 16,
     dtype: torch.dtype = torch.bfloat16,
     lora_targets: tuple[str, ...] = LORA_TARGETS,
+    *,
+    grad_accum_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> list[MemoryRow]:
     """Rows for full fine-tuning (AdamW), LoRA at ``lora_rank`` and GaLLoP at ``rho``
-    (dense and compact gradients).
+    (dense and compact gradients), with the weights in ``dtype``, as the ``gallop`` command trains them.
 
-    Optimizer state counts fp32 exp_avg and exp_avg_sq (8 B per trainable
-    weight; the per-parameter step scalars are left out). Master weights are fp32
-    copies kept when ``dtype`` is narrower than fp32. GaLLoP's selection is global:
-    k = round(rho * N) weights, with int64 flat indices; with compact gradients a
-    step holds fp32 gradients for the k selected weights plus the dense gradient
-    of the largest single tensor while backward produces it.
+    - Full fine-tuning: ``torch.optim.AdamW`` on the weights as they are, so
+      gradients and ``exp_avg`` / ``exp_avg_sq`` are in ``dtype`` (pure bf16
+      training, no master copy).
+    - LoRA: peft's adapters in float32 (peft's default casts them up on bf16
+      models), so their gradients and AdamW state are float32 too.
+    - GaLLoP: k = round(rho * N) weights; SparseAdamW keeps fp32 ``exp_avg`` and
+      ``exp_avg_sq`` (8 B each selected weight), a fp32 master copy (4 B) when
+      ``dtype`` is narrower than fp32, and int64 flat indices (8 B). Dense
+      gradients are in ``dtype``; with compact gradients a step holds fp32
+      gradients for the k selected weights plus the dense gradient of the
+      largest single tensor while backward produces it.
+    - Estimation (sparse methods): the mean gradient is accumulated in ``.grad``
+      (``dtype``); with ``grad_accum_dtype`` float32 and a narrower ``dtype``, a
+      float32 sum is kept besides it. Compact gradients do not shrink this phase.
+    - Activations: :func:`activation_bytes` when ``batch_size`` and ``seq_len`` are given, else 0.
+
+    Per-parameter step counters and the selection's scoring workspace are left out.
     """
     shapes = _shapes(config)
     b = torch.empty((), dtype=dtype).element_size()
@@ -90,36 +146,34 @@ def memory_plan(
     k = num_to_select(rho, n)
     largest = max(s.numel() for s in shapes.values())
     opt = 2 * STATE_BYTES
+    wide_sum = STATE_BYTES * n if grad_accum_dtype == torch.float32 and b < STATE_BYTES else 0
+    estimation = n * b + wide_sum
+    act = activation_bytes(config, batch_size, seq_len, dtype, gradient_checkpointing) if batch_size and seq_len else 0
     return [
-        MemoryRow("full FT (AdamW)", n, n * b, n * b, opt * n, master * n, 0),
-        MemoryRow(f"LoRA r={lora_rank}", lora, (n + lora) * b, lora * b, opt * lora, master * lora, 0),
-        MemoryRow(f"GaLLoP rho={rho:g}", k, n * b, n * b, opt * k, master * k, INDEX_BYTES * k),
-        MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, n * b, STATE_BYTES * k + largest * b, opt * k, master * k, INDEX_BYTES * k),
+        MemoryRow("full FT (AdamW)", n, n * b, n * b, 2 * b * n, 0, 0, 0, act),
+        MemoryRow(f"LoRA r={lora_rank}", lora, n * b + STATE_BYTES * lora, STATE_BYTES * lora, opt * lora, 0, 0, 0, act),
+        MemoryRow(f"GaLLoP rho={rho:g}", k, n * b, n * b, opt * k, master * k, INDEX_BYTES * k, estimation, act),
+        MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, n * b, STATE_BYTES * k + largest * b, opt * k, master * k,
+                  INDEX_BYTES * k, estimation, act),
     ]  # fmt: skip
 
 
 def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
-    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists"]
-    head = f"| {title or 'method'} | trainable | " + " | ".join(c.replace("_", " ") for c in cols) + " | total (GiB) |"
+    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "estimation", "activations"]
+    head = f"| {title or 'method'} | trainable | " + " | ".join(c.replace("_", " ") for c in cols) + " | peak (GiB) |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
     for r in rows:
         d = asdict(r)
-        lines.append(f"| {r.method} | {r.trainable:,} | " + " | ".join(gib(d[c]) for c in cols) + f" | {gib(r.total)} |")
+        lines.append(f"| {r.method} | {r.trainable:,} | " + " | ".join(gib(d[c]) for c in cols) + f" | {gib(r.peak)} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print the memory plan for the preset models."""
-    ap = argparse.ArgumentParser(description="GaLLoP memory planner")
-    ap.add_argument("--model", action="append", choices=["llama3-8b", "gemma-2b"])
-    ap.add_argument("--rho", type=float, default=0.01)
-    ap.add_argument("--lora-rank", type=int, default=16)
-    args = ap.parse_args(argv)
-    for name in args.model or ["llama3-8b", "gemma-2b"]:
-        print(markdown(memory_plan(preset_config(name), args.rho, args.lora_rank), title=f"{name}, bf16"))
-        print()
+def main() -> None:
+    """Print the plan of the paper's two models in bf16 (activations excluded); ``gallop plan`` does more."""
+    for name in ("llama3-8b", "gemma-2b"):
+        print(markdown(memory_plan(preset_config(name)), title=f"{name}, bf16") + "\n")
 
 
 if __name__ == "__main__":

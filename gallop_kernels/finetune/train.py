@@ -5,6 +5,12 @@ same schedule (linear warm-up, cosine decay) and clipping: ``fft`` is
 torch.optim.AdamW on all weights, ``lora`` is peft's LoRA (merged back into the
 weights afterwards), and the criteria of ``select_mask`` go through the
 sparse path: estimate the mean gradient, select, train with SparseAdamW.
+
+Training runs where the model is, in its dtype: batches are built on the CPU
+(a seeded order, the same on every device) and moved per step. On bf16 weights
+``fft`` is pure bf16 AdamW (its state bf16 too; fused on CUDA), ``lora``
+trains float32 adapters (peft's default), and SparseAdamW keeps a float32
+master copy of the selected weights (its default for bf16).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
+from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
-from .choices import METHODS
+from .choices import GRAD_ACCUM_DTYPES, METHODS
 from .delta import selected_values
-from .tasks import Example
+from .errors import GallopError
+from .tasks import TARGETS, Example
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
 
@@ -45,6 +53,14 @@ class TrainConfig:
     eps: float = 1e-8
     lora_rank: int = 16
     log_every: int = 5
+    target: str = "label"
+    """What the model learns to write: "label" (the protocol's reply) or "text" (the answer's text), see tasks.TARGETS."""
+    grad_accum_dtype: str = "param"
+    """Where the mean gradient is summed: "param" (``.grad``, the weights' dtype) or "float32" (a float32 copy)."""
+    compact_grads: bool = False
+    """SparseAdamW(compact_grads=True): the sparse methods keep fp32 gradients of the selected weights only."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them (Hugging Face models)."""
 
 
 @dataclass
@@ -63,10 +79,11 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def encode(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of prompt + reply + EOS; the loss is on the reply and EOS only."""
-    prompt = tokenizer(ex.prompt(), add_special_tokens=False)["input_ids"]
-    reply = tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode(tokenizer, ex: Example, max_len: int, target: str = "label") -> tuple[list[int], list[int]]:
+    """(input ids, labels) of context + reply + EOS for ``target`` (see Example.pair); the loss is on the reply and EOS only."""
+    context, answer = ex.pair(target)
+    prompt = tokenizer(context, add_special_tokens=False)["input_ids"]
+    reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     prompt = prompt[-(max_len - len(reply)):]  # keep the end of a long prompt: the choices and the format
     return prompt + reply, [IGNORE] * len(prompt) + reply
 
@@ -87,11 +104,15 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches: int, max_len: int,
-                 seed: int) -> list[dict[str, torch.Tensor]]:
-    """``n_batches`` batches drawn in epochs over a seeded shuffle of ``examples``."""
+                 seed: int, target: str = "label") -> list[dict[str, torch.Tensor]]:
+    """``n_batches`` CPU batches drawn in epochs over a seeded shuffle of ``examples``.
+
+    The order comes from Python's seeded RNG and the batches are built on the
+    CPU, so the same seed and data give the same batches on every device.
+    """
     if not examples:
         raise ValueError("no training examples")
-    encoded = [encode(tokenizer, ex, max_len) for ex in examples]
+    encoded = [encode(tokenizer, ex, max_len, target) for ex in examples]
     rng = random.Random(seed)
     order: list[int] = []
     batches = []
@@ -105,28 +126,52 @@ def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches:
     return batches
 
 
-def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, progress: bool = True,
-                       desc: str = "gradient") -> dict[str, torch.Tensor]:
-    """The mean loss gradient over ``batches`` (each a dict of model inputs with labels): name -> float32 tensor.
+def accum_dtype(name: str) -> torch.dtype | None:
+    """The dtype a TrainConfig.grad_accum_dtype name sums gradients in: None ("param": the weights' own)."""
+    return None if name == "param" else getattr(torch, name)
 
-    Micro-batch gradients are summed into float32 buffers as they come, so memory
-    does not grow with the number of batches and low-precision weights lose no
-    precision; every batch counts equally.
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its batches go)."""
+    return next(model.parameters()).device
+
+
+def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum_dtype: torch.dtype | None = None,
+                       progress: bool = True, desc: str = "gradient") -> dict[str, torch.Tensor]:
+    """The mean loss gradient over ``batches`` (each a dict of model inputs with labels): name -> tensor.
+
+    Micro-batch gradients accumulate where backward puts them, in each
+    parameter's ``.grad`` (the weight's dtype): no copy of the model's size
+    besides them. ``accum_dtype=torch.float32`` sums into float32 buffers
+    instead, so bf16 weights lose no precision over many batches, at 4 bytes
+    a weight. Every batch counts equally. The returned tensors are the
+    accumulated gradients themselves; ``.grad`` is None afterwards.
     """
-    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad}
+    device = model_device(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wide = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in params.items()
+            if accum_dtype is not None and p.dtype != accum_dtype}
+    model.zero_grad(set_to_none=True)
     count = 0
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                grads[n] += p.grad.float()
+        model(**to_device(batch, device)).loss.backward()
+        for n, buf in wide.items():
+            if params[n].grad is not None:
+                buf += params[n].grad
+                params[n].grad = None
         count += 1
-    model.zero_grad(set_to_none=True)
     if count == 0:
         raise ValueError("estimate_gradients needs at least one batch")
-    for g in grads.values():
-        g /= count
+    grads = {}
+    for n, p in params.items():
+        g = wide[n] if n in wide else p.grad
+        p.grad = None
+        grads[n] = torch.zeros_like(p, dtype=accum_dtype or p.dtype) if g is None else g.div_(count)
     return grads
 
 
@@ -141,15 +186,31 @@ def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
     return f
 
 
+def checkpointing(model, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of a Hugging Face model on or off.
+
+    Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA).
+    transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; both are served.
+    """
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
                progress: bool = True, desc: str = "train") -> list[float]:
     """Train for one step per batch with the shared schedule; returns the loss of every step."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, len(batches)))
+    device = model_device(model)
+    if cfg.gradient_checkpointing:
+        checkpointing(model, True)
     model.train()
     losses = []
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     for step, batch in enumerate(bar):
-        loss = model(**batch).loss
+        loss = model(**to_device(batch, device)).loss
         opt.zero_grad()
         loss.backward()
         clip()
@@ -159,6 +220,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
+    if cfg.gradient_checkpointing:
+        checkpointing(model, False)
     model.eval()
     return losses
 
@@ -174,7 +237,8 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
-    grads = estimate_gradients(model, grad_batches, progress=progress) if grads_used else None
+    grads = estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
+                               progress=progress) if grads_used else None
     t1 = time.perf_counter()
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
     del grads
@@ -184,31 +248,53 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
-    opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      compact_grads=cfg.compact_grads)
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
+    opt.remove_hooks()
     return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+
+
+def adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    """torch.optim.AdamW as users run it: on the weights in their own dtype (pure bf16 on bf16 weights, state
+    included), fused on CUDA."""
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def train_full(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True) -> TrainResult:
     """Full fine-tuning with torch.optim.AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, cfg)
     losses = train_loop(model, opt, lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip), batches, cfg, log,
                         progress, "fft")
     return TrainResult("fft", losses, sum(p.numel() for p in params))
 
 
-def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
-    """LoRA (peft) on the attention and MLP projections, or DoRA with ``use_dora``; returns (merged model, result)."""
+def lora_model(model, rank: int, use_dora: bool = False):
+    """``model`` wrapped by peft's LoRA (or DoRA) at ``rank`` (alpha 2 * rank, no dropout) on memory.LORA_TARGETS.
+
+    The adapters are float32 on a bf16 model (peft's default, ``autocast_adapter_dtype=True``).
+    """
     from peft import LoraConfig, get_peft_model
 
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=use_dora,
+                        target_modules=list(LORA_TARGETS))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # no module of the model has these names (GPT-2's c_attn, ...)
+        raise GallopError(f"LoRA cannot adapt {type(model).__name__}: {str(e).splitlines()[0]} "
+                          f"(the baseline adapts {', '.join(LORA_TARGETS)}, as in Llama, Gemma, Mistral, Qwen)") from None
+
+
+def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
+    """LoRA (peft), or DoRA with ``use_dora``, on the DoRA/LLM-Adapters recipe's projections; returns (merged
+    model, result). The adapters train in float32 and are merged into the weights in the weights' dtype afterwards.
+    """
     method = "dora" if use_dora else "lora"
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        use_dora=use_dora,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
-    peft_model = get_peft_model(model, config)
+    peft_model = lora_model(model, cfg.lora_rank, use_dora)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, cfg)
     losses = train_loop(peft_model, opt, lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip), batches, cfg,
                         log, progress, method)
     return peft_model.merge_and_unload(), TrainResult(method, losses, sum(p.numel() for p in params))
@@ -222,12 +308,17 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed)
+    if cfg.target not in TARGETS:
+        raise ValueError(f"unknown target {cfg.target!r}; expected one of {', '.join(TARGETS)}")
+    if cfg.grad_accum_dtype not in GRAD_ACCUM_DTYPES:
+        raise ValueError(f"unknown grad_accum_dtype {cfg.grad_accum_dtype!r}; expected one of {', '.join(GRAD_ACCUM_DTYPES)}")
+    torch.manual_seed(cfg.seed)  # LoRA's adapter init; the data order has its own seeded RNG
+    batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
     if method == "fft":
         return model, train_full(model, batches, cfg, log, progress)
     if method in ("lora", "dora"):
         return train_lora(model, batches, cfg, log, progress, use_dora=method == "dora")
     n_grad = max(1, round(cfg.grad_fraction * len(train)))
     grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
-                                cfg.max_len, cfg.seed + 1)
+                                cfg.max_len, cfg.seed + 1, cfg.target)
     return model, train_sparse(model, batches, grad_batches, method, cfg, log, progress)
