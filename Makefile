@@ -20,7 +20,7 @@ $(STAMP): $(BUILD_INPUTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gallop finetune
+	$(VENV)/bin/gallop finetune --decode greedy --max-new-tokens 10
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

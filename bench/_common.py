@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from gallop_kernels.markdown import table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Peak HBM bandwidth, bytes/s. H200 SXM: 4.8 TB/s, NVIDIA H200 datasheet
@@ -131,10 +133,7 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+    return table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
 def print_report(title: str, rows: list[dict], device, columns: list[str] | None = None, notes: list[str] = ()) -> None:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .markdown import table
 from .reference import num_to_select
 
 # The DoRA / LLM-Adapters commonsense recipe adapts these projections; the trainer uses the same list.
@@ -162,12 +163,8 @@ def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
     cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "estimation", "activations"]
-    head = f"| {title or 'method'} | trainable | " + " | ".join(c.replace("_", " ") for c in cols) + " | peak (GiB) |"
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
-    for r in rows:
-        d = asdict(r)
-        lines.append(f"| {r.method} | {r.trainable:,} | " + " | ".join(gib(d[c]) for c in cols) + f" | {gib(r.peak)} |")
-    return "\n".join(lines)
+    head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)"]
+    return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak)] for r in rows])
 
 
 def main() -> None:

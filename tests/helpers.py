@@ -60,3 +60,50 @@ def oracle_selection(model, rho, criterion="gallop", scope="global", eps=1e-8, s
             [s], reference.num_to_select(rho, s.numel), criterion, eps, seed
         )
     return out, thr
+
+
+def bag_of(thetas: list[torch.Tensor], grads: list[torch.Tensor]) -> Bag:
+    """A Bag of copies of ``thetas`` with copies of ``grads`` in .grad."""
+    bag = Bag([t.clone() for t in thetas])
+    for p, g in zip(bag.parameters(), grads):
+        p.grad = g.clone()
+    return bag
+
+
+ADVERSARIAL = ["zero_grads", "ties", "all_equal", "zeros_30pct", "signed_zeros", "denormals", "huge", "near_max"]
+
+
+def adversarial_bag(kind: str, dtype: torch.dtype, sizes: list[int]) -> Bag:
+    """Weights and gradients of the given sizes that stress a selection (one of ADVERSARIAL)."""
+    gen = torch.Generator().manual_seed(7)
+    thetas = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    if kind == "zero_grads":
+        grads = [torch.zeros(n) for n in sizes]
+    elif kind == "ties":  # values from a tiny set: the boundary holds thousands of equal keys
+        thetas = [torch.randint(-2, 3, (n,), generator=gen).float() for n in sizes]
+        grads = [torch.randint(0, 3, (n,), generator=gen).float() for n in sizes]
+    elif kind == "all_equal":
+        thetas = [torch.full((n,), 0.5) for n in sizes]
+        grads = [torch.full((n,), -0.25) for n in sizes]
+    elif kind == "zeros_30pct":  # 30% exact zeros in both, at random places
+        thetas = [t * (torch.rand(n, generator=gen) >= 0.3) for t, n in zip(thetas, sizes)]
+        grads = [g * (torch.rand(n, generator=gen) >= 0.3) for g, n in zip(grads, sizes)]
+    elif kind == "signed_zeros":  # +0.0 and -0.0 must give one key
+        thetas = [torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0) for n in sizes]
+        grads = [torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0) for n in sizes]
+    elif kind == "denormals":
+        tiny = torch.finfo(dtype).tiny
+        thetas = [t * tiny * 0.25 for t in thetas]
+        grads = [g * tiny * 0.125 for g in grads]
+    elif kind == "huge":  # a few values near the dtype's largest, the gallop score still finite
+        top = 3e38 if dtype != torch.float16 else 6e4
+        grads[1][5], thetas[1][5], thetas[-1][7] = top, 2.0, top
+    elif kind == "near_max":  # every value within 2**-1 of the dtype's largest finite value / 2
+        big = torch.finfo(dtype).max / 8
+        thetas = [t.clamp(-4, 4) * big for t in thetas]
+        grads = [g.clamp(-4, 4) * big for g in grads]
+    else:
+        raise ValueError(f"unknown adversarial kind {kind!r}")
+    return bag_of([t.to(dtype) for t in thetas], [g.to(dtype) for g in grads])
+

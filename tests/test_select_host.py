@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DTYPES, Bag, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
 
 import gallop_kernels as gk
 from gallop_kernels import radix, reference, select
@@ -49,13 +49,6 @@ def assert_same_selection(model, rho, criterion, scope, **kw):
     return got
 
 
-def _bag_of(thetas, grads):
-    bag = Bag(thetas)
-    for p, g in zip(bag.parameters(), grads):
-        p.grad = g
-    return bag
-
-
 # ----------------------------------------------------------------------------
 # equal to the reference
 # ----------------------------------------------------------------------------
@@ -92,37 +85,10 @@ def test_k_zero_and_empty_sources():
 
 
 def _adversarial(kind: str, dtype) -> Bag:
-    gen = torch.Generator().manual_seed(7)
-    sizes = [3 * B + 5, 97, 2 * B]
-    thetas = [torch.randn(n, generator=gen) for n in sizes]
-    grads = [torch.randn(n, generator=gen) for n in sizes]
-    if kind == "zero_grads":
-        grads = [torch.zeros(n) for n in sizes]
-    elif kind == "few_values":  # a handful of distinct keys: ties at every boundary
-        thetas = [torch.randint(-2, 3, (n,), generator=gen).float() for n in sizes]
-        grads = [torch.randint(0, 3, (n,), generator=gen).float() for n in sizes]
-    elif kind == "all_equal":
-        thetas = [torch.full((n,), 0.5) for n in sizes]
-        grads = [torch.full((n,), -0.25) for n in sizes]
-    elif kind == "zeros_30pct":  # 30% exact zeros in both, at random places
-        thetas = [t * (torch.rand(n, generator=gen) >= 0.3) for t, n in zip(thetas, sizes)]
-        grads = [g * (torch.rand(n, generator=gen) >= 0.3) for g, n in zip(grads, sizes)]
-    elif kind == "signed_zeros":  # +0.0 and -0.0 must give one key
-        thetas = [torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0) for n in sizes]
-        grads = [torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0) for n in sizes]
-    elif kind == "denormals":
-        tiny = torch.finfo(dtype).tiny
-        thetas = [t * tiny * 0.25 for t in thetas]
-        grads = [g * tiny * 0.125 for g in grads]
-    elif kind == "huge":  # near the dtype's largest finite value
-        big = torch.finfo(dtype).max / 8
-        thetas = [t.clamp(-4, 4) * big for t in thetas]
-        grads = [g.clamp(-4, 4) * big for g in grads]
-    return _bag_of([t.to(dtype) for t in thetas], [g.to(dtype) for g in grads])
+    return adversarial_bag(kind, dtype, [3 * B + 5, 97, 2 * B])
 
 
-@pytest.mark.parametrize("kind", ["zero_grads", "few_values", "all_equal", "zeros_30pct", "signed_zeros",
-                                  "denormals", "huge"])
+@pytest.mark.parametrize("kind", ADVERSARIAL)
 @pytest.mark.parametrize("criterion", STREAMED)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_adversarial(kind, criterion, dtype):
@@ -225,7 +191,7 @@ def test_zero_over_zero_is_an_error():
 def test_threads_agree():
     """3 threads (2**18 weights each at least) and 1 thread: the same selection."""
     n = 3 * (1 << 18) + 5
-    bag = _bag_of([torch.randn(n).bfloat16(), torch.randn(999)], [torch.randn(n).bfloat16(), torch.randn(999)])
+    bag = bag_of([torch.randn(n).bfloat16(), torch.randn(999)], [torch.randn(n).bfloat16(), torch.randn(999)])
     srcs = sources_of(bag)
     for rho in (0.001, 0.2):
         k = reference.num_to_select(rho, n + 999)

@@ -6,7 +6,7 @@ A broken Triton fails this module at import: it is not a skip.
 
 import pytest
 import torch
-from helpers import DTYPES, Bag, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
 
 import gallop_kernels as gk
 from gallop_kernels import radix, reference, select
@@ -67,47 +67,11 @@ def test_matches_reference(criterion, dtypes, scope, rho):
         assert sel.num_selected == sum(reference.num_to_select(rho, n) for n in SIZES)
 
 
-def _bag_of(thetas, grads):
-    bag = Bag([t.clone() for t in thetas])
-    for p, g in zip(bag.parameters(), grads):
-        p.grad = g.clone()
-    return bag
-
-
 def _adversarial(kind: str, dtype) -> Bag:
-    gen = torch.Generator().manual_seed(7)
-    sizes = [B + 1, 97, 2 * B]
-    thetas = [torch.randn(n, generator=gen) for n in sizes]
-    grads = [torch.randn(n, generator=gen) for n in sizes]
-    if kind == "zero_grads":
-        grads = [torch.zeros(n) for n in sizes]
-    elif kind == "ties":  # values from a tiny set: the boundary holds thousands of equal keys
-        thetas = [torch.randint(-2, 3, (n,), generator=gen).float() for n in sizes]
-        grads = [torch.randint(0, 3, (n,), generator=gen).float() for n in sizes]
-    elif kind == "huge":
-        grads[1][5] = 3e38 if dtype != torch.float16 else 6e4
-        thetas[1][5] = 2.0  # |theta| >= 1: the gallop score stays finite
-        thetas[2][7] = 3e38 if dtype != torch.float16 else 6e4
-    elif kind == "signed_zeros":
-        thetas = [torch.where(t > 0, 0.0, -0.0) for t in thetas]
-        grads = [torch.where(g > 0, 0.0, -0.0) * (i % 2) for i, g in enumerate(grads)]
-    elif kind == "denormals":
-        tiny = torch.finfo(dtype).tiny
-        thetas = [t * tiny * 0.25 for t in thetas]
-        grads = [g * tiny * 0.125 for g in grads]
-    elif kind == "all_equal":
-        thetas = [torch.full((n,), 0.5) for n in sizes]
-        grads = [torch.full((n,), -0.25) for n in sizes]
-    elif kind == "zeros_30pct":  # 30% exact zeros in both, at random places
-        thetas = [t * (torch.rand(n, generator=gen) >= 0.3) for t, n in zip(thetas, sizes)]
-        grads = [g * (torch.rand(n, generator=gen) >= 0.3) for g, n in zip(grads, sizes)]
-    return _bag_of([t.to(dtype) for t in thetas], [g.to(dtype) for g in grads])
+    return adversarial_bag(kind, dtype, [B + 1, 97, 2 * B])
 
 
-KINDS = ["zero_grads", "ties", "huge", "signed_zeros", "denormals", "all_equal", "zeros_30pct"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ADVERSARIAL)
 @pytest.mark.parametrize("criterion", ["gallop", "saft", "magnitude", "pafi"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_adversarial(kind, criterion, dtype):
@@ -150,7 +114,7 @@ def _interleaved() -> Bag:
     """Even positions small scores, odd ones large: a stride-2 sample sees only the small."""
     n = 2 * B + 6
     grad = torch.where(torch.arange(n) % 2 == 1, 100.0, 1.0) * (1 + torch.rand(n))
-    return _bag_of([torch.ones(n)], [grad])
+    return bag_of([torch.ones(n)], [grad])
 
 
 def test_window_miss_falls_back_to_the_histogram_plan(monkeypatch):

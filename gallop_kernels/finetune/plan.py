@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..markdown import table
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
@@ -212,12 +213,9 @@ def measure(config, device: torch.device, dtype: torch.dtype, cfg: TrainConfig, 
 def measure_markdown(results: list[dict], title: str) -> str:
     """The measurements as a Markdown table; peak memory is "-" off CUDA."""
     gib = lambda x: "-" if x is None else f"{x / GIB:.2f}"  # noqa: E731
-    lines = [f"| {title} | trainable | step (ms) | opt.step (ms) | peak before training (GiB) | peak in training (GiB) |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['opt_step_ms']:.1f} | "
-                     f"{gib(r['setup_peak'])} | {gib(r['train_peak'])} |")
-    return "\n".join(lines)
+    head = [title, "trainable", "step (ms)", "opt.step (ms)", "peak before training (GiB)", "peak in training (GiB)"]
+    return table(head, [[r["method"], f"{r['trainable']:,}", f"{r['step_ms']:.1f}", f"{r['opt_step_ms']:.1f}",
+                         gib(r["setup_peak"]), gib(r["train_peak"])] for r in results])
 
 
 def report(model: str, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, measure_steps: int = 0,

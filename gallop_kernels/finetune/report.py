@@ -10,16 +10,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..markdown import table
 from .metrics import binomial_se, collapse_rate, mean_se
 
 SCORES = ("id_acc", "mean_ood", "forget_ratio", "collapse_rate")
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table: one header row, then one line per row of cells."""
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def pct(x: float | None, sd: float | None = None) -> str:
@@ -50,7 +44,7 @@ def finetune_table(summary: dict, method: str) -> str:
         [method, pct(summary["id_acc"]), *(pct(summary["ood_acc"][t]) for t in ood), pct(summary["mean_ood"]),
          pct(summary["forget_ratio"]), pct(summary["collapse_rate"])],
     ]
-    return markdown_table(head, rows)
+    return table(head, rows)
 
 
 def noise_note(summary: dict) -> str:
@@ -107,7 +101,7 @@ def compare_table(runs: list[dict], mode: str) -> str:
                      pct(a["id_acc"], a["id_acc_sd"]), pct(a["id_se"]), pct(a["mean_ood"], a["mean_ood_sd"]),
                      pct(a["ood_se"]), pct(a["forget_ratio"], a["forget_ratio_sd"]),
                      pct(a["collapse_rate"], a["collapse_rate_sd"]), f"{a['train_seconds']:.0f}"])
-    return markdown_table(head, rows)
+    return table(head, rows)
 
 
 def pareto_points(runs: list[dict], mode: str) -> list[dict]:

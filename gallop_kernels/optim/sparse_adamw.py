@@ -6,6 +6,11 @@ a gradient, a gradient's dtype, a hyper-parameter other than lr, or the state
 (load_state_dict) changes. Per step the host then reads each gradient's address,
 writes changed learning rates into a small device buffer, and calls one op per
 device; step counters and bias corrections live on the device.
+
+Over 400 lines because it is one torch.optim.Optimizer subclass (construction and checks,
+planning, the step, state_dict round trips); what splits off along a real seam already has:
+compact gradients, clipping and GradScaler in ``compact_grads.py``, the table and the launch in
+``ops/sparse_adamw.py``.
 """
 
 from __future__ import annotations
@@ -320,7 +325,6 @@ class SparseAdamW(torch.optim.Optimizer):
             if not kernel:
                 ref.append((i, p, is_compact))
                 continue
-            beta1, beta2 = group["betas"]
             row = _kernel.Row(
                 name=self._names[p],
                 param=local(p.detach()),
@@ -333,12 +337,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 grad_compact=is_compact,
                 step_slot=self._slot[p],
                 lr_slot=self._group_of[p],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
+                **_hyper(group, lr=False),  # lr lives in the device buffer, read at every step
             )
             _kernel.check_row(row)
             dev = row.param.device
@@ -505,11 +504,12 @@ class _Plan:
         self.signature, self.launches, self.ref = signature, launches, ref
 
 
-def _hyper(group: dict) -> dict:
-    """A param group's AdamW hyper-parameters as the update functions take them."""
+def _hyper(group: dict, lr: bool = True) -> dict:
+    """A param group's AdamW hyper-parameters as the update functions take them (``lr`` too
+    unless ``lr=False``)."""
     beta1, beta2 = group["betas"]
     return dict(
-        lr=float(group["lr"]),
+        **({"lr": float(group["lr"])} if lr else {}),
         beta1=beta1,
         beta2=beta2,
         eps=group["eps"],
