@@ -11,7 +11,7 @@ Two plans, one set of helpers:
   k-th largest; one counting pass checks it, one emission pass writes the result.
   Backends plug in through :class:`Primitives`; a miss falls back to the histogram plan.
 
-Keys here are *signed* order keys (``reference._signed_key``: int32, the float
+Keys here are *signed* order keys (``reference.signed_key``: int32, the float
 order), except where a function says otherwise.
 """
 
@@ -183,7 +183,7 @@ def sample_keys(sources: list, criterion: str, eps: float, stride: int) -> torch
         thetas, grads = groups.setdefault((s.param.dtype, g.dtype), ([], []))
         thetas.append(_every(s.param, stride))
         grads.append(_every(g, stride))
-    keys = [reference._signed_key(reference.score(criterion, torch.cat(t), torch.cat(g), eps)) for t, g in groups.values()]
+    keys = [reference.signed_key(reference.score(criterion, torch.cat(t), torch.cat(g), eps)) for t, g in groups.values()]
     return torch.cat(keys) if keys else torch.empty(0, dtype=torch.int32)
 
 

@@ -93,13 +93,9 @@ def score(
     raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
 
 
-def order_key(s: torch.Tensor) -> torch.Tensor:
-    """Map float32 scores to int64 keys in [0, 2**32) whose order is the float order."""
-    return _signed_key(s).to(torch.int64) + _SIGN
-
-
-def _signed_key(s: torch.Tensor) -> torch.Tensor:
-    """order_key - 2**31 as int32: the same order, at half the memory and work.
+def signed_key(s: torch.Tensor) -> torch.Tensor:
+    """Map float32 scores to int32 *signed order keys* whose integer order is the float order
+    (the unsigned order key of the radix-sort trick minus 2**31, at half the memory).
 
     Non-negative floats already order like their bits; negative ones need their
     magnitude bits flipped.
@@ -109,7 +105,7 @@ def _signed_key(s: torch.Tensor) -> torch.Tensor:
 
 
 def key_to_score(key: int) -> float:
-    """Inverse of :func:`order_key` for one key."""
+    """The float32 score of one unsigned order key (a signed key + 2**31)."""
     bits = key - _SIGN if key >= _SIGN else _U32 - key
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
@@ -183,7 +179,7 @@ def topk_keys(
     """Exactly k weights with the largest keys over ``sources``, ties by position.
 
     Returns the sorted int64 flat indices selected in each source and the
-    threshold key (the k-th largest :func:`order_key`; None when k == 0).
+    threshold key (the k-th largest signed key + 2**31; None when k == 0).
     ``config`` sets the chunk and candidate buffer sizes (radix.Config;
     default radix.DEFAULT). Raises
     ValueError on a NaN or Inf score. With a ``comm`` over several ranks, ``sources`` are this rank's shards
@@ -202,7 +198,7 @@ def topk_keys(
     def stream():  # (source number, chunk start, int32 signed keys)
         for si, src in enumerate(sources):
             for start, s in _chunk_scores(src, criterion, eps, seed, chunk):
-                yield si, start, _signed_key(s)
+                yield si, start, signed_key(s)
 
     # Pass 1: histogram of the high digit (key >> 16, i.e. signed key >> 16 + 2**15).
     hist = torch.zeros(radix.NUM_BINS, dtype=torch.int64, device=dev)

@@ -20,7 +20,7 @@ class TorchPrimitives:
         first = radix.bases(sources)
         nblocks = 0
         for s, base in zip(sources, first):
-            keys.append(reference._signed_key(reference.score(criterion, s.param, s.grad, eps)))
+            keys.append(reference.signed_key(reference.score(criterion, s.param, s.grad, eps)))
             local = torch.arange(s.numel, dtype=torch.int64)
             block_of.append(nblocks + local // block)
             pos.append(base + local)
@@ -142,7 +142,7 @@ def test_sample_keys_match_the_reference_keys_and_do_not_copy():
     srcs = [reference.Source("a", mat, torch.randn(129, 67), 0),
             reference.Source("b", torch.randn(1000).bfloat16(), torch.randn(1000).bfloat16(), 0)]
     got = radix.sample_keys(srcs, "gallop", 1e-8, 7)
-    want = torch.cat([reference._signed_key(reference.score("gallop", s.param, s.grad))[::7] for s in srcs])
+    want = torch.cat([reference.signed_key(reference.score("gallop", s.param, s.grad))[::7] for s in srcs])
     assert torch.equal(torch.sort(got).values, torch.sort(want).values)
 
 

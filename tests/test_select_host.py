@@ -211,7 +211,7 @@ def _block_keys(srcs, criterion, block):
     """Per block (in table order): its signed keys and global positions, by torch ops."""
     out, base = [], 0
     for s in (s for s in srcs if s.numel):  # split() would give an empty tensor one block
-        keys = reference._signed_key(reference.score(criterion, s.param, s.grad, 1e-8))
+        keys = reference.signed_key(reference.score(criterion, s.param, s.grad, 1e-8))
         pos = torch.arange(s.numel) + base
         out += list(zip(keys.split(block), pos.split(block)))
         base += s.numel
