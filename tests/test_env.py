@@ -52,3 +52,16 @@ def test_triton_backend_without_device_or_interpreter(monkeypatch):
     m(torch.randn(1, 4)).sum().backward()
     with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
         gk.select_mask(m, rho=0.5, backend="triton")
+
+
+def test_package_names_and_submodules_load_on_first_use():
+    code = (
+        "import sys, gallop_kernels as gk; assert 'torch' not in sys.modules; "
+        "assert gk.radix.DEFAULT.chunk > 0 and callable(gk.select_mask) and 'torch' in sys.modules; "
+        "missing = False\n"
+        "try: gk.no_such_name\n"
+        "except AttributeError: missing = True\n"
+        "assert missing; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
