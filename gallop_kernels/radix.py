@@ -39,6 +39,28 @@ FINITE_MIN = -FINITE_MAX - 1
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
+# Which of (theta, grad) each streamed criterion reads. random is a counter-based hash
+# and float64 weights are rare: both stay on the reference, so the fast backends' kernels
+# handle these criteria in three dtypes.
+READS = {"gallop": (True, True), "saft": (False, True), "magnitude": (True, False), "pafi": (True, False)}
+STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def streams(sources: list, criterion: str) -> bool:
+    """Whether a fast backend's passes can score ``sources`` by ``criterion`` (else the
+    reference runs: random, float64)."""
+    return criterion in READS and all(
+        t is None or t.dtype in STREAM_DTYPES for s in sources for t in (s.param, s.grad)
+    )
+
+
+def flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A 1-D view of ``t`` in flat-index order and its stride; copies only when no
+    such view exists (e.g. a transposed matrix)."""
+    f = t.detach().reshape(-1)
+    return f, (f.stride(0) if f.numel() else 1)
+
+
 @dataclass(frozen=True)
 class Config:
     """Tuning knobs of a selection. None of them changes the result, only time and memory.

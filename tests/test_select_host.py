@@ -120,7 +120,7 @@ def test_strided_inputs():
 
 def test_float64_and_random_stay_on_the_reference():
     bag = make_bag([97, 200], torch.float64)
-    assert not sh.supports(sources_of(bag), "gallop")
+    assert not radix.streams(sources_of(bag), "gallop")
     assert run_plan(sources_of(bag), 20, "gallop") is None  # no window plan ran
     assert run_plan(sources_of(make_bag([97, 200])), 20, "random", seed=5) is None
 

@@ -195,7 +195,7 @@ def test_non_contiguous_inputs():
         assert_same(bag, 0.02, criterion, "global", grads=grads)
         assert run_plan(bag, 0.02, criterion, NARROW).mode == "collect"
     assert bag.w0.grad.stride() == (3,)  # still strided: the backends read it in place
-    flat, stride = st.flat(bag.w0.grad)
+    flat, stride = radix.flat(bag.w0.grad)
     assert flat.data_ptr() == bag.w0.grad.data_ptr() and stride == 3
 
 

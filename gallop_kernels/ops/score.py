@@ -6,13 +6,8 @@ the criteria with a streaming read (gallop, saft, magnitude, pafi).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-# Which of (theta, grad) each criterion reads. random is a counter-based hash and
-# stays on the reference, as do float64 tensors.
-READS = {"gallop": (True, True), "saft": (False, True), "magnitude": (True, False), "pafi": (True, False)}
 
 
 @triton.jit
@@ -44,10 +39,3 @@ def signed_key(theta_ptrs, grad_ptrs, mask, eps, CRITERION: tl.constexpr):
         s = 0.0 - tl.abs(load_f32(theta_ptrs, mask))
     bits = s.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-def flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A 1-D view of ``t`` in flat-index order and its stride; copies only when no
-    such view exists (e.g. a transposed matrix)."""
-    f = t.detach().reshape(-1)
-    return f, (f.stride(0) if f.numel() else 1)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import radix, reference
 from ..radix import BITS, NUM_BINS
-from .score import READS, flat, signed_key
+from .score import signed_key
 
 # 4096 weights per program: 16 per thread at 8 warps, i.e. two 16-byte loads per
 # thread for bf16. One program per block keeps the emission order-preserving
@@ -154,14 +154,14 @@ class _Pass:
 
 def topk_keys_histogram(sources, k, criterion, eps, config: radix.Config = radix.DEFAULT):
     """reference.topk_keys by the histogram plan on the GPU (k > 0; the criteria of
-    score.READS; fp32/bf16/fp16 on the current device). Reads theta and grad twice
+    radix.READS; fp32/bf16/fp16 on the current device). Reads theta and grad twice
     (four times when more than config.candidate_cap weights share the boundary bin)."""
     dev = sources[0].param.device
-    reads_theta, reads_grad = READS[criterion]
+    reads_theta, reads_grad = radix.READS[criterion]
     views = []
     for s in sources:  # an unread tensor is passed as the read one: fewer kernel variants
-        t = flat(s.param) if reads_theta else None
-        g = flat(s.grad) if reads_grad else None
+        t = radix.flat(s.param) if reads_theta else None
+        g = radix.flat(s.grad) if reads_grad else None
         views.append((t or g, g or t))
     grids, prog_base, bases = _plan([s.numel for s in sources])
     live = [i for i, g in enumerate(grids) if g]

@@ -25,29 +25,11 @@ import torch
 from .. import radix, reference
 from .._ext import require_ext
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Weights per block: 32-96 KiB of theta and grad, so the per-block bookkeeping
 # (a counts row, two offsets) is noise, and a few thousand blocks balance threads.
 BLOCK = 1 << 14
-# Which of (theta, grad) each criterion reads; random stays on the reference.
-READS = {"gallop": (True, True), "saft": (False, True), "magnitude": (True, False), "pafi": (True, False)}
 _DTYPE_CODE = {torch.float32: "DTYPE_FLOAT32", torch.bfloat16: "DTYPE_BFLOAT16", torch.float16: "DTYPE_FLOAT16"}
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
-
-
-def supports(sources: list[reference.Source], criterion: str) -> bool:
-    """True when the compiled passes can score ``sources`` by ``criterion`` (random
-    and float64 weights stay on the reference)."""
-    return criterion in READS and all(
-        t is None or t.dtype in KERNEL_DTYPES for s in sources for t in (s.param, s.grad)
-    )
-
-
-def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A 1-D view of ``t`` in flat-index order and its stride; copies only when no
-    such view exists (e.g. a transposed matrix)."""
-    f = t.detach().reshape(-1)
-    return f, (f.stride(0) if f.numel() else 1)
 
 
 class HostPrimitives:
@@ -62,11 +44,11 @@ class HostPrimitives:
     def __init__(self, sources: list[reference.Source], criterion: str, eps: float, *, block: int = BLOCK,
                  num_threads: int | None = None):
         self._C = require_ext("the host selection backend")
-        if criterion not in READS:
-            raise ValueError(f"criterion {criterion!r} has no host kernel; expected one of {tuple(READS)}")
+        if criterion not in radix.READS:
+            raise ValueError(f"criterion {criterion!r} has no host kernel; expected one of {tuple(radix.READS)}")
         if not 1 <= block <= 1 << 30:  # the passes count a block in int32
             raise ValueError(f"block must be in [1, 2**30], got {block}")
-        reads_theta, reads_grad = READS[criterion]
+        reads_theta, reads_grad = radix.READS[criterion]
         self.device = torch.device("cpu")
         self.block = block
         self.num_threads = num_threads or torch.get_num_threads()
@@ -77,8 +59,8 @@ class HostPrimitives:
         blocks = 0
         for i, (s, base) in enumerate(zip(sources, radix.bases(sources))):
             _check_source(s, reads_theta, reads_grad)
-            t, ts = _flat(s.param) if reads_theta else (None, 1)
-            g, gs = _flat(s.grad) if reads_grad else (None, 1)
+            t, ts = radix.flat(s.param) if reads_theta else (None, 1)
+            g, gs = radix.flat(s.grad) if reads_grad else (None, 1)
             self._views += [t, g]
             self._C.select_fill_source(
                 self.table.data_ptr(), i, _address(t), _address(g), ts, gs, s.numel, base, blocks,
@@ -143,8 +125,8 @@ def _check_source(s: reference.Source, reads_theta: bool, reads_grad: bool) -> N
             raise ValueError(f"parameter {s.name!r} has no gradient")
         if t.device.type != "cpu":
             raise ValueError(f"parameter {s.name!r}: the host selection needs CPU tensors, the {what} is on {t.device}")
-        if t.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"parameter {s.name!r}: {what} dtype {t.dtype} has no host kernel; expected one of {KERNEL_DTYPES}")
+        if t.dtype not in radix.STREAM_DTYPES:
+            raise ValueError(f"parameter {s.name!r}: {what} dtype {t.dtype} has no host kernel; expected one of {radix.STREAM_DTYPES}")
         if t.numel() != s.numel:
             raise ValueError(f"parameter {s.name!r}: {what} has {t.numel()} elements, the parameter {s.numel}")
 
@@ -171,7 +153,7 @@ def topk_keys_host(
     k-th key, else falls back to the reference's histogram plan. ``trace``: a list
     that receives the radix.Plan.
     """
-    if not supports(sources, criterion):
+    if not radix.streams(sources, criterion):
         return reference.topk_keys(sources, k, criterion, eps, seed, config=config)
     prims = HostPrimitives(sources, criterion, eps, block=block, num_threads=num_threads)
     if k == 0:

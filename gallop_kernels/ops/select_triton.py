@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import radix, reference
-from .score import READS, flat, signed_key
+from .score import signed_key
 from .select_histogram import topk_keys_histogram
 
 # 2048 weights per program at 8 warps: 8 per thread, one 16-byte load of bf16, two
@@ -126,15 +126,15 @@ class TritonPrimitives:
     """radix.Primitives on Triton kernels for ``sources`` (k > 0 selections only)."""
 
     def __init__(self, sources: list[reference.Source], criterion: str, eps: float, device: torch.device):
-        reads_theta, reads_grad = READS[criterion]
+        reads_theta, reads_grad = radix.READS[criterion]
         self.criterion, self.eps, self.device = criterion, eps, device
         groups: dict[tuple, _Group] = {}
         rows, self._views = [], []
         base, blocks = 0, 0
         for i, s in enumerate(sources):
             n, nb = s.numel, triton.cdiv(s.numel, BLOCK)
-            t = flat(s.param) if reads_theta else None
-            g = flat(s.grad) if reads_grad else None
+            t = radix.flat(s.param) if reads_theta else None
+            g = radix.flat(s.grad) if reads_grad else None
             (t, ts), (g, gs) = t or g, g or t  # an unread tensor is passed as the read one
             aligned = n % 16 == 0 and all(v.data_ptr() % 16 == 0 and st == 1 for v, st in ((t, ts), (g, gs)))
             if nb:
@@ -195,14 +195,10 @@ def topk_keys_triton(
     twice when the sampled window holds the k-th key, else falls back to the
     histogram plan. ``trace``: a list that receives the radix.Plan.
     """
-    # random is a counter-based hash, no streaming read worth a kernel; float64
-    # weights are rare and keep the kernels to three dtypes: both stay on the reference.
-    if criterion == "random" or any(
-        t is not None and t.dtype == torch.float64 for s in sources for t in (s.param, s.grad)
-    ):
-        return reference.topk_keys(sources, k, criterion, eps, seed, config=config)
-    if criterion not in READS:
+    if criterion not in reference.CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {reference.CRITERIA}")
+    if not radix.streams(sources, criterion):
+        return reference.topk_keys(sources, k, criterion, eps, seed, config=config)
     if k == 0:
         return [torch.empty(0, dtype=torch.int64, device=s.param.device) for s in sources], None
     dev = sources[0].param.device
