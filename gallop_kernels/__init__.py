@@ -16,6 +16,7 @@ _PUBLIC = {
     "Selection": ".select",
     "SparseAdamW": ".optim",
     "backends": "._env",
+    "estimate_gradients": ".estimate",
     "memory_plan": ".memory",
     "select_mask": ".select",
     "why_unavailable": "._env",

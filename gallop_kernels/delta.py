@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import gather, scatter_
+from .distributed import gather, scatter_
 from .errors import GallopError
 
 FORMAT = "gallop-delta-v2"

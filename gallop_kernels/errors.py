@@ -1,4 +1,4 @@
-"""The one error type the ``gallop`` command reports as a single line (exit status 2)."""
+"""GallopError: bad input the user can fix; the `gallop` command reports it as a single line (exit status 2)."""
 
 
 class GallopError(Exception):

@@ -223,7 +223,7 @@ def _estimate_worker(rank, wrapper):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from gallop_kernels.finetune.train import estimate_gradients
+    from gallop_kernels.estimate import estimate_gradients
 
     single = _tiny_llama()
     want = estimate_gradients(single, _token_batches(None, WORLD), progress=False)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gallop_kernels.finetune import cli, delta, evaluate, metrics, models, pipeline, tasks, train
+from gallop_kernels import delta, estimate
+from gallop_kernels.finetune import cli, evaluate, metrics, models, pipeline, tasks, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -415,7 +416,7 @@ def test_estimate_gradients_is_the_mean_of_batch_gradients(dtype, accum, expect)
     model = torch.nn.Linear(4, 3).to(dtype)
     xs = [torch.randn(5, 4, dtype=dtype) for _ in range(3)]
     wrap = _Wrap(model)
-    grads = train.estimate_gradients(wrap, ({"x": x} for x in xs), accum_dtype=accum, progress=False)  # a generator works
+    grads = estimate.estimate_gradients(wrap, ({"x": x} for x in xs), accum_dtype=accum, progress=False)  # a generator works
     expected = sum(torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0].double() for x in xs) / 3
     assert grads["lin.weight"].dtype == expect and grads["lin.weight"].shape == model.weight.shape
     tol = 1e-6 if expect == torch.float32 and dtype == torch.float32 else 2e-2

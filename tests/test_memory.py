@@ -113,7 +113,7 @@ def test_measured_master_weights_equal_the_plan_for_bf16():
 
 def test_preflight_refuses_what_does_not_fit_and_names_the_fix(monkeypatch):
     from gallop_kernels.finetune import plan
-    from gallop_kernels.finetune.errors import GallopError
+    from gallop_kernels.errors import GallopError
     from gallop_kernels.finetune.train import TrainConfig
 
     cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
@@ -154,7 +154,7 @@ def test_plan_prints_the_table_and_measures_on_cpu(tmp_path, capsys):
 
 def test_plan_and_lora_on_a_model_without_llama_names():
     from gallop_kernels.finetune import train
-    from gallop_kernels.finetune.errors import GallopError
+    from gallop_kernels.errors import GallopError
 
     cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     rows = memory_plan(cfg, batch_size=2, seq_len=8)

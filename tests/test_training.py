@@ -5,7 +5,7 @@ import torch
 
 import gallop_kernels as gk
 from gallop_kernels.finetune import demo
-from gallop_kernels.finetune.train import estimate_gradients
+from gallop_kernels.estimate import estimate_gradients
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import models, tasks
 from ..criteria import CRITERIA
 from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, TARGETS
-from .errors import GallopError
+from ..errors import GallopError
 from .output import OutputFolder
 from .presets import PRESETS
 
@@ -324,7 +324,7 @@ def cmd_finetune(args) -> None:
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
     with OutputFolder(_out_path(args)) as out:
         _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
-        from .delta import make_delta, save_delta
+        from ..delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
 
@@ -387,7 +387,7 @@ def cmd_compare(args) -> None:
 def cmd_apply(args) -> None:
     """gallop apply: base model + deltas -> a merged model folder (or base + delta - delta with --subtract)."""
     require_finetune_extra()
-    from .delta import apply_delta, check_delta, load_delta
+    from ..delta import apply_delta, check_delta, load_delta
 
     deltas = [load_delta(path) for path in args.delta]
     _check_model(args.base)

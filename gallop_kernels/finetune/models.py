@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from .choices import DEVICES, DTYPES
-from .errors import GallopError
+from ..errors import GallopError
 
 BUILTIN = "builtin"
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2", "meta-llama/Meta-Llama-3-8B"

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import GallopError
+from ..errors import GallopError
 
 
 class OutputFolder:

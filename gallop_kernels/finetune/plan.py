@@ -20,7 +20,7 @@ from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
 from .choices import BASELINES
-from .errors import GallopError
+from ..errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
 
@@ -150,7 +150,8 @@ def measure_method(config, method: str, device: torch.device, dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     from .. import SparseAdamW, select_mask
-    from .train import adamw, checkpointing, estimate_gradients, lora_model
+    from ..estimate import estimate_gradients
+    from .train import adamw, checkpointing, lora_model
 
     _reset_peak(device)
     torch.manual_seed(cfg.seed)

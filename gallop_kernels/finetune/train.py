@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +28,9 @@ from .. import SparseAdamW, select_mask
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
 from .choices import GRAD_ACCUM_DTYPES, METHODS
-from .delta import selected_values
-from .errors import GallopError
+from ..delta import selected_values
+from ..estimate import estimate_gradients, model_device, to_device
+from ..errors import GallopError
 from .tasks import TARGETS, Example
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
@@ -129,50 +130,6 @@ def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches:
 def accum_dtype(name: str) -> torch.dtype | None:
     """The dtype a TrainConfig.grad_accum_dtype name sums gradients in: None ("param": the weights' own)."""
     return None if name == "param" else getattr(torch, name)
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch's tensors on ``device``."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (where its batches go)."""
-    return next(model.parameters()).device
-
-
-def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum_dtype: torch.dtype | None = None,
-                       progress: bool = True, desc: str = "gradient") -> dict[str, torch.Tensor]:
-    """The mean loss gradient over ``batches`` (each a dict of model inputs with labels): name -> tensor.
-
-    Micro-batch gradients accumulate where backward puts them, in each
-    parameter's ``.grad`` (the weight's dtype): no copy of the model's size
-    besides them. ``accum_dtype=torch.float32`` sums into float32 buffers
-    instead, so bf16 weights lose no precision over many batches, at 4 bytes
-    a weight. Every batch counts equally. The returned tensors are the
-    accumulated gradients themselves; ``.grad`` is None afterwards.
-    """
-    device = model_device(model)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    wide = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in params.items()
-            if accum_dtype is not None and p.dtype != accum_dtype}
-    model.zero_grad(set_to_none=True)
-    count = 0
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        model(**to_device(batch, device)).loss.backward()
-        for n, buf in wide.items():
-            if params[n].grad is not None:
-                buf += params[n].grad
-                params[n].grad = None
-        count += 1
-    if count == 0:
-        raise ValueError("estimate_gradients needs at least one batch")
-    grads = {}
-    for n, p in params.items():
-        g = wide[n] if n in wide else p.grad
-        p.grad = None
-        grads[n] = torch.zeros_like(p, dtype=accum_dtype or p.dtype) if g is None else g.div_(count)
-    return grads
 
 
 def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
