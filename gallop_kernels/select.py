@@ -11,7 +11,7 @@ from torch import nn
 from . import _ext, reference
 from ._env import backends
 from ._ext import require_ext
-from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .distributed import GroupComm, check_same_selection, dtensor_group, is_dtensor, local, shard_starts
 from .ops.select_host import topk_keys_host
 from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
@@ -201,18 +201,19 @@ def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] 
         raise ValueError(f"parameter {name!r} has no gradient: {where}")
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"grads[{name!r}] must be a tensor, got {type(g).__name__}")
-    check_grad(name, p, g)
+    check_grad(name, p, g, host_ok=True)
     return g
 
 
-def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor, *, host_ok: bool = False) -> None:
     """Raise, naming the parameter, unless ``grad`` is a dense gradient of ``param``'s
-    shape and device in a supported dtype (select_mask and SparseAdamW both check this)."""
+    shape and device in a supported dtype (select_mask and SparseAdamW both check this).
+    ``host_ok``: a CPU gradient of a parameter on another device passes too (offloaded estimation)."""
     if grad.is_sparse:
         raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
     if grad.shape != param.shape:
         raise ValueError(f"parameter {name!r}: gradient shape {tuple(grad.shape)} != parameter shape {tuple(param.shape)}")
-    if grad.device != param.device:
+    if grad.device != param.device and not (host_ok and grad.device.type == "cpu" and not is_dtensor(param)):
         raise ValueError(f"parameter {name!r}: gradient on {grad.device} but parameter on {param.device}")
     if grad.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -243,7 +244,9 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
             raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
         g = _checked_grad(name, p, grads) if needs_grad else None
         lg = local(g)
-        sources.append(Source(name, local(p).detach(), None if lg is None else lg.detach(), offset + start))
+        # A host gradient (estimate_gradients(offload=True)) is scored against a host copy of theta.
+        theta = local(p).detach() if lg is None else local(p).detach().to(lg.device)
+        sources.append(Source(name, theta, None if lg is None else lg.detach(), offset + start))
         offset += p.numel()  # the full parameter's size: positions are global
     return sources, group
 
@@ -283,7 +286,10 @@ def select_mask(
     """Select exactly round(rho * N) trainable weights of ``model`` by ``criterion``.
 
     ``grads`` maps parameter names to gradients (default: each parameter's
-    ``.grad``); criteria pafi, magnitude and random need none. ``scope="global"``
+    ``.grad``); criteria pafi, magnitude and random need none. Gradients on the
+    CPU for parameters on another device (``estimate_gradients(offload=True)``)
+    are scored against a host copy of each parameter, with the same result;
+    the indices are on each parameter's device either way. ``scope="global"``
     uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
     each tensor. Ties go to the earlier parameter, then the lower flat index.
 
@@ -313,6 +319,8 @@ def select_mask(
         indices, threshold = {}, {}
         for s in sources:
             (indices[s.name],), threshold[s.name] = run([s])
+    home = {n: local(p).device for n, p in model.named_parameters() if n in indices}
+    indices = {n: i.to(home[n]) for n, i in indices.items()}  # on the parameter's device, wherever it was scored
     if process_group is not None and shard_group is None:
         check_same_selection(indices, process_group, device=sources[0].param.device)
     sel = Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
