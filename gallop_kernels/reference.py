@@ -37,6 +37,15 @@ def num_to_select(rho: float, n: int) -> int:
     return min(n, max(1, math.floor(rho * n + 0.5)))
 
 
+INT32_LIMIT = 2**31  # a tensor with this many weights or more needs int64 flat indices
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype of stored flat indices into a tensor of ``numel`` weights: int32 below 2**31, else int64
+    (the one rule deltas, the optimizer's index lists and the memory planner follow)."""
+    return torch.int32 if numel < INT32_LIMIT else torch.int64
+
+
 # ----------------------------------------------------------------------------
 # score and order keys
 # ----------------------------------------------------------------------------
