@@ -318,10 +318,13 @@ def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path
     out = tmp_path / "cmp"
     args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,lora,fft",
             "--eval-tasks", "winogrande", "--dtype", "bfloat16", "--compact-grads", "--gradient-checkpointing",
-            "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both", "--out", str(out), *FEW]
+            "--offload-grads", "on", "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both",
+            "--out", str(out), *FEW]
     assert cli.main(args) == 0
+    assert "in host memory" in capsys.readouterr().out
     runs = json.loads((out / "compare.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["gallop", "lora", "fft"]
+    assert [r["train_config"]["offload_grads"] for r in runs] == [True, False, False]  # only gallop estimates
     assert all(r["dtype"] == "bfloat16" and r["train_config"]["compact_grads"] for r in runs)
     assert runs[0]["evaluation"]["generate"] == "greedy, 32 new tokens, lenient extraction"
     assert all(len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]) for r in runs)
@@ -340,6 +343,26 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
     err = _error_line(capsys)
     assert "does not fit on cpu" in err and "short" in err and f"${plan.BUDGET_ENV}" in err
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_offloaded_estimation_trains_the_same_run(dtype, tiny_dir, monkeypatch):
+    """train.finetune with the gradient estimated in host memory selects the same weights and trains to the
+    same losses, exactly, as with the gradient in .grad."""
+    data = tasks.load_task("piqa", 16, 0).train
+    asked, real = [], train.estimate_gradients
+    monkeypatch.setattr(train, "estimate_gradients", lambda *a, **k: asked.append(k["offload"]) or real(*a, **k))
+    results = []
+    for offload in (False, True):
+        model, tok = models.load(tiny_dir, dtype)
+        cfg = train.TrainConfig(steps=2, batch_size=4, rho=0.05, max_len=128, log_every=0, offload_grads=offload)
+        results.append(train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)[1])
+    on_device, offloaded = results
+    assert asked == [False, True]
+    assert list(offloaded.selection) == list(on_device.selection)
+    assert all(torch.equal(offloaded.selection[n], i) for n, i in on_device.selection.items())
+    assert offloaded.losses == on_device.losses
 
 
 def test_hub_id_that_cannot_be_loaded_offline_is_one_line(tmp_path, monkeypatch, capsys):
@@ -480,6 +503,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--rhos", "0.01", "2"], "argument --rhos/--rho: rho must be in (0, 1], got 2.0"),
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
+        (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):

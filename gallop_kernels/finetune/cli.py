@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
-from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, TARGETS
+from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, TARGETS
 from ..errors import GallopError
 from .output import OutputFolder
 from .presets import PRESETS
@@ -156,6 +156,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="sparse methods: keep float32 gradients of the selected weights only (SparseAdamW)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of keeping them")
+    _add_offload(p)
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -170,6 +171,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "score each choice's text (log-likelihood mode; generate mode then finds no label)")
 
 
+def _add_offload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-grads", choices=OFFLOADS, default="auto",
+                   help="estimate the selection's mean gradient in host memory, no dense gradient on the GPU "
+                        "(on, off; auto: on when the memory plan says the gradient does not fit, see gallop plan)")
+
+
+def _world_size(text: str) -> int:
+    return _count(text, 1, "a number of GPUs (an integer >= 1)")
+
+
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     """Options of gallop plan."""
     p.add_argument("--model", default=models.BUILTIN,
@@ -182,6 +193,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=_positive, default=None, help="tokens per training example")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    _add_offload(p)
+    p.add_argument("--world-size", type=_world_size, default=1,
+                   help="plan per GPU of this many under FSDP2 (fully_shard per decoder layer)")
     p.add_argument("--measure", action="store_true",
                    help="also time a few training steps of each method on a random model of this shape")
     p.add_argument("--measure-steps", type=_positive, default=3)
@@ -261,7 +275,7 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     preset = _preset_train(args)
     lr = args.lr or preset.pop("lr", None) or default_lr(method)
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
-                       gradient_checkpointing=args.gradient_checkpointing)
+                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on")
 
 
 def _model(args) -> str:
@@ -281,17 +295,25 @@ def _job_config(args):
                               eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))
 
 
-def _check_memory(args, train_cfgs: dict) -> None:
+def _check_memory(args, train_cfgs: dict) -> dict:
     """The memory preflight (plan.preflight) of every method before any weight is loaded.
 
-    ``train_cfgs``: {method: TrainConfig}; GallopError names what does not fit and the option that would make it.
+    ``train_cfgs``: {method: TrainConfig}; returns {method: whether to offload the gradient estimation}
+    (``--offload-grads auto`` asks the plan). GallopError names what does not fit and the option that would make it.
     """
+    from dataclasses import replace
+
+    from ..reference import GRADIENT_CRITERIA
     from . import plan
 
     device, dtype = models.resolve_device(args.device, args.dtype)
     config = plan.model_config(_model(args))
+    offload = {}
     for method, cfg in train_cfgs.items():
-        print(plan.preflight(config, method, cfg, dtype, device))
+        offload[method] = method in GRADIENT_CRITERIA and (args.offload_grads == "on" or (
+            args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
+        print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
+    return offload
 
 
 def _check_inputs(args) -> None:
@@ -323,7 +345,8 @@ def cmd_finetune(args) -> None:
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
     with OutputFolder(_out_path(args)) as out:
-        _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
+        # the folder is probed first; a refusal removes it
+        train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
@@ -363,7 +386,9 @@ def cmd_compare(args) -> None:
         if method not in largest or cfg.rho > largest[method].rho:
             largest[method] = cfg
     with OutputFolder(_out_path(args)) as out:
-        _check_memory(args, largest)  # the folder is probed first; a refusal removes it
+        offload = _check_memory(args, largest)  # the folder is probed first; a refusal removes it
+        for _, method, cfg, _ in configs:
+            cfg.offload_grads = offload[method]
         from .pipeline import Run, describe_evaluation, sweep
         from .report import aggregate, compare_table, pareto_plot
 
@@ -417,11 +442,19 @@ def cmd_plan(args) -> None:
     from . import plan
     from .train import TrainConfig
 
+    if args.world_size > 1 and args.measure:
+        raise UsageError("--measure runs on one device: use it without --world-size")
+    if args.world_size > 1 and args.offload_grads == "on":
+        raise UsageError("--offload-grads on plans one device: under FSDP2 (--world-size > 1) each GPU holds "
+                         "only its shard's gradient")
     device, dtype = models.resolve_device(args.device, args.dtype)
+    # auto: the planner shows the estimation finetune would offload on a GPU it does not fit (one device)
     cfg = TrainConfig(**_given(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size,
                                max_len=args.max_len, grad_accum_dtype=args.grad_accum_dtype),
-                      gradient_checkpointing=args.gradient_checkpointing)
-    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0))
+                      gradient_checkpointing=args.gradient_checkpointing,
+                      offload_grads=args.offload_grads == "on" or (args.offload_grads == "auto" and args.world_size == 1))
+    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0,
+                      world_size=args.world_size))
 
 
 COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply, "plan": cmd_plan}

@@ -62,6 +62,8 @@ class TrainConfig:
     """SparseAdamW(compact_grads=True): the sparse methods keep fp32 gradients of the selected weights only."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (Hugging Face models)."""
+    offload_grads: bool = False
+    """Estimate the mean gradient in host memory (estimate_gradients(offload=True)): no dense gradient on the device."""
 
 
 @dataclass
@@ -195,13 +197,14 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
     grads = estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
-                               progress=progress) if grads_used else None
+                               offload=cfg.offload_grads, progress=progress) if grads_used else None
     t1 = time.perf_counter()
     sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
-    grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
+    where = " in host memory" if cfg.offload_grads else ""
+    grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
