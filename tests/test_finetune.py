@@ -820,3 +820,68 @@ def test_preset_picks_the_papers_model_unless_one_is_given():
     args = parse(["finetune", "--preset", "gemma-2b", "--batch-size", "2"])
     cfg = cli._train_config(args, "gallop", None, 0)
     assert cfg.batch_size == 2 and cfg == train.TrainConfig(batch_size=2, lr=cli.default_lr("gallop"), **PRESETS["gemma-2b"].train_overrides())
+
+
+def _gallop(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The gallop command as a new process, or as ``ranks`` processes under torchrun (gloo on the CPU);
+    one thread each, so both runs do the same arithmetic."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "gallop_kernels.finetune.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@needs_data
+def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
+    """2 gloo ranks: the evaluation is split by batches, yet the report (accuracies, selection size, losses) and
+    the delta are those of one process, bit for bit (training is replicated); only rank 0 prints and writes."""
+    common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa,boolq",
+              "--eval-mode", "both", "--decode", "greedy", "--max-new-tokens", "4", "--eval-batch-size", "1",
+              "--n-train", "8", "--n-eval", "3", "--steps", "2", "--batch-size", "4", "--max-len", "128",
+              "--no-progress", "--device", "cpu"]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        proc = _gallop([*common, "--out", str(out)], ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("| gallop |") == 2 and proc.stdout.count("elapsed") == 1  # one table per mode, rank 0
+        runs[ranks] = (json.loads((out / "report.json").read_text()), _tensors(out / "delta.safetensors"))
+    (one, delta1), (two, delta2) = runs[1], runs[2]
+    assert two["summary"] == one["summary"] and two["tuned"] == one["tuned"] and two["vanilla"] == one["vanilla"]
+    assert two["losses"] == one["losses"] and two["trainable"] == one["trainable"]
+    assert delta2.keys() == delta1.keys() and all(torch.equal(delta2[k], delta1[k]) for k in delta1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks1", "ranks2"]  # no leftover folder of another rank
+
+
+@pytest.mark.parametrize("bad, needle", [(["--eps", "-1"], "argument --eps"), (["--out", "READONLY"], "cannot")])
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
+    args = ["finetune", "--model", "/no/such/dir" if needle == "argument --eps" else "builtin", "--no-progress",
+            *[str(readonly_dir) if a == "READONLY" else a for a in bad]]
+    if needle == "cannot":  # a model folder that needs no conversion
+        transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4).save_pretrained(tmp_path / "m")
+        args[2] = str(tmp_path / "m")
+    proc = _gallop(args, ranks=2, timeout=300)  # a hang fails the test by its timeout
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("gallop: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+
+
+def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkeypatch):
+    from gallop_kernels.finetune import parallel
+
+    order = [5, 3, 0, 6, 1, 2, 4]
+    assert evaluate._my_batches(order, 2) == [[5, 3], [0, 6], [1, 2], [4]]
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    for rank, want in ((0, [[5, 3], [1, 2]]), (1, [[0, 6], [4]])):
+        monkeypatch.setattr(parallel, "rank", lambda rank=rank: rank)
+        assert evaluate._my_batches(order, 2) == want

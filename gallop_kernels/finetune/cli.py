@@ -14,11 +14,14 @@ the work each command does lives in pipeline.py, delta.py and plan.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import models, tasks
@@ -304,16 +307,20 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     from dataclasses import replace
 
     from ..reference import GRADIENT_CRITERIA
-    from . import plan
+    from . import parallel, plan
 
     device, dtype = models.resolve_device(args.device, args.dtype)
     config = plan.model_config(_model(args))
-    offload = {}
-    for method, cfg in train_cfgs.items():
-        offload[method] = method in GRADIENT_CRITERIA and (args.offload_grads == "on" or (
-            args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
-        print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
-    return offload
+
+    def check() -> dict:
+        offload = {}
+        for method, cfg in train_cfgs.items():
+            offload[method] = method in GRADIENT_CRITERIA and (args.offload_grads == "on" or (
+                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
+            print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
+        return offload
+
+    return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
 
 
 def _check_inputs(args) -> None:
@@ -340,11 +347,29 @@ def _out_path(args) -> Path:
     return Path(args.out or f"gallop-runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+@contextlib.contextmanager
+def _output(args) -> Iterator[OutputFolder | None]:
+    """The run's OutputFolder on rank 0 (None on the other ranks of a torchrun job, which write nothing).
+
+    Rank 0 creates and probes it first; a refusal stops every rank with rank 0's message.
+    """
+    from . import parallel
+
+    folder = OutputFolder(_out_path(args)) if parallel.is_main() else None
+    parallel.on_main(folder.__enter__ if folder is not None else lambda: None)
+    if folder is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(folder)  # entered above: only its exit (rename, or removal on error) is left
+        yield folder
+
+
 def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    with OutputFolder(_out_path(args)) as out:
+    with _output(args) as out:
         # the folder is probed first; a refusal removes it
         train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
@@ -353,6 +378,8 @@ def cmd_finetune(args) -> None:
 
         job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
         report, result = job.report, job.train
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
         delta = make_delta(job.model, result.selection, result.base_values, info)
@@ -385,7 +412,7 @@ def cmd_compare(args) -> None:
     for _, method, cfg, _ in configs:
         if method not in largest or cfg.rho > largest[method].rho:
             largest[method] = cfg
-    with OutputFolder(_out_path(args)) as out:
+    with _output(args) as out:
         offload = _check_memory(args, largest)  # the folder is probed first; a refusal removes it
         for _, method, cfg, _ in configs:
             cfg.offload_grads = offload[method]
@@ -395,6 +422,8 @@ def cmd_compare(args) -> None:
         job = _job_config(args)
         job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
         reports = sweep([Run(*c) for c in configs], job)
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
         how = describe_evaluation(job, configs[0][2].target)
         tables = []
         for mode in job.modes:
@@ -463,18 +492,43 @@ COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gallop`` command; returns the exit status."""
     t0 = time.perf_counter()
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        with _ranks(args):
+            COMMANDS[args.command](args)
     except GallopError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"gallop: error: {msg}", file=sys.stderr)
+        if main_rank:
+            print(f"gallop: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gallop: interrupted", file=sys.stderr)
         return 130
-    print(f"elapsed {time.perf_counter() - t0:.0f} s")
+    if main_rank:
+        print(f"elapsed {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _ranks(args) -> Iterator[None]:
+    """Under torchrun, finetune and compare join the process group for the command, and the other ranks
+    than 0 print nothing and show no progress bars (see parallel.py); other commands run as one process."""
+    from . import parallel
+
+    if args.command not in ("finetune", "compare") or not parallel.launched():
+        yield
+        return
+    parallel.init()
+    quiet = contextlib.ExitStack()
+    if not parallel.is_main():
+        args.no_progress = True
+        quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+    try:
+        with quiet:
+            yield
+    finally:
+        parallel.close()
 
 
 if __name__ == "__main__":

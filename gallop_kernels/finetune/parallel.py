@@ -1,0 +1,108 @@
+"""The ``gallop`` command under ``torchrun``: one process group, rank-0 output, evaluation split across ranks.
+
+Under torchrun (``WORLD_SIZE`` > 1) ``finetune`` and ``compare`` join a process group (gloo on
+the CPU, NCCL with one GPU per rank). Every rank loads the model and trains it the same way
+(training is replicated, not yet sharded); the evaluation, the slowest stage, gives each rank
+every world-th batch of questions and gathers the answers, so the accuracies are those of one
+process. Only rank 0 prints and writes the output folder. Torch is imported only on use, so the
+command line stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from ..errors import GallopError
+
+T = TypeVar("T")
+TIMEOUT = timedelta(minutes=30)
+"""How long a rank waits for the others at a collective before failing instead of hanging."""
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def init() -> None:
+    """Join torchrun's process group (gloo on the CPU, NCCL on this rank's GPU); no-op outside torchrun."""
+    if not launched() or _dist() is not None:
+        return
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+
+
+def close() -> None:
+    """Leave the process group, if one was joined."""
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def world() -> int:
+    """The number of ranks (1 outside a process group)."""
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def is_main() -> bool:
+    """Whether this rank prints and writes (rank 0)."""
+    return rank() == 0
+
+
+def mine(n: int) -> list[int]:
+    """The items of ``range(n)`` this rank handles: every world-th, from its rank."""
+    return list(range(rank(), n, world()))
+
+
+def merge(part: dict[int, T]) -> dict[int, T]:
+    """The union of every rank's ``part`` ({item: result} for the items of :func:`mine`), on every rank."""
+    dist = _dist()
+    if dist is None:
+        return dict(part)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def on_all(action: Callable[[], T]) -> T:
+    """Run ``action`` on every rank; when it raises GallopError on any rank, raise the first such
+    rank's message on every rank, so that no rank goes on to wait for one that stopped."""
+    result, message = None, None
+    try:
+        result = action()
+    except GallopError as e:
+        message = str(e) or type(e).__name__
+    dist = _dist()
+    if dist is not None:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m is not None), None)
+    if message is not None:
+        raise GallopError(message)
+    return result
+
+
+def on_main(action: Callable[[], T]) -> T | None:
+    """Run ``action`` on rank 0 only (see :func:`on_all`: its GallopError stops every rank)."""
+    return on_all(action if is_main() else lambda: None)
