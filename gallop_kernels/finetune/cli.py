@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
-from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, TARGETS
+from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS, TARGETS
 from ..errors import GallopError
 from .output import OutputFolder
 from .presets import PRESETS
@@ -160,6 +160,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of keeping them")
     _add_offload(p)
+    p.add_argument("--parallel", choices=PARALLELS, default=None,
+                   help="under torchrun: ddp (the default there) splits every batch across the ranks; none trains "
+                        "the same model on every rank. The evaluation is split either way")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -278,7 +281,21 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     preset = _preset_train(args)
     lr = args.lr or preset.pop("lr", None) or default_lr(method)
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
-                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on")
+                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
+                       parallel=_parallel_mode(args))
+
+
+def _parallel_mode(args) -> str:
+    """--parallel, checked: ddp by default under torchrun, none in one process."""
+    from . import parallel
+
+    mode = args.parallel or ("ddp" if parallel.launched() else "none")
+    if mode == "ddp" and not parallel.launched():
+        raise UsageError("--parallel ddp runs under torchrun (torchrun --nproc-per-node N -m gallop_kernels.finetune.cli ...)")
+    if mode == "ddp" and args.compact_grads:
+        raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
+                         "compacting hooks ran): add --parallel none, or drop --compact-grads")
+    return mode
 
 
 def _model(args) -> str:

@@ -106,3 +106,47 @@ def on_all(action: Callable[[], T]) -> T:
 def on_main(action: Callable[[], T]) -> T | None:
     """Run ``action`` on rank 0 only (see :func:`on_all`: its GallopError stops every rank)."""
     return on_all(action if is_main() else lambda: None)
+
+
+def data_parallel(model):
+    """``model`` wrapped in DistributedDataParallel for training (on this rank's GPU, or the CPU); the
+    model itself, whose parameters DDP shares, stays what optimizers and evaluation use."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def my_rows(batch: dict, ignore: int) -> tuple[dict, float]:
+    """(this rank's rows of ``batch``, the loss divisor that makes DDP's gradient average equal the
+    single-process gradient): each rank's loss is its sum over the labelled tokens divided by
+    (the whole batch's labelled tokens / world size); DDP then averages over the ranks."""
+    import torch
+
+    n = world()
+    labelled = int((batch["labels"][:, 1:] != ignore).sum())  # the tokens the causal-LM loss counts (labels shift by 1)
+    rows = {k: v[rank()::n] for k, v in batch.items()}
+    if rows["labels"].shape[0] == 0:
+        raise GallopError(f"--parallel ddp needs --batch-size >= the number of ranks ({n})")
+    return rows, torch.tensor(max(labelled, 1) / n)
+
+
+def group():
+    """The process group of all ranks (None outside one)."""
+    dist = _dist()
+    return dist.group.WORLD if dist is not None else None
+
+
+def average(t):
+    """The mean of ``t`` over the ranks in float32, on every rank and on ``t``'s device (``t`` itself
+    outside a process group). NCCL reduces on this rank's GPU: a host tensor goes there and back."""
+    import torch
+
+    dist = _dist()
+    if dist is None:
+        return t
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.detach().to(where, torch.float32, copy=True)
+    dist.all_reduce(out)
+    return (out / dist.get_world_size()).to(t.device)
