@@ -504,6 +504,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
         (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
+        (["finetune", "--parallel", "ddp"], "--parallel ddp runs under torchrun"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):
@@ -875,18 +876,42 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     assert ddp["train_config"]["parallel"] == "ddp" and one["train_config"]["parallel"] == "none"
 
 
-@pytest.mark.parametrize("bad, needle", [(["--eps", "-1"], "argument --eps"), (["--out", "READONLY"], "cannot")])
+@pytest.mark.parametrize("bad, needle", [
+    (["--eps", "-1"], "argument --eps"),
+    (["--out", "READONLY"], "cannot"),
+    (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
-    args = ["finetune", "--model", "/no/such/dir" if needle == "argument --eps" else "builtin", "--no-progress",
+    transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=4).save_pretrained(tmp_path / "m")  # a folder that needs no conversion
+    args = ["finetune", "--model", str(tmp_path / "m"), "--no-progress",
             *[str(readonly_dir) if a == "READONLY" else a for a in bad]]
-    if needle == "cannot":  # a model folder that needs no conversion
-        transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=4).save_pretrained(tmp_path / "m")
-        args[2] = str(tmp_path / "m")
     proc = _gallop(args, ranks=2, timeout=300)  # a hang fails the test by its timeout
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("gallop: error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+
+
+@needs_data
+def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
+    """gallop compare with gallop and lora on 2 gloo ranks (ddp) against one process: the same accuracies,
+    losses within float rounding, one compare.json written."""
+    common = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "gallop,lora", "--rhos", "0.05",
+              "--eval-tasks", "piqa", "--eval-mode", "loglik", "--eval-batch-size", "2", "--n-train", "8",
+              "--n-eval", "3", "--steps", "2", "--batch-size", "4", "--max-len", "128", "--no-progress",
+              "--grad-fraction", "1", "--device", "cpu"]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        proc = _gallop([*common, "--out", str(out)], ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("wrote ") == 1
+        runs[ranks] = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs[2]] == [r["method"] for r in runs[1]] == ["gallop", "lora"]
+    for two, one in zip(runs[2], runs[1]):
+        assert two["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+        assert two["train_config"]["parallel"] == "ddp"
 
 
 def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkeypatch):

@@ -126,10 +126,9 @@ def my_rows(batch: dict, ignore: int) -> tuple[dict, float]:
 
     n = world()
     labelled = int((batch["labels"][:, 1:] != ignore).sum())  # the tokens the causal-LM loss counts (labels shift by 1)
-    rows = {k: v[rank()::n] for k, v in batch.items()}
-    if rows["labels"].shape[0] == 0:
+    if batch["labels"].shape[0] < n:  # the same test on every rank: they all stop
         raise GallopError(f"--parallel ddp needs --batch-size >= the number of ranks ({n})")
-    return rows, torch.tensor(max(labelled, 1) / n)
+    return {k: v[rank()::n] for k, v in batch.items()}, torch.tensor(max(labelled, 1) / n)
 
 
 def group():

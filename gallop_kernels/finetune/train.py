@@ -231,10 +231,10 @@ def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: 
     if cfg.parallel != "ddp":
         return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
                                   offload=cfg.offload_grads, progress=progress)
-    mine = [grad_batches[i] for i in parallel.mine(len(grad_batches))]
-    if not mine:
+    if len(grad_batches) < parallel.world():  # the same test on every rank: they all stop
         raise GallopError(f"--parallel ddp needs at least one gradient batch per rank ({parallel.world()} ranks, "
                           f"{len(grad_batches)} batches): raise --grad-fraction or --n-train")
+    mine = [grad_batches[i] for i in parallel.mine(len(grad_batches))]
     grads = estimate_gradients(model, mine, accum_dtype=accum_dtype(cfg.grad_accum_dtype), offload=cfg.offload_grads,
                                progress=progress)
     share = len(mine) * parallel.world() / len(grad_batches)
