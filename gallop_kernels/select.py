@@ -322,7 +322,7 @@ def select_mask(
     home = {n: local(p).device for n, p in model.named_parameters() if n in indices}
     indices = {n: i.to(home[n]) for n, i in indices.items()}  # on the parameter's device, wherever it was scored
     if process_group is not None and shard_group is None:
-        check_same_selection(indices, process_group, device=sources[0].param.device)
+        check_same_selection(indices, process_group, device=home[sources[0].name])  # NCCL needs the GPU
     sel = Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
     sel.bytes_exchanged = comm.bytes_sent
     return sel
