@@ -14,21 +14,19 @@ the work each command does lives in pipeline.py, delta.py and plan.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
 from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS, TARGETS
 from ..errors import GallopError
-from .output import OutputFolder
+from .output import OutputFolder, main_rank_folder
 from .presets import PRESETS
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
@@ -364,29 +362,11 @@ def _out_path(args) -> Path:
     return Path(args.out or f"gallop-runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-@contextlib.contextmanager
-def _output(args) -> Iterator[OutputFolder | None]:
-    """The run's OutputFolder on rank 0 (None on the other ranks of a torchrun job, which write nothing).
-
-    Rank 0 creates and probes it first; a refusal stops every rank with rank 0's message.
-    """
-    from . import parallel
-
-    folder = OutputFolder(_out_path(args)) if parallel.is_main() else None
-    parallel.on_main(folder.__enter__ if folder is not None else lambda: None)
-    if folder is None:
-        yield None
-        return
-    with contextlib.ExitStack() as stack:
-        stack.push(folder)  # entered above: only its exit (rename, or removal on error) is left
-        yield folder
-
-
 def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    with _output(args) as out:
+    with main_rank_folder(_out_path(args)) as out:
         # the folder is probed first; a refusal removes it
         train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
@@ -429,7 +409,7 @@ def cmd_compare(args) -> None:
     for _, method, cfg, _ in configs:
         if method not in largest or cfg.rho > largest[method].rho:
             largest[method] = cfg
-    with _output(args) as out:
+    with main_rank_folder(_out_path(args)) as out:
         offload = _check_memory(args, largest)  # the folder is probed first; a refusal removes it
         for _, method, cfg, _ in configs:
             cfg.offload_grads = offload[method]
@@ -508,11 +488,15 @@ COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gallop`` command; returns the exit status."""
+    from . import parallel
+
     t0 = time.perf_counter()
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         args = build_parser().parse_args(argv)
-        with _ranks(args):
+        with parallel.joined(args.command in ("finetune", "compare")) as main:
+            if not main:
+                args.no_progress = True  # only rank 0 of a torchrun job shows progress
             COMMANDS[args.command](args)
     except GallopError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -525,27 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         print(f"elapsed {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-@contextlib.contextmanager
-def _ranks(args) -> Iterator[None]:
-    """Under torchrun, finetune and compare join the process group for the command, and the other ranks
-    than 0 print nothing and show no progress bars (see parallel.py); other commands run as one process."""
-    from . import parallel
-
-    if args.command not in ("finetune", "compare") or not parallel.launched():
-        yield
-        return
-    parallel.init()
-    quiet = contextlib.ExitStack()
-    if not parallel.is_main():
-        args.no_progress = True
-        quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-    try:
-        with quiet:
-            yield
-    finally:
-        parallel.close()
 
 
 if __name__ == "__main__":

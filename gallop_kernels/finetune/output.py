@@ -95,3 +95,19 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass  # not empty: something else wrote there meanwhile, keep it
+
+
+@contextlib.contextmanager
+def main_rank_folder(final: str | Path) -> Iterator[OutputFolder | None]:
+    """An OutputFolder on rank 0 of a torchrun job (or in one process), None on the other ranks, which
+    write nothing. Rank 0 creates and probes it first; a refusal stops every rank with rank 0's message."""
+    from . import parallel
+
+    folder = OutputFolder(final) if parallel.is_main() else None
+    parallel.on_main(folder.__enter__ if folder is not None else lambda: None)
+    if folder is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(folder)  # entered above: only its exit (rename, or removal on error) is left
+        yield folder

@@ -10,8 +10,9 @@ command line stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
 
@@ -44,6 +45,23 @@ def init() -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def joined(wanted: bool = True) -> Iterator[bool]:
+    """Under torchrun (and ``wanted``): the process group joined for the block, and stdout silenced on the
+    ranks other than 0. Yields whether this rank is the one that reports (always True in one process)."""
+    if not (wanted and launched()):
+        yield True
+        return
+    init()
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not is_main():
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            yield is_main()
+    finally:
+        close()
 
 
 def close() -> None:
@@ -111,14 +129,13 @@ def on_main(action: Callable[[], T]) -> T | None:
 def data_parallel(model):
     """``model`` wrapped in DistributedDataParallel for training (on this rank's GPU, or the CPU); the
     model itself, whose parameters DDP shares, stays what optimizers and evaluation use."""
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def my_rows(batch: dict, ignore: int) -> tuple[dict, float]:
+def my_rows(batch: dict, ignore: int) -> tuple[dict, object]:
     """(this rank's rows of ``batch``, the loss divisor that makes DDP's gradient average equal the
     single-process gradient): each rank's loss is its sum over the labelled tokens divided by
     (the whole batch's labelled tokens / world size); DDP then averages over the ranks."""
