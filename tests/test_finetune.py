@@ -268,6 +268,102 @@ def test_damaged_delta_file_is_one_error(tmp_path):
         delta.load_delta(path)
 
 
+@pytest.fixture
+def no_bars():
+    """transformers' progress bars off (they write to stderr, where the tests read the one error line)."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    yield
+    if was:
+        transformers_logging.enable_progress_bar()
+
+
+def _tiny_delta(tiny_dir: Path, selection, seed: int, tmp_path: Path, name: str, start=None):
+    """A delta over ``selection`` of the tiny model (its weights moved by ~1e-2, from ``start``'s state if given),
+    saved as ``name``; returns (path, delta, the tuned state)."""
+    model, _ = models.load(tiny_dir)
+    if start is not None:
+        model.load_state_dict(start)
+    base = delta.selected_values(model, selection)
+    gen, masks = torch.Generator().manual_seed(seed), selection.masks()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 1e-2 * masks[n])
+    d = delta.make_delta(model, selection, base, {"task": name, "criterion": "random", "dtype": "float32"})
+    delta.save_delta(tmp_path / name, d)
+    return str(tmp_path / name), d, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@needs_data
+def test_apply_adds_several_deltas_in_order_each_checked_against_the_model(tiny_dir, tmp_path, no_bars, capsys):
+    import gallop_kernels as gk
+
+    base = dict(models.load(tiny_dir)[0].named_parameters())
+    sel_a = gk.select_mask(models.load(tiny_dir)[0], rho=0.02, criterion="random", seed=1)
+    grads = {n: (~m).float() for n, m in sel_a.masks().items()}  # b selects only weights a did not
+    sel_b = gk.select_mask(models.load(tiny_dir)[0], grads, rho=0.02, criterion="saft")
+    a, da, tuned_a = _tiny_delta(tiny_dir, sel_a, 1, tmp_path, "a.safetensors")
+    b, _, tuned_b = _tiny_delta(tiny_dir, sel_b, 2, tmp_path, "b.safetensors")
+    c, dc, _ = _tiny_delta(tiny_dir, sel_a, 3, tmp_path, "c.safetensors")  # the same weights as a
+    ma, mb = sel_a.masks(), sel_b.masks()
+
+    assert cli.main(["apply", "--base", str(tiny_dir), "--delta", a, b, "--out", str(tmp_path / "ab")]) == 0
+    assert "applied" in capsys.readouterr().out
+    for n, q in models.load(tmp_path / "ab")[0].named_parameters():
+        assert torch.equal(q[ma[n]], tuned_a[n][ma[n]]) and torch.equal(q[mb[n]], tuned_b[n][mb[n]]), n
+        assert torch.equal(q[~(ma[n] | mb[n])], base[n][~(ma[n] | mb[n])]), n
+    assert cli.main(["apply", "--base", str(tmp_path / "ab"), "--delta", b, a, "--subtract",
+                     "--out", str(tmp_path / "off")]) == 0  # off again in any order, bit for bit
+    assert all(torch.equal(q, base[n]) for n, q in models.load(tmp_path / "off")[0].named_parameters())
+
+    # c's base values are gone once a is applied: refused with the file named, nothing written
+    assert cli.main(["apply", "--base", str(tiny_dir), "--delta", a, c, "--out", str(tmp_path / "ac")]) == 2
+    assert f"gallop: error: {c}: the model is not the base model" in _error_line(capsys)
+    assert not (tmp_path / "ac").exists()
+    assert cli.main(["apply", "--base", str(tiny_dir), "--delta", a, c, "--force", "--out", str(tmp_path / "ac")]) == 0
+    forced = dict(models.load(tmp_path / "ac")[0].named_parameters())
+    assert da.tensors.keys() == dc.tensors.keys()
+    for n, t in dc.tensors.items():  # a's tuned values + c's differences, in float32
+        assert torch.equal(forced[n].view(-1)[t.indices], tuned_a[n].view(-1)[t.indices] + t.diff), n
+
+    (tmp_path / "copy.safetensors").write_bytes(Path(a).read_bytes())
+    for deltas, needle in [([a, b, a], f"--delta {a} is listed twice: each delta is applied once"),
+                           ([a, str(tmp_path / "copy.safetensors")], f"and {a} hold the same delta")]:
+        assert cli.main(["apply", "--base", str(tiny_dir), "--delta", *deltas, "--out", str(tmp_path / "x")]) == 2
+        assert needle in _error_line(capsys) and not (tmp_path / "x").exists()
+
+
+@needs_data
+def test_apply_refuses_a_delta_that_does_not_fit_in_one_line(tiny_dir, tmp_path, no_bars, capsys):
+    fake = delta.TensorDelta((3,), torch.tensor([1]), torch.tensor([0.5]), torch.zeros(0, dtype=torch.int64),
+                             torch.zeros(0), torch.zeros(0))
+    cases = [
+        (delta.Delta({"model.nope.weight": fake}, "0" * 64, "1" * 64, {}), "nope.safetensors",
+         "nope.safetensors: delta parameter 'model.nope.weight' is not in the model"),
+        (delta.Delta({}, "0" * 64, "1" * 64, {"dtype": "float99"}), "f99.safetensors",
+         "f99.safetensors: the dtype it was trained in ('float99', info 'dtype') is none of float32, bfloat16"),
+    ]
+    for d, name, needle in cases:
+        delta.save_delta(tmp_path / name, d)
+        assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(tmp_path / name),
+                         "--out", str(tmp_path / "out")]) == 2
+        assert needle in _error_line(capsys) and not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_apply_on_a_folder_without_tokenizer_says_so_in_one_line(tiny_dir, tmp_path, no_bars, capsys):
+    models.load(tiny_dir)[0].save_pretrained(tmp_path / "weights-only")
+    delta.save_delta(tmp_path / "d.safetensors", delta.make_delta(torch.nn.Linear(2, 2), {}, {}))
+    assert cli.main(["apply", "--base", str(tmp_path / "weights-only"), "--delta", str(tmp_path / "d.safetensors"),
+                     "--out", str(tmp_path / "out")]) == 2
+    err = _error_line(capsys)
+    assert f"cannot load the tokenizer of '{tmp_path / 'weights-only'}' (the folder has no tokenizer.json" in err
+    assert not err.rstrip().endswith(":") and "(3) an equivalent slow tokenizer class" in err  # the whole message
+    assert not (tmp_path / "out").exists()
+
+
 def test_drop_gguf_config_repairs_a_cached_config(tmp_path):
     config = {"model_type": "llama", "hidden_size": 8, "quantization_config": {"quant_method": "gguf"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
