@@ -545,6 +545,32 @@ def test_hub_id_that_cannot_be_loaded_offline_is_one_line(tmp_path, monkeypatch,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name, hub", [
+    ("meta-llama/Meta-Llama-3-8B", True), ("google/gemma-2b", True), ("org/name.v2_x", True),
+    ("gpt2", False), ("tiny_lama", False), ("./org/name", False), ("../org/name", False), ("org/../name", False),
+    ("a/b/c", False), ("/abs/path", False), ("org/", False), ("-org/name", False), ("org/.name", False),
+])
+def test_only_org_slash_name_is_a_hub_id(name, hub):
+    assert models.is_hub_id(name) is hub
+
+
+def test_hub_that_does_not_answer_costs_one_request_not_a_retry_loop(tmp_path):
+    """No network (here: a closed local port as the hub): one line, without huggingface_hub's 5 retries."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "gallop_kernels.finetune.cli", "finetune", "--model",
+                           "nobody-here/no-such-model", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # each retry would log a line
+    assert lines[0].startswith("gallop: error: cannot load the config of 'nobody-here/no-such-model': ")
+    assert lines[0].endswith("(http://127.0.0.1:9 did not answer, so only the local cache was tried)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_protocol_extraction_is_llm_adapters():
     arc, boolq = ["answer1", "answer2", "answer3", "answer4"], ["true", "false"]
     ex = lambda reply, labels: evaluate.extract_answer(reply, labels, "protocol")  # noqa: E731
@@ -663,6 +689,10 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["finetune", "--rho", "1.5"], "rho must be in (0, 1]"),
         (["finetune", "--rho", "abc"], "rho must be a number"),
         (["finetune", "--model", "/no/such/dir"], "does not exist"),
+        (["finetune", "--model", "tiny_lama"], "model directory 'tiny_lama' does not exist (use builtin, a Hugging "
+                                               "Face model folder or a hub id of the form org/name"),
+        (["compare", "--model", "./org/name"], "model directory './org/name' does not exist"),
+        (["plan", "--model", "runs/a/b"], "model directory 'runs/a/b' does not exist"),
         (["apply", "--base", "/no/such/dir", "--delta", "/no/such/x", "--out", "y"], "not a readable safetensors"),
         (["compare", "--methods", "gallop,sgd"], "unknown method 'sgd'"),
         (["finetune", "--grad-fraction", "0"], "argument --grad-fraction: must be in (0, 1], got 0.0"),
@@ -819,6 +849,30 @@ def test_help_does_not_import_torch():
                        "'safetensors') if m in sys.modules))")
     assert proc.returncode == 0, proc.stderr
     assert "--criterion" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+_BAD_ARGUMENTS = [["finetune", "--rho", "2"], ["finetune", "--steps", "0"], ["compare", "--methods", "sgd"],
+                  ["compare", "--seeds", "-1"], ["apply", "--delta", "x"], ["plan", "--rho", "0"], ["nope"]]
+
+
+def test_argument_errors_do_not_import_torch():
+    proc = _run_python("import sys\nfrom gallop_kernels.finetune import cli\n"
+                       f"print([cli.main(argv) for argv in {_BAD_ARGUMENTS!r}])\n"
+                       "print(sorted(m for m in ('torch', 'transformers', 'tqdm', 'datasets', 'peft', 'matplotlib', "
+                       "'safetensors') if m in sys.modules))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [str([2] * len(_BAD_ARGUMENTS)), "[]"]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == len(_BAD_ARGUMENTS) and all(e.startswith("gallop: error: ") for e in errors), errors
+
+
+def test_every_command_names_the_missing_extra():
+    commands = [["finetune", "--no-progress"], ["compare"], ["apply", "--delta", "x", "--out", "y"], ["plan"]]
+    proc = _run_python("import sys\nsys.modules['peft'] = None\nfrom gallop_kernels.finetune import cli\n"
+                       f"print([cli.main(argv) for argv in {commands!r}])")
+    assert proc.stdout.strip() == str([2] * len(commands)), proc.stderr
+    assert proc.stderr.strip().splitlines() == len(commands) * [
+        "gallop: error: gallop needs the finetune extra (peft missing): pip install 'gallop_kernels[finetune]'"]
 
 
 @pytest.mark.parametrize("module", ["tqdm", "transformers"])
