@@ -152,7 +152,7 @@ def resolve(model: str, log=print) -> Path | str:
 
 def is_hub_id(name: str) -> bool:
     """True for a name of the hub's org/name form ("./x", "x", "a/b/c", "../a" are local paths)."""
-    return bool(HUB_ID.match(name)) and ".." not in name
+    return bool(HUB_ID.match(name))
 
 
 @functools.cache
