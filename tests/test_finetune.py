@@ -994,7 +994,7 @@ def _tinyllama_shape_dir(path: Path) -> Path:
 
 @pytest.mark.gpu
 @needs_data
-def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, capsys):
+def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, no_bars, capsys):
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--device", "cuda",
             "--dtype", "bfloat16", "--eval-mode", "both", "--eval-tasks", "piqa,boolq", "--out", str(out), *FEW]
@@ -1002,8 +1002,36 @@ def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
     assert len(report["losses"]) == 3 and all(math.isfinite(x) for x in report["losses"])
-    delta_file, _ = delta.load_delta(out / "delta.safetensors")
-    assert all(values.dtype == torch.bfloat16 for _, values in delta_file.values())
+    d = delta.load_delta(out / "delta.safetensors")  # a Delta: indices and float32 differences per parameter
+    assert d.info["dtype"] == "bfloat16" and d.num_weights == report["trainable"] > 0
+    assert all(t.diff.dtype == torch.float32 for t in d.tensors.values())  # float32 by design, whatever the weights
+    assert all(t.exact_base.dtype == t.exact_tuned.dtype == torch.bfloat16 for t in d.tensors.values() if t.exact_at.numel())
+    # the delta trained on CUDA rebuilds its tuned model on the CPU: apply checks the tuned fingerprint after adding
+    merged = tmp_path / "merged"
+    assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(out / "delta.safetensors"),
+                     "--out", str(merged)]) == 0, capsys.readouterr().err
+    base = dict(models.load(tiny_dir, torch.bfloat16)[0].named_parameters())
+    moved = 0
+    for n, q in models.load(merged, torch.bfloat16)[0].named_parameters():
+        assert q.dtype == torch.bfloat16
+        outside = torch.ones(q.numel(), dtype=torch.bool)
+        if n in d.tensors:
+            outside[d.tensors[n].indices] = False
+        assert torch.equal(q.view(-1)[outside], base[n].view(-1)[outside]), n  # nothing else moved
+        moved += int((q != base[n]).sum())
+    assert 0 < moved <= d.num_weights
+
+
+def _measured_rows(out: str) -> dict[str, list[float]]:
+    """{method: [trainable, step ms, opt.step ms, peak before training GiB, peak in training GiB]} of plan --measure."""
+    from gallop_kernels.finetune import plan
+
+    rows = {}
+    for line in out[out.index("### measured"):].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in plan.MEASURED:
+            rows[cells[0]] = [float(cells[1].replace(",", "")), *map(float, cells[2:])]
+    return rows
 
 
 @pytest.mark.gpu
@@ -1013,25 +1041,74 @@ def test_plan_measures_the_tinyllama_shape_on_cuda(tmp_path, capsys):
                      "--max-len", "512", "--measure"]) == 0
     out = capsys.readouterr().out
     print(out)  # the table, in the GPU check's log
-    for method in ("fft", "lora", "gallop", "gallop compact"):
-        assert f"| {method} |" in out
+    rows = _measured_rows(out)
+    assert sorted(rows) == sorted(("fft", "lora", "gallop", "gallop compact"))
+    with torch.device("meta"):
+        total = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(folder)).parameters())
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for method, (trainable, step_ms, opt_ms, setup_gib, train_gib) in rows.items():
+        assert 0 <= opt_ms <= step_ms and step_ms > 0, (method, opt_ms, step_ms)  # a step includes its optimizer step
+        assert 0 < setup_gib < device_gib and 0 < train_gib < device_gib, method
+        weights_gib = 2 * total / 2**30  # bf16 weights are resident while training
+        assert train_gib > weights_gib, (method, train_gib, weights_gib)
+    assert rows["fft"][0] == total and rows["gallop"][0] == rows["gallop compact"][0] == round(0.01 * total)
+    assert 0 < rows["lora"][0] < rows["gallop"][0]  # rank 16 on 5 projections: ~0.8% of the weights
+    # full FT holds a gradient and two moments of every weight, GaLLoP moments of 1% (dense .grad kept),
+    # and with compact gradients not even the dense .grad
+    assert rows["fft"][4] > rows["gallop"][4] > rows["gallop compact"][4]
 
 
 @pytest.mark.gpu
 @needs_data
-def test_same_seed_and_data_select_the_same_weights_on_cpu_and_cuda(tiny_dir):
-    """The batches are built on the CPU from a seeded order, so only the gradients' float rounding differs."""
+def test_same_seed_and_data_select_exactly_and_batch_the_same_on_cpu_and_cuda(tiny_dir, monkeypatch):
+    """The README's promise: the same seed and data give the same data order on every device.
+
+    The batches (training and gradient estimation) must be equal; the gradients differ only by
+    float rounding, so each device's selection is checked exactly against the reference top-k of
+    that device's own gradients (a selection kernel that is wrong on CUDA fails it).
+    """
+    import gallop_kernels as gk
+
     data = tasks.load_task("piqa", 16, 0).train
-    cfg = train.TrainConfig(steps=1, batch_size=4, rho=0.05, max_len=128, log_every=0)
-    selections = {}
+    cfg = train.TrainConfig(steps=4, batch_size=4, rho=0.05, max_len=128, log_every=0)
+    real_to_device, real_estimate = train.to_device, train.estimate_gradients
+    seen = {}
     for device in ("cpu", "cuda"):
+        record = {"batches": [], "grad_batches": [], "grads": {}}
+
+        def to_device(batch, dev, record=record):
+            record["batches"].append({k: v.clone() for k, v in batch.items()})
+            return real_to_device(batch, dev)
+
+        def estimate_gradients(model, batches, record=record, **kwargs):
+            record["grad_batches"] += [{k: v.clone() for k, v in b.items()} for b in batches]
+            grads = real_estimate(model, batches, **kwargs)
+            record["grads"].update({n: g.detach().cpu().clone() for n, g in grads.items()})
+            return grads
+
+        monkeypatch.setattr(train, "to_device", to_device)
+        monkeypatch.setattr(train, "estimate_gradients", estimate_gradients)
         model, tok = models.load(tiny_dir, torch.float32, device)
         _, result = train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)
-        selections[device] = {n: set(i.tolist()) for n, i in result.selection.items()}
-    same = sum(len(selections["cpu"][n] & selections["cuda"][n]) for n in selections["cpu"])
-    total = sum(len(s) for s in selections["cpu"].values())
-    print(f"{same} of {total} selected weights are the same on cpu and cuda")
-    assert same >= 0.99 * total
+        record["selection"] = {n: i.cpu() for n, i in result.selection.items()}
+        seen[device] = record
+    cpu, cuda = seen["cpu"], seen["cuda"]
+    for key in ("batches", "grad_batches"):
+        assert len(cpu[key]) == len(cuda[key]) > 0, key
+        for a, b in zip(cpu[key], cuda[key]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    assert len(cpu["batches"]) == cfg.steps
+    for n, g in cpu["grads"].items():  # the same function on both devices: a wrong batch or kernel is far off
+        torch.testing.assert_close(cuda["grads"][n], g, rtol=1e-2, atol=1e-3 * float(g.abs().max()))
+    base, _ = models.load(tiny_dir)  # the weights the selections were made on
+    for device, record in seen.items():
+        ref = gk.select_mask(base, record["grads"], rho=cfg.rho, eps=cfg.eps, seed=cfg.seed, backend="reference")
+        assert record["selection"].keys() == dict(ref.items()).keys(), device
+        for n, idx in ref.items():
+            assert torch.equal(record["selection"][n], idx.cpu()), (device, n)
+    same = sum(len(set(cpu["selection"][n].tolist()) & set(cuda["selection"][n].tolist())) for n in cpu["selection"])
+    print(f"{same} of {sum(i.numel() for i in cpu['selection'].values())} selected weights are the same on cpu and cuda")
 
 
 def test_preset_picks_the_papers_model_unless_one_is_given():
