@@ -703,6 +703,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["finetune", "--seed", "-2"], "argument --seed: expected a seed"),
         (["compare", "--rhos", "0.01", "2"], "argument --rhos/--rho: rho must be in (0, 1], got 2.0"),
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
+        (["compare", "--resume"], "--resume needs --out: the folder of the compare to continue"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
     ],
 )
@@ -852,7 +853,8 @@ def test_help_does_not_import_torch():
 
 
 _BAD_ARGUMENTS = [["finetune", "--rho", "2"], ["finetune", "--steps", "0"], ["compare", "--methods", "sgd"],
-                  ["compare", "--seeds", "-1"], ["apply", "--delta", "x"], ["plan", "--rho", "0"], ["nope"]]
+                  ["compare", "--seeds", "-1"], ["compare", "--resume"], ["apply", "--delta", "x"], ["plan", "--rho", "0"],
+                  ["nope"]]
 
 
 def test_argument_errors_do_not_import_torch():

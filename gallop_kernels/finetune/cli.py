@@ -362,11 +362,11 @@ def cmd_compare(args) -> None:
     The results are saved after every run (GrowingFolder), so an interrupted compare loses at most
     the run in progress; ``--resume`` with the same options and ``--out`` runs the rest.
     """
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out: the folder of the compare to continue")
     _check_inputs(args)
     from .train import TrainConfig
 
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out: the folder of the compare to continue")
     rhos = args.rhos or [_preset_train(args).get("rho", TrainConfig().rho)]
     configs = [(task, method, _train_config(args, method, rho, seed), rho)
                for task in args.tasks for seed in args.seeds for method in args.methods
