@@ -693,6 +693,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
                                                "Face model folder or a hub id of the form org/name"),
         (["compare", "--model", "./org/name"], "model directory './org/name' does not exist"),
         (["plan", "--model", "runs/a/b"], "model directory 'runs/a/b' does not exist"),
+        (["finetune", "--model", __file__], f"model directory {__file__!r} is a file, not a model folder"),
         (["apply", "--base", "/no/such/dir", "--delta", "/no/such/x", "--out", "y"], "not a readable safetensors"),
         (["compare", "--methods", "gallop,sgd"], "unknown method 'sgd'"),
         (["finetune", "--grad-fraction", "0"], "argument --grad-fraction: must be in (0, 1], got 0.0"),
