@@ -275,7 +275,8 @@ def _check_structure(delta: Delta) -> None:
         if t.indices.dtype not in (torch.int32, torch.int64) or t.exact_at.dtype != torch.int64:
             raise DeltaError(f"{name!r}: indices must be int32 or int64 and exact_at int64, got "
                              f"{t.indices.dtype} and {t.exact_at.dtype}")
-        if t.diff.dtype != torch.float32 or not (t.exact_base.is_floating_point() and t.exact_tuned.is_floating_point()):
+        exact_floats = t.exact_base.is_floating_point() and t.exact_tuned.is_floating_point()
+        if t.diff.dtype != torch.float32 or not exact_floats:
             raise DeltaError(f"{name!r}: differences must be float32 and exact values floating point, got "
                              f"{t.diff.dtype}, {t.exact_base.dtype} and {t.exact_tuned.dtype}")
         if t.indices.numel() != t.diff.numel():

@@ -1008,7 +1008,8 @@ def test_finetune_on_cuda_in_bf16(tiny_dir, tmp_path, no_bars, capsys):
     d = delta.load_delta(out / "delta.safetensors")  # a Delta: indices and float32 differences per parameter
     assert d.info["dtype"] == "bfloat16" and d.num_weights == report["trainable"] > 0
     assert all(t.diff.dtype == torch.float32 for t in d.tensors.values())  # float32 by design, whatever the weights
-    assert all(t.exact_base.dtype == t.exact_tuned.dtype == torch.bfloat16 for t in d.tensors.values() if t.exact_at.numel())
+    assert all(t.exact_base.dtype == t.exact_tuned.dtype == torch.bfloat16
+               for t in d.tensors.values() if t.exact_at.numel())
     # the delta trained on CUDA rebuilds its tuned model on the CPU: apply checks the tuned fingerprint after adding
     merged = tmp_path / "merged"
     assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(out / "delta.safetensors"),
@@ -1111,7 +1112,8 @@ def test_same_seed_and_data_select_exactly_and_batch_the_same_on_cpu_and_cuda(ti
         for n, idx in ref.items():
             assert torch.equal(record["selection"][n], idx.cpu()), (device, n)
     same = sum(len(set(cpu["selection"][n].tolist()) & set(cuda["selection"][n].tolist())) for n in cpu["selection"])
-    print(f"{same} of {sum(i.numel() for i in cpu['selection'].values())} selected weights are the same on cpu and cuda")
+    total = sum(i.numel() for i in cpu["selection"].values())
+    print(f"{same} of {total} selected weights are the same on cpu and cuda")
 
 
 def test_preset_picks_the_papers_model_unless_one_is_given():

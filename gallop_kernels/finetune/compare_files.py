@@ -23,8 +23,8 @@ def save(out, reports: list[dict], planned: int, texts: list[str]) -> None:
     for mode in modes:
         with out.writing(f"pareto-{mode}.png") as png:
             pareto_plot(reports, mode, png)
-    status = "" if len(reports) == planned else (
-        f"{len(reports)} of {planned} runs finished; `gallop compare` with the same options and --resume runs the rest.\n\n")
+    status = "" if len(reports) == planned else (f"{len(reports)} of {planned} runs finished; `gallop compare` with "
+                                                 f"the same options and --resume runs the rest.\n\n")
     out.write_text("compare.md", status + "\n\n".join(texts) + "\n")
     summary = {mode: aggregate(reports, mode) for mode in modes}
     out.write_text("compare.json", json.dumps({"runs": reports, "summary": summary, "planned_runs": planned}, indent=1))
