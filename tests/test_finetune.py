@@ -353,6 +353,33 @@ def test_apply_refuses_a_delta_that_does_not_fit_in_one_line(tiny_dir, tmp_path,
 
 
 @needs_data
+@pytest.mark.parametrize("damage, needle", [
+    ("flip", "damaged delta: adding its differences to its base values does not give the values it was made from"),
+    ("nan", "damaged gallop delta: 'model.embed_tokens.weight': 1 of its differences are NaN or Inf"),
+])
+def test_apply_refuses_a_damaged_delta_and_writes_nothing(damage, needle, tiny_dir, tmp_path, no_bars, capsys):
+    import gallop_kernels as gk
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sel = gk.select_mask(models.load(tiny_dir)[0], rho=0.02, criterion="random", seed=1)
+    good, _, _ = _tiny_delta(tiny_dir, sel, 1, tmp_path, "good.safetensors")
+    with safe_open(good, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    diff = tensors["model.embed_tokens.weight.diff"]
+    exact = set(tensors.get("model.embed_tokens.weight.exact_at", torch.zeros(0)).tolist())
+    at = next(i for i in range(diff.numel()) if i not in exact)  # where apply adds the difference
+    if damage == "flip":  # one flipped exponent bit: a finite difference ~1e36 times too large
+        diff.view(torch.int32)[at] ^= 1 << 30
+    else:
+        diff[at] = float("nan")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    assert cli.main(["apply", "--base", str(tiny_dir), "--delta", str(tmp_path / "bad.safetensors"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert needle in _error_line(capsys) and not (tmp_path / "out").exists()
+
+
+@needs_data
 def test_apply_on_a_folder_without_tokenizer_says_so_in_one_line(tiny_dir, tmp_path, no_bars, capsys):
     models.load(tiny_dir)[0].save_pretrained(tmp_path / "weights-only")
     delta.save_delta(tmp_path / "d.safetensors", delta.make_delta(torch.nn.Linear(2, 2), {}, {}))
