@@ -1137,7 +1137,7 @@ def test_same_seed_and_data_select_exactly_and_batch_the_same_on_cpu_and_cuda(ti
         ref = gk.select_mask(base, record["grads"], rho=cfg.rho, eps=cfg.eps, seed=cfg.seed, backend="reference")
         assert record["selection"].keys() == dict(ref.items()).keys(), device
         for n, idx in ref.items():
-            assert torch.equal(record["selection"][n], idx.cpu()), (device, n)
+            assert torch.equal(record["selection"][n].long(), idx.cpu().long()), (device, n)
     same = sum(len(set(cpu["selection"][n].tolist()) & set(cuda["selection"][n].tolist())) for n in cpu["selection"])
     total = sum(i.numel() for i in cpu["selection"].values())
     print(f"{same} of {total} selected weights are the same on cpu and cuda")
