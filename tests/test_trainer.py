@@ -86,6 +86,39 @@ def test_grad_fraction_takes_that_share_of_the_first_batches(tmp_path):
                                                                  rho=0.02))
 
 
+class _Recording(GallopTrainer):
+    """Records the input ids of every batch its loss is computed on (the estimate's, then the training's), and the
+    torch RNG state once the optimizer is built."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.seen.append(inputs["input_ids"].clone())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        self.rng_after = torch.get_rng_state()
+        return opt
+
+
+def _recorded(out, config: GallopConfig) -> _Recording:
+    trainer = _Recording(model=demo.make_model(0), args=_args(out, train_sampling_strategy="random"),
+                         train_dataset=_data(), gallop_config=config)
+    trainer.seen = []
+    trainer.train()
+    return trainer
+
+
+def test_the_estimate_sees_the_first_training_batches_and_leaves_the_rng_alone(tmp_path):
+    trainer = _recorded(tmp_path / "gallop", GallopConfig(rho=0.02, grad_batches=2))
+    assert len(trainer.seen) == 2 + 3
+    for estimated, trained in zip(trainer.seen[:2], trainer.seen[2:4]):
+        assert torch.equal(estimated, trained)
+    assert not torch.equal(trainer.seen[0], _collated(_data(), 1)[0]["input_ids"])  # the order is random indeed
+    # dropout and the rest of training draw from the same RNG state as in a run without an estimate
+    free = _recorded(tmp_path / "magnitude", GallopConfig(rho=0.02, criterion="magnitude"))
+    assert len(free.seen) == 3 and torch.equal(trainer.rng_after, free.rng_after)
+
+
 def test_gradient_accumulation_2x2_equals_one_batch_of_4(tmp_path):
     # A data-free criterion gives both runs the same selection, so only the training steps are compared.
     config = GallopConfig(rho=0.05, criterion="magnitude")
