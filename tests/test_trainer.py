@@ -78,6 +78,22 @@ def test_selection_is_select_mask_of_the_mean_gradient_of_the_same_batches(tmp_p
     assert trainer.state.log_history[0]["gallop/selected"] == stats["gallop/selected"]
 
 
+def test_the_estimate_recomputes_checkpointed_layers_as_training_does(tmp_path):
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    model, data = demo.make_model(0), _data()
+    calls, mlp = [], model.model.layers[0].mlp
+    forward = mlp.forward  # wrapped, not hooked: the recomputation ran no forward hooks (torch 2.13)
+    mlp.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    trainer = GallopTrainer(model=model, args=_args(tmp_path, max_steps=1, **{name: True}), train_dataset=data,
+                            gallop_config=GallopConfig(rho=0.02, grad_batches=2))
+    trainer.train()
+    assert len(calls) == 2 * (2 + 1)  # forward and recomputation, for 2 estimate batches and 1 training step
+    base = demo.make_model(0)  # recomputation gives the same gradients, bit for bit (test_training.py)
+    _assert_same_selection(trainer.gallop_selection, select_mask(base, estimate_gradients(base, _collated(data, 2)),
+                                                                 rho=0.02))
+
+
 def test_grad_fraction_takes_that_share_of_the_first_batches(tmp_path):
     data = _data()  # 6 batches of 4: a fraction 0.4 is 2.4, rounded up to 3
     trainer = _trained(tmp_path, GallopConfig(rho=0.02, grad_fraction=0.4), data, max_steps=1)

@@ -206,7 +206,7 @@ class GallopMixin:
 
     def _gallop_loss(self, model, batch) -> torch.Tensor:
         """The trainer's loss of one batch, as its training step computes it (device, autocast, compute_loss)."""
-        model.train()  # as training_step: dropout, and Hugging Face models recompute checkpointed layers only so
+        model.train()  # as training_step does: dropout, and HF models checkpoint activations in train mode only
         inputs = self._prepare_inputs(batch)
         # The model is not prepared by accelerate yet, so its mixed-precision autocast is entered here.
         with self.accelerator.autocast(), self.compute_loss_context_manager():
@@ -238,7 +238,7 @@ class GallopMixin:
             "gallop/optimizer_state_bytes": sum(t.numel() * t.element_size() for s in opt.state.values()
                                                 for t in s.values() if torch.is_tensor(t)),
         })
-        logger.info("GaLLoP: %s", ", ".join(f"{k.split('/')[1]} {v:,.4g}" for k, v in self.gallop_stats.items()))
+        logger.info("GaLLoP: %s", self.gallop_stats)
         return opt
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
