@@ -66,3 +66,21 @@ def test_estimate_gradients_uses_the_given_loss_and_is_the_same_with_gradient_ch
         # The recomputed forward runs the same float32 ops on the same inputs: the same gradient, bit for bit.
         assert torch.equal(recomputed[name], g), name
         assert model.get_parameter(name).grad is None  # returned, not left in .grad
+
+
+def test_estimate_gradients_under_autocast_around_the_call_or_inside_the_loss_agree():
+    gen = torch.Generator().manual_seed(0)
+    batches = [demo.lm_inputs(demo.toy_batch(gen, batch=4, seq=16)) for _ in range(2)]
+    model = demo.make_model(0)
+
+    def loss(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        around = estimate_gradients(model, batches)
+    inside = estimate_gradients(model, batches, loss=loss)
+    plain = estimate_gradients(model, batches)
+    for name, g in inside.items():
+        assert g.dtype == torch.float32 and torch.equal(around[name], g), name  # the same bf16 forward, bit for bit
+    assert any(not torch.equal(plain[n], g) for n, g in inside.items())  # autocast really ran in bf16
