@@ -30,9 +30,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def estimate_gradients(model: torch.nn.Module, batches: Iterable, *, loss: Callable[[object], torch.Tensor] | None = None,
-                       accum_dtype: torch.dtype | None = None, progress: bool = False,
-                       desc: str = "gradient") -> dict[str, torch.Tensor]:
+def estimate_gradients(model: torch.nn.Module, batches: Iterable, *,
+                       loss: Callable[[object], torch.Tensor] | None = None, accum_dtype: torch.dtype | None = None,
+                       progress: bool = False, desc: str = "gradient") -> dict[str, torch.Tensor]:
     """The mean loss gradient over ``batches``: name -> tensor, for every parameter that requires grad.
 
     ``loss(batch)`` returns the scalar loss of one batch; by default each batch is a dict of

@@ -1,4 +1,4 @@
-"""GallopTrainer and gallop_trainer(AnyTrainer): GaLLoP inside 🤗 Trainer and TRL, on tiny Llamas built from a config."""
+"""GallopTrainer and gallop_trainer(AnyTrainer): GaLLoP inside 🤗 Trainer and TRL, on tiny Llamas from a config."""
 
 import subprocess
 import sys

@@ -29,12 +29,13 @@ class Recipe:
     source: str
 
     def train_overrides(self) -> dict:
-        """The TrainConfig fields this recipe sets (alpha and targets are the baseline's own: 2 * rank, q/k/v/up/down)."""
+        """The TrainConfig fields it sets (alpha and targets match the baseline's own: 2 * rank, q/k/v/up/down)."""
         return {"lr": self.lr, "lora_rank": self.lora_rank, "batch_size": self.batch_size, "epochs": self.epochs,
                 "max_len": self.max_len}
 
 
 def _dora_recipe(lr: float) -> Recipe:
+    """The DoRA authors' LLaMA-3-8B recipe at learning rate ``lr``."""
     return Recipe(lr=lr, lora_rank=32, lora_alpha=64, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
                   batch_size=16, epochs=3, max_len=256, source=DORA_RECIPE_SOURCE)
 

@@ -82,16 +82,14 @@ class GallopConfig:
             raise ValueError(f"GallopConfig: {e}") from None
         if self.grad_batches is not None and self.grad_fraction is not None:
             raise ValueError("GallopConfig: set grad_batches or grad_fraction, not both")
-        if self.grad_batches is not None and (isinstance(self.grad_batches, bool) or not isinstance(self.grad_batches, int)
-                                              or self.grad_batches < 1):
-            raise ValueError(f"GallopConfig: grad_batches must be an integer >= 1, got {self.grad_batches!r}")
-        if self.grad_fraction is not None and (isinstance(self.grad_fraction, bool)
-                                               or not isinstance(self.grad_fraction, (int, float))
-                                               or not 0 < self.grad_fraction <= 1):
-            raise ValueError(f"GallopConfig: grad_fraction must be a number in (0, 1], got {self.grad_fraction!r}")
-        if self.accum_dtype is not None and not (isinstance(self.accum_dtype, torch.dtype)
-                                                 and self.accum_dtype.is_floating_point):
-            raise ValueError(f"GallopConfig: accum_dtype must be None or a floating torch dtype, got {self.accum_dtype!r}")
+        batches, fraction, dtype = self.grad_batches, self.grad_fraction, self.accum_dtype
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+            raise ValueError(f"GallopConfig: grad_batches must be an integer >= 1, got {batches!r}")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ValueError(f"GallopConfig: grad_fraction must be a number in (0, 1], got {fraction!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"GallopConfig: accum_dtype must be None or a floating torch dtype, got {dtype!r}")
         for name in ("compact_grads", "save_merged"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GallopConfig: {name} must be True or False, got {getattr(self, name)!r}")
@@ -287,5 +285,5 @@ def gallop_trainer(trainer_cls: type) -> type:
         raise TypeError(f"gallop_trainer needs a transformers.Trainer subclass, got {trainer_cls!r}")
     if issubclass(trainer_cls, GallopMixin):
         return trainer_cls
-    return type(f"Gallop{trainer_cls.__name__}", (GallopMixin, trainer_cls),
-                {"__doc__": f"{trainer_cls.__name__} that trains with GaLLoP; see GallopMixin.", "__module__": __name__})
+    doc = f"{trainer_cls.__name__} that trains with GaLLoP; see GallopMixin."
+    return type(f"Gallop{trainer_cls.__name__}", (GallopMixin, trainer_cls), {"__doc__": doc, "__module__": __name__})
