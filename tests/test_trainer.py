@@ -94,6 +94,21 @@ def test_the_estimate_recomputes_checkpointed_layers_as_training_does(tmp_path):
                                                                  rho=0.02))
 
 
+def test_sparse_adamw_takes_the_trainers_optimizer_arguments_and_no_decay_rule(tmp_path):
+    trainer = _trained(tmp_path, GallopConfig(rho=0.02, grad_batches=1, master_weights=True), max_steps=1,
+                       learning_rate=3e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(opt).__name__ == "SparseAdamW" and opt.selection is trainer.gallop_selection
+    assert opt.master_weights is True and all("master_param" in st for st in opt.state.values())
+    decay = {}
+    for group in opt.param_groups:
+        assert (group["initial_lr"], group["betas"], group["eps"]) == (3e-3, (0.8, 0.95), 1e-6)
+        decay.update(dict.fromkeys(group["param_names"], group["weight_decay"]))
+    no_decay = set(trainer.get_decay_parameter_names(trainer.model)) ^ set(decay)
+    assert decay == {n: 0.0 if n in no_decay else 0.1 for n in decay}
+    assert no_decay and all("norm" in n for n in no_decay)  # the Llama's RMSNorm weights
+
+
 def test_grad_fraction_takes_that_share_of_the_first_batches(tmp_path):
     data = _data()  # 6 batches of 4: a fraction 0.4 is 2.4, rounded up to 3
     trainer = _trained(tmp_path, GallopConfig(rho=0.02, grad_fraction=0.4), data, max_steps=1)
