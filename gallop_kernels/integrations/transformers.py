@@ -189,8 +189,8 @@ class GallopMixin:
             loader = self.get_train_dataloader()
             n = cfg.grad_batches or math.ceil((cfg.grad_fraction or DEFAULT_GRAD_FRACTION) * len(loader))
             n = min(n, len(loader)) if has_length(loader) else n
-            # A fresh dataloader draws its order from the same RNG state the training's will (inside fork_rng):
-            # the estimate sees the first training batches and leaves that state (data order, dropout) as it was.
+            # A fresh train dataloader gives the training's first batches (its sampler is seeded, or draws from the
+            # RNG state that fork_rng restores afterwards), so the estimate leaves data order and dropout as they were.
             with torch.random.fork_rng(devices=_cuda_devices(model)):
                 grads = estimate_gradients(model, itertools.islice(loader, n), loss=partial(self._gallop_loss, model),
                                            accum_dtype=cfg.accum_dtype)
