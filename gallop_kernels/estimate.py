@@ -6,7 +6,7 @@ of the training data; ``select_mask`` then scores |g| / (|theta| + eps).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -30,25 +30,37 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum_dtype: torch.dtype | None = None,
+def estimate_gradients(model: torch.nn.Module, batches: Iterable, *,
+                       loss: Callable[[object], torch.Tensor] | None = None, accum_dtype: torch.dtype | None = None,
                        progress: bool = False, desc: str = "gradient") -> dict[str, torch.Tensor]:
-    """The mean loss gradient over ``batches`` (each a dict of model inputs with labels): name -> tensor.
+    """The mean loss gradient over ``batches``: name -> tensor, for every parameter that requires grad.
+
+    ``loss(batch)`` returns the scalar loss of one batch; by default each batch is a dict of
+    model inputs with labels, moved to the model's device, and the loss is ``model(**batch).loss``.
+    Pass your own to reuse a trainer's loss (its ``compute_loss``, device placement, autocast).
 
     Micro-batch gradients accumulate where backward puts them, in each
     parameter's ``.grad`` (the weight's dtype): no copy of the model's size
     besides them. ``accum_dtype=torch.float32`` sums into float32 buffers
     instead, so bf16 weights lose no precision over many batches, at 4 bytes
     a weight. Every batch counts equally. The returned tensors are the
-    accumulated gradients themselves; ``.grad`` is None afterwards.
+    accumulated gradients themselves: nothing is left in ``.grad`` (None
+    afterwards), so ``select_mask(model, grads)`` takes them from the dict.
+
+    Autocast: enter it inside ``loss`` around the forward (backward then runs
+    outside it, as torch recommends), or call this function inside an autocast
+    block. Gradient checkpointing works as the model is set up: Hugging Face
+    models recompute activations only in train mode (``model.train()``).
     """
     device = model_device(model)
+    compute = loss or (lambda batch: model(**to_device(batch, device)).loss)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     wide = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in params.items()
             if accum_dtype is not None and p.dtype != accum_dtype}
     model.zero_grad(set_to_none=True)
     count = 0
     for batch in _bar(batches, progress, desc):
-        model(**to_device(batch, device)).loss.backward()
+        compute(batch).backward()
         for n, buf in wide.items():
             if params[n].grad is not None:
                 buf += params[n].grad

@@ -1153,3 +1153,39 @@ def test_preset_picks_the_papers_model_unless_one_is_given():
     args = parse(["finetune", "--preset", "gemma-2b", "--batch-size", "2"])
     cfg = cli._train_config(args, "gallop", None, 0)
     assert cfg.batch_size == 2 and cfg == train.TrainConfig(batch_size=2, lr=cli.default_lr("gallop"), **PRESETS["gemma-2b"].train_overrides())
+
+
+def test_llama3_preset_sets_the_dora_authors_recipe_for_lora_and_dora_only():
+    from gallop_kernels.finetune.presets import DORA_RECIPE_SOURCE, PRESETS
+    from gallop_kernels.memory import LORA_TARGETS
+
+    parse = cli.build_parser().parse_args
+    args = parse(["compare", "--preset", "llama3-8b", "--methods", "gallop,lora,dora"])
+    recipe = dict(lora_rank=32, batch_size=16, epochs=3, max_len=256)
+    for method, lr in (("lora", 3e-4), ("dora", 1e-4)):
+        assert cli._train_config(args, method, None, 0) == train.TrainConfig(lr=lr, **recipe), method
+        stated = PRESETS["llama3-8b"].baselines[method]
+        # the baseline runs alpha = 2 * rank on LORA_TARGETS (train.lora_model): the recipe's alpha and targets
+        assert (stated.lora_alpha, stated.targets, stated.source) == (64, LORA_TARGETS, DORA_RECIPE_SOURCE)
+    # GaLLoP's values are not stated by a readable source: the run's own defaults
+    assert cli._train_config(args, "gallop", None, 0) == train.TrainConfig(lr=cli.default_lr("gallop"))
+    assert "lora" not in PRESETS["gemma-2b"].baselines
+    given = parse(["compare", "--preset", "llama3-8b", "--lr", "1e-3", "--steps", "5", "--batch-size", "2"])
+    assert cli._train_config(given, "dora", None, 0) == train.TrainConfig(lr=1e-3, steps=5, batch_size=2, lora_rank=32,
+                                                                           max_len=256)  # options you give win
+
+
+def test_a_recipes_epochs_become_steps_over_the_training_examples():
+    cfg = train.TrainConfig(epochs=3, batch_size=16)
+    assert train.with_epochs(cfg, 100).steps == 19  # ceil(300 / 16)
+    assert train.with_epochs(cfg, 1).steps == 1
+    assert train.with_epochs(train.TrainConfig(steps=7), 100).steps == 7
+
+
+@needs_data
+def test_a_job_with_epochs_trains_that_many_passes_over_its_examples(tiny_dir):
+    cfg = train.TrainConfig(epochs=1, batch_size=4, lr=1e-2, rho=0.05, max_len=128)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=1, eval_tasks=["piqa"], modes=("loglik",),
+                             progress=False)
+    report = pipeline.finetune_job("piqa", None, "gallop", cfg, job, log=lambda *_: None).report
+    assert report["train_config"]["steps"] == 2 and len(report["losses"]) == 2  # 8 examples in batches of 4

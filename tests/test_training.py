@@ -46,3 +46,41 @@ def test_transformers_trainer_accepts_sparse_adamw(tmp_path):
     assert 0 < moved <= sel.num_selected
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 6
+
+
+def test_estimate_gradients_uses_the_given_loss_and_is_the_same_with_gradient_checkpointing():
+    from gallop_kernels.finetune.train import checkpointing
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [demo.lm_inputs(demo.toy_batch(gen, batch=4, seq=16)) for _ in range(3)]
+    model = demo.make_model(0)
+    plain = estimate_gradients(model, batches)
+    doubled = estimate_gradients(model, batches, loss=lambda b: 2 * model(**b).loss)
+    for name, g in plain.items():
+        assert torch.equal(doubled[name], 2 * g), name  # doubling is exact in float32
+    model.train()  # Hugging Face models recompute checkpointed layers in train mode only
+    checkpointing(model, True)
+    recomputed = estimate_gradients(model, batches)
+    checkpointing(model, False)
+    for name, g in plain.items():
+        # The recomputed forward runs the same float32 ops on the same inputs: the same gradient, bit for bit.
+        assert torch.equal(recomputed[name], g), name
+        assert model.get_parameter(name).grad is None  # returned, not left in .grad
+
+
+def test_estimate_gradients_under_autocast_around_the_call_or_inside_the_loss_agree():
+    gen = torch.Generator().manual_seed(0)
+    batches = [demo.lm_inputs(demo.toy_batch(gen, batch=4, seq=16)) for _ in range(2)]
+    model = demo.make_model(0)
+
+    def loss(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        around = estimate_gradients(model, batches)
+    inside = estimate_gradients(model, batches, loss=loss)
+    plain = estimate_gradients(model, batches)
+    for name, g in inside.items():
+        assert g.dtype == torch.float32 and torch.equal(around[name], g), name  # the same bf16 forward, bit for bit
+    assert any(not torch.equal(plain[n], g) for n, g in inside.items())  # autocast really ran in bf16

@@ -255,8 +255,8 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _preset_train(args) -> dict:
-    return PRESETS[args.preset].train_overrides() if getattr(args, "preset", None) else {}
+def _preset_train(args, method: str | None = None) -> dict:
+    return PRESETS[args.preset].train_overrides(method) if getattr(args, "preset", None) else {}
 
 
 def _train_config(args, method: str, rho: float | None, seed: int):
@@ -265,8 +265,11 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     given = _given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction, eps=args.eps,
                    max_len=args.max_len, lora_rank=args.lora_rank, rho=rho, grad_accum_dtype=args.grad_accum_dtype,
                    target=args.target)
-    preset = _preset_train(args)
-    lr = args.lr or preset.pop("lr", None) or default_lr(method)
+    preset = _preset_train(args, method)
+    if args.steps is not None:  # --steps wins over a recipe's epochs
+        preset.pop("epochs", None)
+    preset_lr = preset.pop("lr", None)  # popped even when --lr is given: lr is passed on its own below
+    lr = args.lr or preset_lr or default_lr(method)
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
                        gradient_checkpointing=args.gradient_checkpointing)
 

@@ -157,7 +157,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     Pass ``vanilla`` (JobResult.vanilla of an earlier job on the same tests) to reuse the untuned model's results.
     """
     from .choices import BASELINES
-    from .train import finetune
+    from .train import finetune, with_epochs
 
     clock = Clock(log)
     device, dtype = models.resolve_device(cfg.device, cfg.dtype)
@@ -167,6 +167,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
     path = models.resolve(cfg.model, log)
     job_data = load_job_data(id_task, data, cfg)
+    train_cfg = with_epochs(train_cfg, len(job_data.train))  # a recipe's epochs, now that the examples are known
     model, tokenizer = models.load(path, dtype, device)
     weights = f"{sum(p.numel() for p in model.parameters()):,} weights, {str(dtype).removeprefix('torch.')} on {device}"
     clock.stage(f"loaded {path} ({weights}) "
