@@ -267,25 +267,6 @@ def _take_ties(sources, stream, picked, threshold, bin_last, ties, comm, dev) ->
 
 
 # ----------------------------------------------------------------------------
-# oracle for tests: a float64 full sort, the obvious way
-# ----------------------------------------------------------------------------
-
-
-def topk_by_sort(sources: list[Source], k: int, criterion: str, eps: float = 1e-8, seed: int = 0):
-    """Same contract as :func:`topk_keys` by materializing scores and sorting.
-
-    Meant for tests: O(N) memory. Float64 sort keys; position breaks ties.
-    """
-    scores = [score(criterion, s.param, s.grad, eps, seed=seed, offset=s.offset).double() for s in sources]
-    flat = torch.cat([x.cpu() for x in scores]) if scores else torch.empty(0, dtype=torch.float64)
-    owner = torch.cat([torch.full((s.numel,), i, dtype=torch.int64) for i, s in enumerate(sources)])
-    local = torch.cat([torch.arange(s.numel, dtype=torch.int64) for s in sources])
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    out = [torch.sort(local[order][owner[order] == i]).values for i in range(len(sources))]
-    return out, (float(flat[order[-1]]) if k else None)
-
-
-# ----------------------------------------------------------------------------
 # sparse AdamW
 # ----------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, SIZES, Bag, make_bag, oracle_selection
+from helpers import (ADVERSARIAL, DTYPES, FLT_MAX, FLT_MAX_PAIRS, OVERFLOW_PAIRS, SIZES, Bag, adversarial_bag, bag_of,
+                     make_bag, oracle_selection)
 
 import gallop_kernels as gk
 from gallop_kernels import radix, reference, select
@@ -63,8 +64,8 @@ def test_tiny_chunks_take_every_path(monkeypatch):
         p.grad = torch.randint(0, 3, p.shape).float()
         p.data.fill_(1.0)
     sel = gk.select_mask(bag, rho=0.3, backend="reference")
-    expected, _ = oracle_selection(bag, 0.3)
-    assert_same_selection(sel, expected, sel.threshold)
+    expected, thr = oracle_selection(bag, 0.3)
+    assert_same_selection(sel, expected, thr)
     assert len(calls) == 2, "expected the low-digit histogram pass"
 
 
@@ -115,6 +116,73 @@ def test_denormals_and_huge_values():
         sel = gk.select_mask(bag, rho=0.4, criterion=crit)
         expected, thr = oracle_selection(bag, 0.4, crit)
         assert_same_selection(sel, expected, thr)
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+@pytest.mark.parametrize("criterion", ["gallop", "saft", "magnitude", "pafi"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_adversarial_matches_full_sort(kind, criterion, dtype, monkeypatch):
+    """The reference plan, with its default buffers and with chunks and a candidate buffer far
+    smaller than the tensors (low-digit histogram and tie quotas), against the float64 sort."""
+    bag = adversarial_bag(kind, DTYPES[dtype], [1500, 97, 1024])
+    for config in (radix.DEFAULT, radix.Config(chunk=1000, candidate_cap=5)):
+        use_config(monkeypatch, config)
+        for rho in (1 / 2621, 0.01, 0.3, 0.9):
+            sel = gk.select_mask(bag, rho=rho, criterion=criterion, backend="reference")
+            assert_same_selection(sel, *oracle_selection(bag, rho, criterion))
+
+
+SELECTION_BACKENDS = ["reference", "host", "triton"]
+
+
+def _usable(backend: str) -> str:
+    """``backend`` if it runs here, else skip the test with the reason."""
+    why = gk.why_unavailable().get(backend)
+    if why:
+        pytest.skip(f"backend {backend!r}: {why}")
+    return backend
+
+
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda d: f"dtype={d}")
+def test_scores_at_flt_max_are_selected(backend, dtype):
+    """Scores of exactly FLT_MAX (the largest finite float32), reached exactly or by rounding,
+    rank first and tie by position; every backend agrees with the float64 sort."""
+    backend = _usable(backend)
+    pairs = FLT_MAX_PAIRS[DTYPES[dtype]]
+    gen = torch.Generator().manual_seed(5)
+    thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    for t, g in zip(thetas, grads):
+        for i, (gv, tv) in enumerate(pairs):
+            g[10 * i + 3], t[10 * i + 3] = gv, -tv
+    bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    for k in (1, len(pairs), 2 * len(pairs), 40):
+        sel = gk.select_mask(bag, rho=k / 3097, backend=backend)
+        expected, thr = oracle_selection(bag, k / 3097)
+        assert_same_selection(sel, expected, thr)
+        if k <= 2 * len(pairs):
+            assert thr == FLT_MAX
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter divides in numpy
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda d: f"dtype={d}")
+@pytest.mark.parametrize("pair", [0, 1])
+def test_score_overflowing_to_inf_raises(backend, dtype, pair):
+    """Finite weights and gradients whose float32 score |g| / (|theta| + eps) overflows to +Inf
+    (one ulp past a pair that scores FLT_MAX): every backend raises, naming the parameter and
+    the index, as README says for an Inf score."""
+    backend = _usable(backend)
+    gv, tv = OVERFLOW_PAIRS[DTYPES[dtype]][pair]
+    gen = torch.Generator().manual_seed(6)
+    thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads[1][41], thetas[1][41] = -gv, tv
+    bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    assert torch.isfinite(bag.w1.detach()).all() and torch.isfinite(bag.w1.grad).all()
+    with pytest.raises(ValueError, match=r"parameter 'w1': gallop score is Inf at flat index 41 "):
+        gk.select_mask(bag, rho=0.01, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_topk, sources_of
 
 import gallop_kernels as gk
 from gallop_kernels import radix, reference, select
@@ -27,15 +27,18 @@ NARROW = radix.Config(sample_stride=3, margin_min=2, margin_sigmas=3.0)
 
 
 def run_plan(srcs, k, criterion="gallop", seed=0, **kw):
-    """topk_keys_host (host-only options in kw) against reference.topk_keys, exactly;
-    the Plan (None: no plan ran)."""
+    """topk_keys_host (host-only options in kw) against the float64 full-sort oracle and
+    reference.topk_keys, exactly; the Plan (None: no plan ran)."""
     trace = []
     got, key = sh.topk_keys_host(srcs, k, criterion, seed=seed, trace=trace, **kw)
     want, want_key = reference.topk_keys(srcs, k, criterion, seed=seed)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.int64 and torch.equal(g, w), f"{g.tolist()[:8]} != {w.tolist()[:8]}"
-    assert key == want_key
+    oracle, score = oracle_topk(srcs, k, criterion, seed=seed)
+    assert len(got) == len(want) == len(oracle)
+    for g, w, o in zip(got, want, oracle):
+        assert g.dtype == torch.int64 and torch.equal(g, o), f"{g.tolist()[:8]} != {o.tolist()[:8]}"
+        assert torch.equal(w, o)
+    assert key == want_key and (key is None) == (score is None)
+    assert key is None or reference.key_to_score(key) == score
     return trace[0] if trace else None
 
 

@@ -6,7 +6,7 @@ A broken Triton fails this module at import: it is not a skip.
 
 import pytest
 import torch
-from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_selection, oracle_topk, sources_of
 
 import gallop_kernels as gk
 from gallop_kernels import radix, reference, select
@@ -29,10 +29,12 @@ def assert_same(model, rho, criterion, scope, **kw):
         kw["grads"] = {n: g.to(DEVICE) for n, g in kw["grads"].items()}
     got = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="triton", **kw)
     want = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="reference", **kw)
+    oracle, thr = oracle_selection(model, rho, criterion, scope, grads=kw.get("grads"))
     for name in want:
         assert got[name].dtype == torch.int64
-        assert torch.equal(got[name], want[name]), f"{name}: {got[name][:8].tolist()} != {want[name][:8].tolist()}"
-    assert got.threshold == want.threshold
+        assert torch.equal(got[name].cpu(), oracle[name]), f"{name}: {got[name][:8].tolist()} != {oracle[name][:8].tolist()}"
+        assert torch.equal(want[name].cpu(), oracle[name])
+    assert got.threshold == want.threshold == thr
     return got
 
 
@@ -43,7 +45,7 @@ def run_plan(bag, rho, criterion="gallop", config=radix.DEFAULT, grads=None):
     trace = []
     got, key = st.topk_keys_triton(srcs, k, criterion, config=config, trace=trace)
     want, want_key = reference.topk_keys(srcs, k, criterion)
-    oracle, score = reference.topk_by_sort(srcs, k, criterion)
+    oracle, score = oracle_topk(srcs, k, criterion)
     for g, w, o in zip(got, want, oracle):
         assert torch.equal(g.cpu(), w.cpu()) and torch.equal(g.cpu(), o)
     assert key == want_key and reference.key_to_score(key) == score
