@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -55,6 +56,18 @@ class Selection(Mapping):
 
     def __len__(self) -> int:
         return len(self._indices)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when everything :meth:`state_dict` saves is: the same parameter names and
+        shapes, the same indices (wherever they live), rho, criterion, scope and threshold."""
+        if not isinstance(other, Selection):
+            return NotImplemented
+        meta = ("shapes", "rho", "criterion", "scope", "threshold")  # shapes name the parameters
+        if any(getattr(self, a) != getattr(other, a) for a in meta):
+            return False
+        return all(torch.equal(i.cpu(), other[n].cpu()) for n, i in self._indices.items())
+
+    __hash__ = None  # mutable (load_state_dict), so unhashable, as a dict is
 
     def __repr__(self) -> str:
         return (
@@ -180,7 +193,9 @@ except (ImportError, RuntimeError) as err:
 _TOPK_BACKENDS["host"] = topk_keys_host
 
 
-def _validate_args(rho, criterion, eps, scope, backend):
+def _validate_args(rho, criterion, eps, scope, seed, backend):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0):
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
     if criterion not in CRITERIA:
@@ -239,6 +254,8 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
     starts = shard_starts(params, group) if group is not None else [0] * len(params)
     sources, offset = [], 0
     for (name, p), start in zip(named, starts):
+        if p.is_meta:  # no data to score (a model built under torch.device("meta"), not yet loaded)
+            raise ValueError(f"parameter {name!r} is on the meta device: load or materialize the weights first")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
         g = _checked_grad(name, p, grads) if needs_grad else None
@@ -292,7 +309,7 @@ def select_mask(
     parameters (DDP) pass ``process_group`` to check that every rank selected
     the same weights. Call it on every rank then.
     """
-    _validate_args(rho, criterion, eps, scope, backend)
+    _validate_args(rho, criterion, eps, scope, seed, backend)
     sources, shard_group = _sources(model, grads, criterion in GRADIENT_CRITERIA)
     comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)

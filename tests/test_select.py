@@ -304,6 +304,23 @@ def test_gradient_problems_name_the_parameter():
         gk.select_mask(bag)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("criterion", ["gallop", "magnitude"])
+def test_meta_parameters_name_themselves(backend, criterion):
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    with pytest.raises(ValueError, match=r"^parameter 'weight' is on the meta device: load or materialize"):
+        gk.select_mask(model, rho=0.5, criterion=criterion, backend=backend)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, None, True])
+def test_seed_must_be_an_integer(seed):
+    with pytest.raises(TypeError, match=rf"^seed must be an integer, got {seed!r}$"):
+        gk.select_mask(make_bag([10]), rho=0.5, criterion="random", seed=seed)
+
+
 def test_no_trainable_parameters():
     bag = make_bag([3])
     bag.w0.requires_grad_(False)
@@ -326,6 +343,27 @@ def test_selection_accessors_and_masks():
         assert masks[name].shape == p.shape and masks[name].dtype == torch.bool
         assert torch.equal(masks[name].reshape(-1).nonzero().reshape(-1), sel[name])
     assert "num_selected=11" in repr(sel)
+
+
+def test_selection_equality():
+    bag = make_bag([40, 41])
+    sel = gk.select_mask(bag, rho=0.1)
+    same = gk.select_mask(bag, rho=0.1)
+    assert sel == same and not (sel != same) and sel == gk.Selection.from_state_dict(sel.state_dict())
+    assert sel == sel.to("cpu") and sel is not sel.to("cpu")
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(sel)
+    assert sel != {n: sel[n] for n in sel}  # a plain mapping of the same indices is not a Selection
+    moved = gk.Selection.from_state_dict(sel.state_dict())
+    moved._indices["w1"] = moved["w1"] + 1  # one index apart
+    assert sel != moved
+    state = sel.state_dict()
+    del state["indices"]["w1"], state["shapes"]["w1"]
+    assert sel != gk.Selection.from_state_dict(state)  # one parameter fewer
+    for field, value in (("rho", 0.2), ("criterion", "saft"), ("scope", "per_tensor"), ("threshold", 0.5)):
+        state = sel.state_dict()
+        state[field] = value
+        assert sel != gk.Selection.from_state_dict(state), field
 
 
 def test_selection_state_dict_round_trip(tmp_path):
