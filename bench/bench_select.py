@@ -120,7 +120,7 @@ def plan_mode(model: Weights, rho: float, backend: str = "auto") -> str:
         return "reference"
     trace = []
     k = reference.num_to_select(rho, sum(s.numel for s in sources))
-    select._TOPK_BACKENDS[name](sources, k, "gallop", EPS, trace=trace)
+    select.topk_function(name)(sources, k, "gallop", EPS, trace=trace)
     return f"{name}: {trace[0].mode if trace else '-'}"
 
 

@@ -9,12 +9,12 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import _ext, reference
-from ._env import backends
+from . import _env, _ext, reference
 from ._ext import require_ext
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
 from .ops.select_host import topk_keys_host
-from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
+from .keys import Source
+from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm
 
 
 
@@ -179,18 +179,16 @@ def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 # select_mask
 # ----------------------------------------------------------------------------
 
-# The one list of selection backends: name -> topk_keys-like function, or the
-# exception that made it unavailable (kept so that asking for it says why).
-_TOPK_BACKENDS: dict[str, object] = {"reference": reference.topk_keys}
-try:  # the package imports without a working triton
-    from .ops.select_triton import topk_keys_triton
+SELECTION_BACKENDS = ("reference", "triton", "host")
+# name -> topk_keys-like function. host: the compiled extension's CPU passes, usable when
+# gallop_kernels._C imported (checked per call, see _pick_backend). triton: _env holds it,
+# or the exception that made it unavailable (see topk_function).
+_TOPK_BACKENDS: dict[str, object] = {"reference": reference.topk_keys, "host": topk_keys_host}
 
-    _TOPK_BACKENDS["triton"] = topk_keys_triton
-except (ImportError, RuntimeError) as err:
-    _TOPK_BACKENDS["triton"] = err
-# The compiled extension's CPU passes: usable when gallop_kernels._C imported
-# (checked per call, see _pick_backend).
-_TOPK_BACKENDS["host"] = topk_keys_host
+
+def topk_function(backend: str):
+    """The topk_keys-like function of a selection backend, or the exception that made it unavailable."""
+    return _env.TRITON_SELECTION if backend == "triton" else _TOPK_BACKENDS[backend]
 
 
 def _validate_args(rho, criterion, eps, scope, seed, backend):
@@ -204,8 +202,8 @@ def _validate_args(rho, criterion, eps, scope, seed, backend):
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if backend != "auto" and backend not in _TOPK_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(_TOPK_BACKENDS)}")
+    if backend != "auto" and backend not in SELECTION_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {SELECTION_BACKENDS}")
 
 
 def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -271,16 +269,16 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
             raise ValueError(f"backend {backend!r} does not run across ranks yet; use backend='reference' or 'auto'")
         return "reference"
     if backend != "auto":
-        found = _TOPK_BACKENDS[backend]
+        found = topk_function(backend)
         if isinstance(found, BaseException):
             raise RuntimeError(f"backend={backend!r} is unavailable: importing it failed") from found
-        if backend == "triton" and not backends()["triton"]:
+        if backend == "triton" and not _env.backends()["triton"]:
             raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
         if backend == "host":
             require_ext("backend='host'")
         return backend
     if any(s.param.is_cuda for s in sources):
-        return "triton" if not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
+        return "triton" if not isinstance(_env.TRITON_SELECTION, BaseException) else "reference"
     return "host" if _ext._C is not None else "reference"
 
 
@@ -313,7 +311,7 @@ def select_mask(
     sources, shard_group = _sources(model, grads, criterion in GRADIENT_CRITERIA)
     comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)
-    topk = _TOPK_BACKENDS[name]
+    topk = topk_function(name)
     extra = {"comm": comm} if name == "reference" else {}
     shapes = {s.name: s.param.shape for s in sources}
     full_numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}  # not the shards'

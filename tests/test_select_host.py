@@ -10,7 +10,7 @@ import torch
 from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_topk, sources_of
 
 import gallop_kernels as gk
-from gallop_kernels import radix, reference, select
+from gallop_kernels import keys, radix, reference, select
 from gallop_kernels.reference import CRITERIA
 
 sh = pytest.importorskip("gallop_kernels.ops.select_host")
@@ -159,7 +159,7 @@ def test_thirty_percent_zeros(criterion):
     ties_rho, collect_rho = (0.9, 0.01) if criterion != "pafi" else (0.01, 0.5)
     assert run_plan(srcs, reference.num_to_select(collect_rho, n), criterion, block=B, config=NARROW).mode == "collect"
     plan = run_plan(srcs, reference.num_to_select(ties_rho, n), criterion, block=B, config=NARROW)
-    assert plan.mode == "ties" and reference.key_to_score(plan.lo + reference._SIGN) == 0.0
+    assert plan.mode == "ties" and reference.key_to_score(plan.lo + keys.SIGN) == 0.0
 
 
 def test_window_miss_and_overflow_fall_back(monkeypatch):

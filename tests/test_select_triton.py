@@ -9,7 +9,7 @@ import torch
 from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_selection, oracle_topk, sources_of
 
 import gallop_kernels as gk
-from gallop_kernels import radix, reference, select
+from gallop_kernels import _env, keys, radix, reference, select
 from gallop_kernels.ops import select_histogram as sh
 from gallop_kernels.ops import select_triton as st
 from gallop_kernels.reference import CRITERIA
@@ -109,7 +109,7 @@ def test_thirty_percent_zeros(criterion):
     scattered, zero = (0.5, 0.01) if criterion == "pafi" else (0.01, 0.9)
     assert run_plan(bag, scattered, criterion, NARROW).mode == "collect"
     plan = run_plan(bag, zero, criterion, NARROW)
-    assert plan.mode == "ties" and reference.key_to_score(plan.lo + reference._SIGN) == 0.0
+    assert plan.mode == "ties" and reference.key_to_score(plan.lo + keys.SIGN) == 0.0
 
 
 def _interleaved() -> Bag:
@@ -277,7 +277,7 @@ def test_offsets_past_two_to_the_31(aligned):
 
 
 def test_auto_backend_and_registration():
-    assert select._TOPK_BACKENDS["triton"] is st.topk_keys_triton
+    assert select.topk_function("triton") is st.topk_keys_triton
     srcs = [reference.Source("a", torch.randn(3), torch.randn(3), 0)]
     assert select._pick_backend("triton", srcs, False) == "triton"
     assert "triton" not in gk.why_unavailable()
@@ -285,7 +285,7 @@ def test_auto_backend_and_registration():
 
 def test_broken_triton_is_reported_not_hidden(monkeypatch):
     err = ImportError("libtriton.so: cannot open shared object file")
-    monkeypatch.setitem(select._TOPK_BACKENDS, "triton", err)
+    monkeypatch.setattr(_env, "TRITON_SELECTION", err)
     bag = make_bag([10])
     with pytest.raises(RuntimeError, match="backend='triton' is unavailable") as info:
         gk.select_mask(bag, rho=0.1, backend="triton")
