@@ -213,8 +213,15 @@ def _every(t: torch.Tensor, stride: int) -> torch.Tensor:
     """t.reshape(-1)[::stride] without copying t when no flat view exists."""
     try:
         return t.detach().view(-1)[::stride]
-    except RuntimeError:  # e.g. a transposed matrix: gather the sampled weights only
-        idx = torch.arange(0, t.numel(), stride, device=t.device)
+    except RuntimeError:  # e.g. a transposed matrix
+        return take(t, torch.arange(0, t.numel(), stride, device=t.device))
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t.reshape(-1)[idx] without copying t when no flat view exists."""
+    try:
+        return t.detach().view(-1)[idx]
+    except RuntimeError:  # e.g. a transposed matrix: gather the indexed weights only
         return t.detach()[torch.unravel_index(idx, t.shape)]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import gallop_kernels as gk
 from gallop_kernels import reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,6 +23,17 @@ class Bag(nn.Module):
         self.names = names
         for n, t in zip(names, tensors):
             self.register_parameter(n, nn.Parameter(t))
+
+
+SELECTION_BACKENDS = ["reference", "host", "triton"]
+
+
+def usable_backend(backend: str) -> str:
+    """``backend`` if it runs here, else skip the test with the reason."""
+    why = gk.why_unavailable().get(backend)
+    if why:
+        pytest.skip(f"backend {backend!r}: {why}")
+    return backend
 
 
 def make_bag(sizes, dtype=torch.float32, gen=None, shapes=None) -> Bag:
@@ -171,7 +184,7 @@ def adversarial_bag(kind: str, dtype: torch.dtype, sizes: list[int]) -> Bag:
     elif kind == "flt_max":  # scores of exactly the largest finite float32 (or dtype value), tied across tensors
         top = torch.finfo(dtype).max
         pairs = FLT_MAX_PAIRS.get(dtype, [(top, 1.0)])
-        for t, g in zip(thetas, grads):
+        for t, g in ((t, g) for t, g in zip(thetas, grads) if t.numel() > 2 * len(pairs)):
             for i, (gv, tv) in enumerate(pairs):  # gallop: FLT_MAX; saft: |g|
                 g[i], t[i], g[-1 - i], t[-1 - i] = gv, tv, -gv, -tv
             t[len(t) // 2] = top  # magnitude: the dtype's largest; pafi: its negative

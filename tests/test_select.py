@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import (ADVERSARIAL, DTYPES, FLT_MAX, FLT_MAX_PAIRS, OVERFLOW_PAIRS, SIZES, Bag, adversarial_bag, bag_of,
-                     make_bag, oracle_selection)
+from helpers import (ADVERSARIAL, DTYPES, FLT_MAX, FLT_MAX_PAIRS, OVERFLOW_PAIRS, SELECTION_BACKENDS, SIZES, Bag,
+                     adversarial_bag, bag_of, make_bag, oracle_selection, usable_backend)
 
 import gallop_kernels as gk
 from gallop_kernels import keys, radix, reference, select
@@ -132,23 +132,12 @@ def test_adversarial_matches_full_sort(kind, criterion, dtype, monkeypatch):
             assert_same_selection(sel, *oracle_selection(bag, rho, criterion))
 
 
-SELECTION_BACKENDS = ["reference", "host", "triton"]
-
-
-def _usable(backend: str) -> str:
-    """``backend`` if it runs here, else skip the test with the reason."""
-    why = gk.why_unavailable().get(backend)
-    if why:
-        pytest.skip(f"backend {backend!r}: {why}")
-    return backend
-
-
 @pytest.mark.parametrize("backend", SELECTION_BACKENDS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda d: f"dtype={d}")
 def test_scores_at_flt_max_are_selected(backend, dtype):
     """Scores of exactly FLT_MAX (the largest finite float32), reached exactly or by rounding,
     rank first and tie by position; every backend agrees with the float64 sort."""
-    backend = _usable(backend)
+    backend = usable_backend(backend)
     pairs = FLT_MAX_PAIRS[DTYPES[dtype]]
     gen = torch.Generator().manual_seed(5)
     thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
@@ -173,7 +162,7 @@ def test_score_overflowing_to_inf_raises(backend, dtype, pair):
     """Finite weights and gradients whose float32 score |g| / (|theta| + eps) overflows to +Inf
     (one ulp past a pair that scores FLT_MAX): every backend raises, naming the parameter and
     the index, as README says for an Inf score."""
-    backend = _usable(backend)
+    backend = usable_backend(backend)
     gv, tv = OVERFLOW_PAIRS[DTYPES[dtype]][pair]
     gen = torch.Generator().manual_seed(6)
     thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
