@@ -187,7 +187,9 @@ class Selection(Mapping):
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int, what: str = "selection") -> None:
     if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(f"parameter {name!r}: {what} indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+        raise ValueError(
+            f"parameter {name!r}: {what} indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}"
+        )
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(
             f"parameter {name!r}: {what} index out of range [0, {numel}) "

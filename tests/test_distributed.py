@@ -111,7 +111,8 @@ def _full_copy(named):
 def _restricted_worker(rank, tie_cap):
     """Restricted selections over FSDP2 shards: the union of the ranks' selections equals one
     process's selection on the full model and the float64 sort on the competing weights."""
-    select._TOPK_BACKENDS["reference"] = functools.partial(reference.topk_keys, config=radix.Config(candidate_cap=tie_cap))
+    config = radix.Config(candidate_cap=tie_cap)
+    select._TOPK_BACKENDS["reference"] = functools.partial(reference.topk_keys, config=config)
     model = _fsdp(_model())
     _loss(model, _batch()).backward()
     named = list(model.named_parameters())

@@ -160,12 +160,13 @@ def test_k_is_exact_and_rho_counts_the_competing_weights():
 def test_bad_restrictions_name_themselves():
     bag = make_bag([10, 12])
     cases = [
-        (dict(among="w0"), TypeError, r"^among must be a Selection or a mapping of parameter name -> flat indices, got str"),
+        (dict(among="w0"), TypeError, r"^among must be a Selection or a mapping of parameter name -> flat indices"),
         (dict(exclude={"nope": torch.tensor([1])}), ValueError, r"^exclude names parameters that are not trainable "
                                                                 r"parameters of the model: \['nope'\]"),
         (dict(among={"w0": [1, 2]}), TypeError, r"^among\['w0'\] must be a tensor of flat indices, got list"),
-        (dict(among={"w0": torch.tensor([3, 1])}), ValueError, r"^parameter 'w0': among indices must be sorted and unique"),
-        (dict(exclude={"w1": torch.tensor([12])}), ValueError, r"^parameter 'w1': exclude index out of range \[0, 12\)"),
+        (dict(among={"w0": torch.tensor([3, 1])}), ValueError, r"^parameter 'w0': among indices must be sorted"),
+        (dict(exclude={"w1": torch.tensor([12])}), ValueError,
+         r"^parameter 'w1': exclude index out of range \[0, 12\)"),
         (dict(among={"w0": torch.tensor([1.0])}), ValueError, r"^parameter 'w0': among indices must be a 1-D int64"),
         (dict(among={"w0": torch.tensor([1])}, criterion="random"), ValueError,
          r"^criterion='random' does not take among="),
