@@ -50,16 +50,31 @@ class SparseAdamW(torch.optim.Optimizer):
       float32/float64.
     - ``compact_grads`` (bool, default False): post-accumulate-grad hooks gather
       each parameter's selected gradient entries into a float32 buffer as
-      backward produces them and free the dense ``.grad`` at once, so backward
-      holds one dense gradient at a time (see
-      :class:`gallop_kernels.optim.compact_grads.CompactGrads`). Micro-batches
-      accumulate into the buffers; :meth:`zero_grad` clears them. ``.grad``
-      stays None, so ``torch.nn.utils.clip_grad_norm_`` sees nothing: use
-      :meth:`clip_grad_norm_`, which clips by the norm of the selected entries
-      (in both modes), and :meth:`amp_step` with a GradScaler. Gradients a
-      caller assigns to ``.grad`` directly are still used. Single process only:
-      DDP and FSDP hand gradients over in their own hooks, which this does not
-      coordinate with.
+      backward produces them and free the dense gradient at once, so backward
+      holds one dense gradient at a time. ``.grad`` then is a storage-less
+      :class:`~gallop_kernels.optim.compact_grads.CompactGrad` of the
+      parameter's shape that stands for the buffer, so the usual calls act on
+      the selected entries:
+
+      * micro-batches (backward N times) accumulate into the buffers;
+      * ``model.zero_grad()``, ``opt.zero_grad()`` (``set_to_none`` True or
+        False) and ``p.grad = None`` clear them: the first backward after a
+        clear overwrites the buffer, so no gradient outlives a clear (Trainer's
+        loop: backward N times, clip, step, ``model.zero_grad()``);
+      * ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)`` (and
+        accelerate's, which transformers.Trainer calls) clips by the norm of
+        the selected entries, the same as :meth:`clip_grad_norm_` and as dense
+        clipping of the selected entries; ``clip_grad_value_`` clamps them;
+      * ``torch.amp.GradScaler`` (``unscale_``, its overflow check) sees them;
+        :meth:`amp_step` does ``scaler.step`` and ``scaler.update`` in one call;
+      * a gradient assigned to ``.grad`` replaces the compact one, as it would
+        a dense one, and is used by the next step.
+
+      Any other op on such a ``.grad`` (reading its values, ``backward(
+      create_graph=True)``) raises, naming the calls above, rather than see
+      no gradient; :meth:`remove_hooks` drops the compact gradients and
+      returns to dense ones. Single process only: DDP and FSDP hand gradients
+      over in their own hooks, which this does not coordinate with.
     - ``backend`` ("auto", "reference", "host" or "cuda"; the names of
       :func:`gallop_kernels.backends`): "host" runs the compiled kernel's CPU
       build on CPU params, "cuda" the CUDA kernel on CUDA params (a parameter on
@@ -161,10 +176,14 @@ class SparseAdamW(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
         self._growth_tracker: torch.Tensor | None = None
-        self._compact = _compact.CompactGrads([(p, self._indices[p]) for p in self._params]) if self.compact_grads else None
+        # Every trainable parameter, also those with nothing selected (their gradient is
+        # then empty), so torch's clip_grad_norm_ over the model sees the optimizer's norm.
+        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
+                         if self.compact_grads else None)
 
     def remove_hooks(self) -> None:
-        """Unregister the ``compact_grads`` hooks (backward then leaves dense ``.grad`` again)."""
+        """Unregister the ``compact_grads`` hooks and drop the compact gradients
+        (backward then leaves dense ``.grad`` again)."""
         if self._compact is not None:
             self._compact.remove_hooks()
 
@@ -172,12 +191,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if self.master_weights is None:
             return p.dtype in (torch.bfloat16, torch.float16)
         return self.master_weights
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset gradients, the compact buffers of ``compact_grads`` included."""
-        super().zero_grad(set_to_none)
-        if self._compact is not None:
-            self._compact.clear(set_to_none)
 
     def amp_step(self, scaler, closure=None):
         """``scaler.step(self)`` followed by ``scaler.update()``, also with ``compact_grads``.
@@ -209,7 +222,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def grad_bytes(self) -> int:
         """Bytes held right now by this optimizer's gradients: dense ``.grad`` tensors
         plus the compact buffers of ``compact_grads`` that hold a gradient."""
-        dense = sum(local(p.grad).numel() * p.grad.element_size() for p in self._names if p.grad is not None)
+        dense = sum(local(p.grad).numel() * p.grad.element_size() for p in self._names
+                    if p.grad is not None and not (self._compact is not None and self._compact.holds(p)))
         return dense + (self._compact.nbytes() if self._compact is not None else 0)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -285,10 +299,8 @@ class SparseAdamW(torch.optim.Optimizer):
             return ([local(g) for g in grads] if self._dtensor else grads), None
         grads, compact = [], []
         for p in self._params:
-            buf, g = self._compact.grad(p), p.grad
-            if g is not None and buf is not None:  # a .grad assigned by hand on top of backward's
-                buf = buf + gather(g, self._indices[p]).float()
-            grads.append(buf if buf is not None else local(g))
+            buf = self._compact.grad(p)
+            grads.append(buf if buf is not None else local(p.grad))
             compact.append(buf is not None)
         return grads, compact
 
@@ -313,6 +325,9 @@ class SparseAdamW(torch.optim.Optimizer):
             if g is None:
                 continue
             name, is_compact = self._names[p], bool(compact and compact[i])
+            if type(g) is _compact.CompactGrad:  # not ours: it has no storage for the kernel to read
+                raise ValueError(f"parameter {name!r}: .grad is the compact gradient of another SparseAdamW; call "
+                                 f"that optimizer's zero_grad() or remove_hooks() first")
             if not is_compact:
                 check_grad(name, local(p), g)
             work.append((i, p, g, is_compact, self._use_kernel(name, p, g, is_compact)))
