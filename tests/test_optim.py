@@ -366,3 +366,57 @@ def test_master_weights_switched_off_mid_run():
         runs.append([p.detach().clone() for p in bag.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_add_param_group_joins_the_step(backend):
+    """A group added after two steps trains from then on exactly as the same group given to the
+    constructor whose parameters had no gradient for those two steps; the first group's step
+    counts survive the re-layout."""
+    (first, second), hp = GROUPS, dict(betas=(0.8, 0.99), eps=1e-6, backend=backend)
+    bags, opts = [], []
+    for late in (True, False):
+        bag = make_bag(SIZES, torch.float32)
+        sel = gk.select_mask(bag, rho=0.1)
+        groups = _groups(bag.named_parameters())
+        opts.append(gk.SparseAdamW(groups[:1] if late else groups, selection=sel, **hp))
+        bags.append(bag)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 2:
+            opts[0].add_param_group(_groups(bags[0].named_parameters())[1])
+        grads = _grads(bags[0], gen)
+        for bag, opt in zip(bags, opts):
+            opt.zero_grad()
+            for n, g in grads.items():
+                getattr(bag, n).grad = g if step >= 2 or n in first[0] else None
+            opt.step()
+    late, early = opts
+    for (n, p), q in zip(bags[0].named_parameters(), bags[1].parameters()):
+        assert torch.equal(p, q), n
+        st_late, st_early = late.state.get(p, {}), early.state.get(q, {})
+        assert st_late.keys() == st_early.keys(), n
+        for key in st_early:
+            assert torch.equal(st_late[key], st_early[key]), (n, key)
+    assert {float(st["step"]) for p, st in late.state.items() if late._names[p] in first[0]} == {5.0}
+    assert {float(st["step"]) for p, st in late.state.items() if late._names[p] in second[0]} == {3.0}
+    assert late.param_groups[1]["lr"] == second[1]["lr"]
+
+
+def test_add_param_group_refusals_change_nothing():
+    bag, sel, opt = _setup()
+    other = make_bag([5], torch.float32)
+    compact_bag = make_bag(SIZES, torch.float32)
+    compact = gk.SparseAdamW(_groups(compact_bag.named_parameters())[:1], selection=sel, compact_grads=True)
+    cases = [
+        (opt, {"params": [bag.w0]}, TypeError, "needs parameter names"),
+        (opt, {"params": [("w0", other.w0)]}, ValueError, "has shape"),
+        (opt, {"params": [("x", other.w0)]}, ValueError, "'x' is not in the selection"),
+        (opt, {"params": [("w0", compact_bag.w0)], "lr": -1.0}, ValueError, "Invalid learning rate"),
+        (compact, _groups(compact_bag.named_parameters())[1], NotImplementedError, "compact gradient buffers"),
+    ]
+    for o, group, exc, match in cases:
+        before = [dict(g) for g in o.param_groups]
+        with pytest.raises(exc, match=match):
+            o.add_param_group(group)
+        assert o.param_groups == before and len(o._names) == sum(len(g["params"]) for g in before)

@@ -129,57 +129,98 @@ class SparseAdamW(torch.optim.Optimizer):
         if not isinstance(selection, Selection):
             raise TypeError(f"selection must be a gallop_kernels.Selection, got {type(selection).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, defaults)
         self.selection = selection
-        self._names: dict[torch.Tensor, str] = {}
-        self._group_of: dict[torch.Tensor, int] = {}
-        for gi, group in enumerate(self.param_groups):
-            _check_hyper(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-            names = group.get("param_names")
-            if names is None:
-                raise TypeError(
-                    "SparseAdamW needs parameter names to find each parameter's selection: "
-                    "pass model.named_parameters() or groups of (name, param) pairs"
-                )
-            for name, p in zip(names, group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-                selection.check_matches(name, p)
-                self._names[p] = name
-                self._group_of[p] = gi
-        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
         self.master_weights = master_weights
         self.backend = backend
         self.compact_grads = bool(compact_grads)
-        # The parameters the step can change, in group order.
-        self._params = [p for p in self._names if self._indices[p].numel()]
-        self._dtensor = any(is_dtensor(p) for p in self._params)
+        self._names: dict[torch.Tensor, str] = {}
+        self._group_of: dict[torch.Tensor, int] = {}
+        self._indices: dict[torch.Tensor, torch.Tensor] = {}
+        self._params: list[torch.Tensor] = []  # the parameters the step can change, in group order
+        self._dtensor = False
         # Device-resident step counters (one float32 per parameter: state["step"] is
         # a view) and learning rates (one float64 per group), per device.
         self._slot: dict[torch.Tensor, int] = {}
         self._steps: dict[torch.device, torch.Tensor] = {}
+        self._step_views: dict[torch.Tensor, torch.Tensor] = {}
+        self._lrs: dict[torch.device, torch.Tensor] = {}
+        self._lr_seen: dict[torch.device, list] = {}
+        self._plan: _Plan | None = None
+        self._version = 0  # bumped when the state or the layout changes: the plan is then rebuilt
+        self._growth_tracker: torch.Tensor | None = None
+        self._compact = None
+        super().__init__(params, defaults)  # add_param_group for each group
+        # Every trainable parameter, also those with nothing selected (their gradient is
+        # then empty), so torch's clip_grad_norm_ over the model sees the optimizer's norm.
+        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
+                         if self.compact_grads else None)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group whose ``"params"`` are ``(name, param)`` pairs of parameters the
+        selection covers (with its own ``lr``, ``weight_decay``, ...); they join the next
+        step. Checked before anything changes. Not with ``compact_grads`` after
+        construction: the hooks and gradient buffers are laid out then."""
+        if self._compact is not None:
+            raise NotImplementedError(
+                "SparseAdamW(compact_grads=True).add_param_group: the compact gradient buffers are laid out when "
+                "the optimizer is created; pass every param group to the constructor instead"
+            )
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)  # a generator, once
+        if not all(isinstance(p, tuple) for p in param_group["params"]):
+            raise TypeError(
+                "SparseAdamW needs parameter names to find each parameter's selection: "
+                "pass model.named_parameters() or groups of (name, param) pairs"
+            )
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # nothing half-added
+            raise
+        self._register(len(self.param_groups) - 1)
+
+    def _check_group(self, group: dict) -> None:
+        """Raise, naming the problem, unless ``group`` has valid hyper-parameters and
+        parameters of a supported dtype that the selection was made for."""
+        _check_hyper(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+            self.selection.check_matches(name, p)
+
+    def _register(self, gi: int) -> None:
+        """Take param group ``gi`` (checked) into the step: names, indices, counters."""
+        group = self.param_groups[gi]
+        for name, p in zip(group["param_names"], group["params"]):
+            self._names[p] = name
+            self._group_of[p] = gi
+            self._indices[p] = self.selection[name].to(p.device)
+            if self._indices[p].numel():
+                self._params.append(p)
+                self._dtensor = self._dtensor or is_dtensor(p)
+        self._layout_counters()
+
+    def _layout_counters(self) -> None:
+        """Lay out each device's step counters (a slot per parameter of ``_params``) and
+        learning rates (one per group). A new group's parameters come last, so the others
+        keep their slots and counts; their ``state["step"]`` moves to the new buffer."""
         per_device: dict[torch.device, int] = {}
         for p in self._params:
             dev = local(p).device
             self._slot[p] = per_device.get(dev, 0)
             per_device[dev] = self._slot[p] + 1
-        self._step_views: dict[torch.Tensor, torch.Tensor] = {}
-        self._lrs: dict[torch.device, torch.Tensor] = {}
-        self._lr_seen: dict[torch.device, list] = {}
         for dev, n in per_device.items():
-            self._steps[dev] = torch.zeros(n, dtype=torch.float32, device=dev)
+            old = self._steps.get(dev, torch.zeros(0, dtype=torch.float32, device=dev))
+            self._steps[dev] = torch.cat([old, old.new_zeros(n - old.numel())])
             self._lrs[dev] = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
             self._lr_seen[dev] = [None] * len(self.param_groups)
         views = {dev: buf.unbind(0) for dev, buf in self._steps.items()}
         for p in self._params:
             self._step_views[p] = views[local(p).device][self._slot[p]]
-        self._plan: _Plan | None = None
-        self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
-        self._growth_tracker: torch.Tensor | None = None
-        # Every trainable parameter, also those with nothing selected (their gradient is
-        # then empty), so torch's clip_grad_norm_ over the model sees the optimizer's norm.
-        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
-                         if self.compact_grads else None)
+            if "step" in self.state.get(p, {}):
+                self.state[p]["step"] = self._step_views[p]
+        self._version += 1
 
     def remove_hooks(self) -> None:
         """Unregister the ``compact_grads`` hooks and drop the compact gradients
