@@ -170,20 +170,26 @@ def test_threads_split_the_entries_exactly():
     """Enough entries for several host threads: the same bits as one thread."""
     bag = make_bag([300_000, 50_000])
     sel = gk.select_mask(bag, rho=0.9)
+    init = [p.detach().clone() for p in bag.parameters()]
     out = []
     for threads in (1, 4):
-        b = copy.deepcopy(bag)
+        b = copy.deepcopy(bag)  # drops .grad: each step gets its gradients below
         opt = gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="host")
+        gen = torch.Generator().manual_seed(2)
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             for _ in range(3):
+                for p in b.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen)
                 opt.step()
         finally:
             torch.set_num_threads(old)
         out.append([p.detach() for p in b.parameters()])
-    for p, q in zip(*out):
-        assert torch.equal(p, q)
+    masks = sel.masks()
+    for (n, m), p, q, p0 in zip(masks.items(), *out, init):
+        assert torch.equal(p, q), n
+        assert bool((p[m] != p0[m]).all()), f"{n}: a selected weight never moved"
 
 
 @needs_ext
