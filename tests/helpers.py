@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from gallop_kernels import reference
+from gallop_kernels import _ext, reference
 
+needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # 0, 1, primes, around a power of two, and above one reference chunk in tests that shrink it
 SIZES = [0, 1, 7, 97, 1024, 1025, 4099]

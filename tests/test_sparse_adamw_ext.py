@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, Bag, assert_adamw_step, make_bag
+from helpers import DTYPES, Bag, assert_adamw_step, make_bag, needs_ext
 
 import gallop_kernels as gk
 from gallop_kernels import _ext, reference
 from gallop_kernels.optim import sparse_adamw as optim
 from gallop_kernels.ops import sparse_adamw as kernel
 
-needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
