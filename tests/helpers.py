@@ -112,9 +112,13 @@ def adversarial_bag(kind: str, dtype: torch.dtype, sizes: list[int]) -> Bag:
 
 
 # README, SparseAdamW: against torch.optim.AdamW(foreach=False), exp_avg, exp_avg_sq and max_exp_avg_sq
-# are bit-equal and the weights within ulp(theta) + 2 ulp(update) per step (ATen's vectorized sqrt is
-# not correctly rounded; the kernel's is).
-UPDATE_ULPS = 2
+# are bit-equal and the weights within ulp(theta) + 4 ulp(update) per step. Why 4: the one op that
+# differs is sqrt (ATen's vectorized sqrt is up to 1 ulp off correct rounding; the kernel's is
+# correctly rounded), and each of the three separately rounded ops after it (/ bias_correction2_sqrt,
+# + eps, the addcdiv's division) can round the two apart by one more ulp; the final add rounds in
+# ulp(theta). Measured (host build, 4 configs x 12 seeds x 100 steps, 1.4M entry-steps): 1 entry
+# needed 4, 17 needed 3, the rest at most 2.
+UPDATE_ULPS = 4
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -143,7 +147,8 @@ def assert_adamw_step(got_state: dict, want_state: dict, got: torch.Tensor, want
         assert torch.equal(a, b), (f"{what} {key}: {int(diff.sum())} of {a.numel()} entries differ, first at "
                                    f"{diff.nonzero()[:3].flatten().tolist()}: {a[diff][:3].tolist()} != {b[diff][:3].tolist()}")
     got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
-    update = (want64 - before.detach().double().cpu() * (1 - lr * weight_decay)).float()
+    decayed = before.detach().float().cpu() * (1 - lr * weight_decay)  # rounded as torch's param.mul_ rounds it
+    update = (want64 - decayed.double()).float()
     excess = ((got64 - want64).abs() - ulp(want64, got.dtype)) / ulp(update)
     ok = excess <= UPDATE_ULPS  # False for NaN
     assert bool(ok.all()), (f"{what} weights: {int((~ok).sum())} of {ok.numel()} entries beyond ulp(theta) + "

@@ -45,7 +45,7 @@ def _run(bag, opt, sched, steps, gen):
 def test_equals_torch_adamw_on_gathered_copy(backend, amsgrad, maximize):
     """Two param groups under an LR schedule, every step from equal states, against
     torch.optim.AdamW(foreach=False) on the gathered weights: helpers.assert_adamw_step
-    (moments bit-equal, weights within ulp(theta) + 2 ulp(update), NaN fails)."""
+    (moments bit-equal, weights within ulp(theta) + 4 ulp(update), NaN fails)."""
     bag, sel, opt = _setup(amsgrad=amsgrad, maximize=maximize, backend=backend)
     init = {n: p.detach().clone() for n, p in bag.named_parameters()}
     compact = {n: torch.nn.Parameter(p.detach()[sel[n]].clone()) for n, p in bag.named_parameters()}
