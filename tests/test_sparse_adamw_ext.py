@@ -348,13 +348,16 @@ def test_kernel_issues_the_gathers_before_any_store(tmp_path):
 @pytest.mark.parametrize("master", [False, True], ids=["nomaster", "master"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
 def test_cuda_kernel_equals_host_build(dtype, master):
+    """The CUDA kernel (backend='cuda') and its host build (backend='host') give the same bits:
+    weights and every state tensor, every step, overflow steps included."""
     dt = DTYPES[dtype]
     bag = make_bag(SIZES, dt)
     sel = gk.select_mask(bag, rho=0.2)
     host, dev = bag, copy.deepcopy(bag).cuda()
-    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master, backend="host")
-    o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, **kw)
-    o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, **kw)
+    init = [p.detach().clone() for p in host.parameters()]
+    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master)
+    o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, backend="host", **kw)
+    o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, backend="cuda", **kw)
     gen = torch.Generator().manual_seed(9)
     for step in range(30):
         skip = step % 7 == 3
@@ -366,9 +369,13 @@ def test_cuda_kernel_equals_host_build(dtype, master):
         o_host.step(grad_scale=torch.tensor([SCALE]), found_inf=fi)
         o_dev.step(grad_scale=torch.tensor([SCALE]).cuda(), found_inf=fi.cuda())
         for (n, p), q in zip(host.named_parameters(), dev.parameters()):
-            assert torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
-            for key, t in o_host.state[p].items():
-                assert torch.equal(t, o_dev.state[q][key].cpu()), f"{n} {key} step {step}"
+            assert q.is_cuda and torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
+            st_host, st_dev = o_host.state.get(p, {}), o_dev.state.get(q, {})
+            assert st_host.keys() == st_dev.keys() and (bool(st_host) == bool(sel[n].numel())), f"{n} step {step}"
+            for key, t in st_host.items():
+                assert torch.equal(t, st_dev[key].cpu()), f"{n} {key} step {step}"
+    assert o_dev._plan.launches and o_dev._plan.launches[0].plan.device.type == "cuda" and not o_dev._plan.ref
+    assert not torch.equal(host.w1.detach(), init[1]), "the weights never moved"
 
 
 # ----------------------------------------------------------------------------
