@@ -153,10 +153,13 @@ def test_bf16_state_stays_float32_after_load():
     bag2 = make_bag(SIZES, torch.bfloat16)
     opt2 = gk.SparseAdamW(_groups(bag2.named_parameters()), selection=sel, betas=(0.8, 0.99), eps=1e-6)
     opt2.load_state_dict(saved)
-    for p in bag2.parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in opt2.state[p]:
-                assert opt2.state[p][key].dtype == torch.float32
+    for n, p in bag2.named_parameters():
+        st = opt2.state.get(p, {})
+        if not sel[n].numel():
+            assert not st, n
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):  # bf16 weights keep float32 master weights
+            assert st[key].dtype == torch.float32 and st[key].shape == sel[n].shape, (n, key)
 
 
 def test_load_state_from_another_selection_is_refused():
