@@ -392,31 +392,34 @@ WEIGHTS = {"fp32": ("fp32", None), "fp32-master": ("fp32", True), "bf16": ("bf16
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
 @pytest.mark.parametrize("wd", [0.0, 0.1], ids=["wd=0", "wd=0.1"])
 @pytest.mark.parametrize("weights", WEIGHTS)
-@pytest.mark.parametrize("backend", [pytest.param("host", marks=needs_ext), "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("host", marks=needs_ext), "reference",
+                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_ext])])
 def test_ulp_budget_against_torch_adamw(backend, weights, wd, amsgrad, maximize):
     """Every step from equal states, against torch.optim.AdamW(foreach=False) on the gathered
-    float32 weights: helpers.assert_adamw_step (moments bit-equal, weights within
+    float32 weights on the CPU: helpers.assert_adamw_step (moments bit-equal, weights within
     ulp(theta) + 4 ulp(update), NaN fails)."""
     dtype, master = WEIGHTS[weights]
     dt = DTYPES[dtype]
     bag = make_bag([97, 1025, 4099], dt)
     sel = gk.select_mask(bag, rho=0.2)
+    bag = bag.to("cuda" if backend == "cuda" else "cpu")
     kw = dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
     opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend=backend, master_weights=master, **kw)
-    comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n]].float().clone()) for n, p in bag.named_parameters()]
+    comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n].to(p.device)].float().cpu().clone())
+            for n, p in bag.named_parameters()]
     ref = torch.optim.AdamW(comp, foreach=False, **kw)
     gen = torch.Generator().manual_seed(1)
     for step in range(100):
         old = [c.detach().clone() for c in comp]
         for (n, p), c in zip(bag.named_parameters(), comp):
             g = torch.randn(p.shape, generator=gen).to(dt)
-            p.grad, c.grad = g, g.reshape(-1)[sel[n]].float()
+            p.grad, c.grad = g.to(p.device), g.reshape(-1)[sel[n]].float()
         opt.step()
         ref.step()
         for (n, p), c, o in zip(bag.named_parameters(), comp, old):
             st = opt.state[p]
             assert ("master_param" in st) == (dt != torch.float32 or master is True), n
-            got = st["master_param"] if "master_param" in st else p.detach().reshape(-1)[sel[n]]
+            got = (st["master_param"] if "master_param" in st else p.detach().reshape(-1)[sel[n].to(p.device)]).cpu()
             assert_adamw_step(st, ref.state[c], got, c, o, lr=1e-2, weight_decay=wd, what=f"{n} step {step}")
             with torch.no_grad():  # the next step starts from equal states again
                 c.copy_(got)
