@@ -15,6 +15,7 @@ import gallop_kernels as gk
 from gallop_kernels import _ext, reference
 from gallop_kernels.optim import sparse_adamw as optim
 from gallop_kernels.ops import sparse_adamw as kernel
+from gallop_kernels.optim.compact_grads import CompactGrad
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -472,11 +473,13 @@ def test_custom_op_follows_the_tensors_it_is_given():
     assert torch.equal(clones[2], before[2] + 1)
 
 
-def _twins(device, dtype=torch.bfloat16, **kw):
+def _twins(device, dtype=torch.bfloat16, compact=False, **kw):
+    """Two equal bags and their optimizers (the second with compact_grads=compact)."""
     bag = make_bag(SIZES, dtype).to(device)
     sel = gk.select_mask(bag, rho=0.2)
     bags = [bag, copy.deepcopy(bag)]
-    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="host" if device == "cpu" else "cuda", weight_decay=0.1, amsgrad=True, **kw) for b in bags]
+    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="host" if device == "cpu" else "cuda", weight_decay=0.1,
+                           amsgrad=True, compact_grads=c, **kw) for b, c in zip(bags, (False, compact))]
     return bags, opts
 
 
@@ -518,20 +521,26 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(backend):
 @pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
 def test_cuda_graph_replay_equals_eager(compact):
     """A step captured in a CUDA graph and replayed equals eager steps bit for bit
-    (static gradients, tensor lr changed in place, AMP grad scale with an overflow step)."""
-    bags, opts = _twins("cuda", lr=torch.tensor(1e-2, dtype=torch.float64, device="cuda"))
+    (static gradients, tensor lr changed in place, AMP grad scale with an overflow step).
+    compact: the captured optimizer reads compact gradients (written straight into its
+    buffers, as backward's hooks would) against the eager one's dense bf16 gradients: a
+    bf16 value is exact in float32, so the bits agree."""
+    bags, opts = _twins("cuda", compact=compact, lr=torch.tensor(1e-2, dtype=torch.float64, device="cuda"))
     static = {n: torch.zeros_like(p) for n, p in bags[1].named_parameters()}
     scale, found = torch.tensor([SCALE], device="cuda"), torch.zeros(1, device="cuda")
     for n, p in bags[1].named_parameters():
-        p.grad = static[n]
+        p.grad = CompactGrad(p, opts[1]._compact) if compact else static[n]
     gen = torch.Generator().manual_seed(4)
 
     def feed(step):
         grads = _grads(bags[0], gen, SCALE, step % 5 == 3)
         found.fill_(1.0 if step % 5 == 3 else 0.0)
-        for n, p in bags[0].named_parameters():
+        for (n, p), q in zip(bags[0].named_parameters(), bags[1].parameters()):
             p.grad = grads[n].clone()
-            static[n].copy_(grads[n])
+            if compact:
+                opts[1]._compact.grad(q).copy_(grads[n].reshape(-1)[opts[1]._indices[q]])
+            else:
+                static[n].copy_(grads[n])
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
