@@ -28,7 +28,9 @@ def _selection(model, rho, width=48):
     return sel
 
 
-def _train(model, opt, steps, micro_batches, max_norm, width=48, seed=1):
+def _train(model, opt, steps, micro_batches, clip, clear=lambda model, opt: opt.zero_grad(), width=48, seed=1):
+    """transformers.Trainer's order: backward per micro-batch, clip (returns the norm), step,
+    then clear the gradients; returns the norms."""
     gen = torch.Generator().manual_seed(seed)
     norms = []
     for _ in range(steps):
@@ -36,9 +38,9 @@ def _train(model, opt, steps, micro_batches, max_norm, width=48, seed=1):
             x = torch.randn(8, width, generator=gen)
             y = torch.randn(8, width, generator=gen)
             (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
-        norms.append(float(opt.clip_grad_norm_(max_norm)))
+        norms.append(float(clip()))
         opt.step()
-        opt.zero_grad()
+        clear(model, opt)
     return norms
 
 
@@ -51,8 +53,8 @@ def test_compact_equals_dense_with_accumulation_and_clipping(backend):
     kw = dict(selection=sel, lr=1e-2, weight_decay=0.01, backend=backend)
     o_dense = gk.SparseAdamW(dense.named_parameters(), **kw)
     o_compact = gk.SparseAdamW(compact.named_parameters(), compact_grads=True, **kw)
-    n_dense = _train(dense, o_dense, 20, 3, max_norm=0.05)
-    n_compact = _train(compact, o_compact, 20, 3, max_norm=0.05)
+    n_dense = _train(dense, o_dense, 20, 3, clip=lambda: o_dense.clip_grad_norm_(0.05))
+    n_compact = _train(compact, o_compact, 20, 3, clip=lambda: o_compact.clip_grad_norm_(0.05))
     assert n_dense == n_compact
     assert max(n_dense) > 0.05, "clipping never engaged: the test would not see it"
     for (n, p), q in zip(dense.named_parameters(), compact.parameters()):
@@ -217,20 +219,6 @@ CLEARS = {
 }
 
 
-def _trainer_loop(model, opt, clear, clip, steps=4, micro_batches=2, width=48):
-    """transformers.Trainer's order: backward per micro-batch, clip, step, then clear the gradients."""
-    gen = torch.Generator().manual_seed(3)
-    norms = []
-    for _ in range(steps):
-        for _ in range(micro_batches):
-            x, y = torch.randn(8, width, generator=gen), torch.randn(8, width, generator=gen)
-            (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
-        norms.append(float(clip()))
-        opt.step()
-        clear(model, opt)
-    return norms
-
-
 @pytest.mark.parametrize("clear", list(CLEARS), ids=list(CLEARS))
 def test_every_way_of_clearing_clears_compact_grads(clear):
     """Trainer's loop with compact gradients (torch's clip_grad_norm_ on model.parameters(), any way of
@@ -242,9 +230,9 @@ def test_every_way_of_clearing_clears_compact_grads(clear):
     kw = dict(selection=sel, lr=1e-2, weight_decay=0.01)
     o_dense = gk.SparseAdamW(dense.named_parameters(), **kw)
     o_compact = gk.SparseAdamW(compact.named_parameters(), compact_grads=True, **kw)
-    n_dense = _trainer_loop(dense, o_dense, CLEARS[clear], lambda: o_dense.clip_grad_norm_(0.05))
-    n_compact = _trainer_loop(compact, o_compact, CLEARS[clear],
-                              lambda: torch.nn.utils.clip_grad_norm_(compact.parameters(), 0.05))
+    n_dense = _train(dense, o_dense, 4, 2, clip=lambda: o_dense.clip_grad_norm_(0.05), clear=CLEARS[clear])
+    n_compact = _train(compact, o_compact, 4, 2, clip=lambda: torch.nn.utils.clip_grad_norm_(compact.parameters(), 0.05),
+                       clear=CLEARS[clear])
     assert min(n_dense) > 0.05, "clipping never engaged: the test would not see it"
     torch.testing.assert_close(n_compact, n_dense, rtol=1e-6, atol=0)
     for (n, p), q in zip(dense.named_parameters(), compact.parameters()):
