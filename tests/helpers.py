@@ -145,11 +145,13 @@ def assert_adamw_step(got_state: dict, want_state: dict, got: torch.Tensor, want
         a, b = got_state[key], want_state[key].to(got_state[key].device)
         diff = (a != b) | a.isnan()
         assert torch.equal(a, b), (f"{what} {key}: {int(diff.sum())} of {a.numel()} entries differ, first at "
-                                   f"{diff.nonzero()[:3].flatten().tolist()}: {a[diff][:3].tolist()} != {b[diff][:3].tolist()}")
+                                   f"{diff.nonzero()[:3].flatten().tolist()}: "
+                                   f"{a[diff][:3].tolist()} != {b[diff][:3].tolist()}")
     got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
     decayed = before.detach().float().cpu() * (1 - lr * weight_decay)  # rounded as torch's param.mul_ rounds it
     update = (want64 - decayed.double()).float()
     excess = ((got64 - want64).abs() - ulp(want64, got.dtype)) / ulp(update)
     ok = excess <= UPDATE_ULPS  # False for NaN
     assert bool(ok.all()), (f"{what} weights: {int((~ok).sum())} of {ok.numel()} entries beyond ulp(theta) + "
-                            f"{UPDATE_ULPS} ulp(update) (worst {float(excess.max()):.3g}, {int(got64.isnan().sum())} NaN)")
+                            f"{UPDATE_ULPS} ulp(update) (worst {float(excess.max()):.3g}, "
+                            f"{int(got64.isnan().sum())} NaN)")

@@ -77,7 +77,8 @@ def _assert_same_step(sel, bags, opts, before, step):
         assert s1.keys() == s2.keys(), n
         assert torch.equal(s1["indices"], s2["indices"]) and torch.equal(s1["step"], s2["step"]), f"{n} step {step}"
         check = lambda got, want, what: assert_adamw_step(  # noqa: E731
-            s1, s2, got, want, before[n], lr=group["lr"], weight_decay=group["weight_decay"], what=f"{n} step {step} {what}")
+            s1, s2, got, want, before[n], lr=group["lr"], weight_decay=group["weight_decay"],
+            what=f"{n} step {step} {what}")
         check(w1[n], w2[n], "weights")
         if "master_param" in s1:
             check(p1.detach().reshape(-1)[sel[n]], p2.detach().reshape(-1)[sel[n]], "params")
@@ -478,8 +479,9 @@ def _twins(device, dtype=torch.bfloat16, compact=False, **kw):
     bag = make_bag(SIZES, dtype).to(device)
     sel = gk.select_mask(bag, rho=0.2)
     bags = [bag, copy.deepcopy(bag)]
-    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="host" if device == "cpu" else "cuda", weight_decay=0.1,
-                           amsgrad=True, compact_grads=c, **kw) for b, c in zip(bags, (False, compact))]
+    backend = "host" if device == "cpu" else "cuda"
+    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend=backend, weight_decay=0.1, amsgrad=True,
+                           compact_grads=c, **kw) for b, c in zip(bags, (False, compact))]
     return bags, opts
 
 
