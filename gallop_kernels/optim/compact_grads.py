@@ -92,14 +92,14 @@ class CompactGrad(torch.Tensor):
         if grad.is_sparse or grad.shape != self.shape:
             raise RuntimeError(f"compact gradient: cannot accumulate a {'sparse' if grad.is_sparse else 'dense'} "
                                f"gradient of shape {tuple(grad.shape)} into one of shape {tuple(self.shape)}")
-        self.buffer.add_(torch.take(local(grad), self.indices), alpha=alpha)
+        self.buffer.add_(local(grad).reshape(-1).index_select(0, self.indices), alpha=alpha)
 
 
 class CompactGrads:
     """Selected gradient entries of ``params``, gathered in backward.
 
-    params: (param, indices) pairs; indices are flat int64 indices on the
-    parameter's device. The buffers are views of one float32 tensor per device;
+    params: (param, indices) pairs; indices are flat indices (int32 or int64) on
+    the parameter's device. The buffers are views of one float32 tensor per device;
     a buffer holds p's gradient while ``p.grad`` is its :class:`CompactGrad`.
     """
 
@@ -155,11 +155,11 @@ class CompactGrads:
             return
         if g is None or buf is None or g.is_sparse or g.shape != p.shape:
             return  # a malformed gradient stays in .grad for step() to report
-        g = local(g)
+        g = local(g).reshape(-1)
         if g.dtype == torch.float32:
-            torch.take(g, self.indices[p], out=buf)  # one op: gathered straight into the buffer
+            torch.index_select(g, 0, self.indices[p], out=buf)  # one op: gathered straight into the buffer
         else:
-            buf.copy_(torch.take(g, self.indices[p]))  # gather, then one cast into the buffer
+            buf.copy_(g.index_select(0, self.indices[p]))  # gather, then one cast into the buffer
         p.grad = CompactGrad(p, self)
 
     def grad(self, p: torch.Tensor) -> torch.Tensor | None:
