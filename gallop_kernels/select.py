@@ -11,14 +11,16 @@ from torch import nn
 from . import _ext, reference
 from ._env import backends
 from ._ext import require_ext
-from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .distributed import GroupComm, check_same_selection, dtensor_group, index_dtype, local, shard_starts
 from .ops.select_host import topk_keys_host
 from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
 
 
 
 class Selection(Mapping):
-    """The selected weights: parameter name -> sorted int64 flat indices.
+    """The selected weights: parameter name -> sorted flat indices, int32 for a
+    tensor of fewer than 2^31 weights and int64 from 2^31 on (half the memory;
+    :func:`gallop_kernels.distributed.index_dtype`), whatever dtype they are given in.
 
     Flat indices address ``param.reshape(-1)``; for an FSDP2 (DTensor)
     parameter they address this rank's local shard, and ``shapes`` holds the
@@ -36,8 +38,8 @@ class Selection(Mapping):
         scope: str,
         threshold: float | dict[str, float] | None,
     ):
-        self._indices = dict(indices)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
+        self._indices = {n: i.to(index_dtype(math.prod(self.shapes[n]))) for n, i in indices.items()}
         self.rho = rho
         self.criterion = criterion
         self.scope = scope
@@ -151,8 +153,9 @@ class Selection(Mapping):
 
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
-    if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(f"parameter {name!r}: selection indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise ValueError(f"parameter {name!r}: selection indices must be a 1-D int32 or int64 tensor, "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(
             f"parameter {name!r}: selection index out of range [0, {numel}) "

@@ -12,7 +12,7 @@ import torch
 from helpers import DTYPES, Bag, assert_adamw_step, make_bag, needs_ext
 
 import gallop_kernels as gk
-from gallop_kernels import _ext, reference
+from gallop_kernels import _ext, distributed, reference
 from gallop_kernels.optim import sparse_adamw as optim
 from gallop_kernels.ops import sparse_adamw as kernel
 from gallop_kernels.optim.compact_grads import CompactGrad
@@ -209,6 +209,37 @@ def test_threads_split_the_entries_exactly():
     for (n, m), p, q, p0 in zip(masks.items(), *out, init):
         assert torch.equal(p, q), n
         assert bool((p[m] != p0[m]).all()), f"{n}: a selected weight never moved"
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+@pytest.mark.parametrize("backend", [pytest.param("host", marks=needs_ext), "reference",
+                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_ext])])
+def test_int32_and_int64_indices_give_the_same_bits(backend, compact, monkeypatch):
+    """Index lists are int32 below 2^31 weights and int64 from 2^31 (distributed.index_dtype).
+    The int64 path, which a test cannot reach by allocating 2^31 weights, runs here by lowering
+    the limit: the same steps (the kernel, the reference path, compact gradients) give the same bits."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    runs = {}
+    for limit in (2**31, 0):
+        monkeypatch.setattr(distributed, "INT32_LIMIT", limit)
+        bag = make_bag(SIZES, torch.bfloat16).to(device)
+        sel = gk.select_mask(bag, rho=0.2)
+        opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend=backend,
+                             compact_grads=compact)
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(3):
+            opt.zero_grad()
+            x = {n: torch.randn(p.shape, generator=gen).to(device) for n, p in bag.named_parameters()}
+            sum((p.float() * x[n]).sum() for n, p in bag.named_parameters()).backward()
+            opt.step()
+        want = torch.int32 if limit else torch.int64
+        assert all(st["indices"].dtype == want for st in opt.state.values() if st), limit
+        runs[limit] = [p.detach().clone() for p in bag.parameters()], [dict(st) for st in opt.state.values()]
+    (p32, s32), (p64, s64) = runs[2**31], runs[0]
+    assert all(torch.equal(a, b) for a, b in zip(p32, p64))
+    for a, b in zip(s32, s64):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # equal values, int32 vs int64 indices
+    assert not torch.equal(p32[1], make_bag(SIZES, torch.bfloat16).w1.to(device)), "the weights never moved"
 
 
 @needs_ext
