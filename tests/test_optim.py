@@ -1,5 +1,7 @@
 """SparseAdamW against torch.optim.AdamW run on a gathered copy of the selected weights."""
 
+import types
+
 import pytest
 import torch
 from helpers import DTYPES, Bag, assert_adamw_step, make_bag, needs_ext
@@ -437,3 +439,29 @@ def test_add_param_group_refusals_change_nothing():
         with pytest.raises(exc, match=match):
             o.add_param_group(group)
         assert o.param_groups == before and len(o._names) == sum(len(g["params"]) for g in before)
+
+
+def test_checkpoint_with_int64_indices_loads_as_int32(monkeypatch):
+    """Selections and optimizer states saved when index lists were int64 load into today's int32
+    lists and train on exactly as a run with int32 lists throughout."""
+    from gallop_kernels import distributed
+
+    keep_lr = types.SimpleNamespace(step=lambda: None)
+    monkeypatch.setattr(distributed, "INT32_LIMIT", 0)  # every list int64, as checkpoints before int32 lists
+    bag, sel, opt = _setup(amsgrad=True)
+    _run(bag, opt, _schedule(opt), 3, torch.Generator().manual_seed(2))
+    saved = {"sel": sel.state_dict(), "opt": opt.state_dict(), "bag": bag.state_dict()}
+    assert all(i.dtype == torch.int64 for i in saved["sel"]["indices"].values())
+    monkeypatch.undo()
+    bag2 = make_bag(SIZES)
+    bag2.load_state_dict(saved["bag"])
+    sel2 = gk.Selection.from_state_dict(saved["sel"])
+    opt2 = gk.SparseAdamW(_groups(bag2.named_parameters()), selection=sel2, betas=(0.8, 0.99), eps=1e-6, amsgrad=True)
+    opt2.load_state_dict(saved["opt"])
+    assert all(st["indices"].dtype == torch.int32 for st in opt2.state.values() if st)
+    _run(bag2, opt2, keep_lr, 2, torch.Generator().manual_seed(3))
+    ref_bag, _, ref_opt = _setup(amsgrad=True)  # int32 lists throughout
+    _run(ref_bag, ref_opt, _schedule(ref_opt), 3, torch.Generator().manual_seed(2))
+    _run(ref_bag, ref_opt, keep_lr, 2, torch.Generator().manual_seed(3))
+    for (n, p), q in zip(bag2.named_parameters(), ref_bag.parameters()):
+        assert torch.equal(p, q), n

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .._ext import require_ext
-from ..distributed import INT32_LIMIT
+from ..distributed import index_dtype
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # gallop::DType
@@ -98,7 +98,7 @@ def check_row(r: Row) -> None:
     dev = r.param.device
     if r.indices.dtype not in _INDEX_BITS or r.indices.dim() != 1 or not r.indices.is_contiguous():
         raise ValueError(f"parameter {r.name!r}: indices must be a contiguous 1-D int32 or int64 tensor")
-    if r.indices.dtype == torch.int32 and r.param.numel() >= INT32_LIMIT:
+    if r.indices.dtype == torch.int32 and index_dtype(r.param.numel()) != torch.int32:
         raise ValueError(f"parameter {r.name!r}: {r.param.numel()} weights need int64 indices")
     want = k if r.grad_compact else r.param.numel()
     if r.grad.numel() != want:
