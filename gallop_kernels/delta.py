@@ -60,11 +60,10 @@ from pathlib import Path
 
 import torch
 
-from .distributed import gather, scatter_
+from .distributed import gather, index_dtype, scatter_
 from .errors import GallopError
 
 FORMAT = "gallop-delta-v2"
-INT32_LIMIT = 2**31  # a parameter with this many weights or more needs int64 indices
 
 
 class DeltaError(GallopError):
@@ -168,8 +167,7 @@ def save_delta(path: str | Path, delta: Delta) -> int:
 
     out = {}
     for name, t in delta.tensors.items():
-        small = torch.Size(t.shape).numel() < INT32_LIMIT
-        out[f"{name}.indices"] = t.indices.to(torch.int32 if small else torch.int64).contiguous()
+        out[f"{name}.indices"] = t.indices.to(index_dtype(torch.Size(t.shape).numel())).contiguous()
         out[f"{name}.diff"] = t.diff.contiguous()
         if t.exact_at.numel():
             out[f"{name}.exact_at"] = t.exact_at.contiguous()

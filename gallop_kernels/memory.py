@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .distributed import index_dtype
 from .markdown import table
 from .reference import num_to_select
 
 # The DoRA / LLM-Adapters commonsense recipe adapts these projections; the trainer uses the same list.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master / gradient-buffer entries
-INDEX_BYTES = 8  # int64 flat indices
 
 
 def preset_config(name: str):
@@ -126,7 +126,8 @@ def memory_plan(
       models), so their gradients and AdamW state are float32 too.
     - GaLLoP: k = round(rho * N) weights; SparseAdamW keeps fp32 ``exp_avg`` and
       ``exp_avg_sq`` (8 B each selected weight), a fp32 master copy (4 B) when
-      ``dtype`` is narrower than fp32, and int64 flat indices (8 B). Dense
+      ``dtype`` is narrower than fp32, and flat indices: int32 (4 B) in tensors of
+      fewer than 2^31 weights, int64 (8 B) in larger ones (see :func:`index_bytes`). Dense
       gradients are in ``dtype``; with compact gradients a step holds fp32
       gradients for the k selected weights plus the dense gradient of the
       largest single tensor while backward produces it.
@@ -145,6 +146,7 @@ def memory_plan(
         lora_rank * (s[0] + s[1]) for name, s in shapes.items() if len(s) == 2 and name.split(".")[-2] in lora_targets
     )
     k = num_to_select(rho, n)
+    idx = index_bytes(shapes, k)
     largest = max(s.numel() for s in shapes.values())
     opt = 2 * STATE_BYTES
     wide_sum = STATE_BYTES * n if grad_accum_dtype == torch.float32 and b < STATE_BYTES else 0
@@ -153,10 +155,19 @@ def memory_plan(
     return [
         MemoryRow("full FT (AdamW)", n, n * b, n * b, 2 * b * n, 0, 0, 0, act),
         MemoryRow(f"LoRA r={lora_rank}", lora, n * b + STATE_BYTES * lora, STATE_BYTES * lora, opt * lora, 0, 0, 0, act),
-        MemoryRow(f"GaLLoP rho={rho:g}", k, n * b, n * b, opt * k, master * k, INDEX_BYTES * k, estimation, act),
+        MemoryRow(f"GaLLoP rho={rho:g}", k, n * b, n * b, opt * k, master * k, idx, estimation, act),
         MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, n * b, STATE_BYTES * k + largest * b, opt * k, master * k,
-                  INDEX_BYTES * k, estimation, act),
+                  idx, estimation, act),
     ]  # fmt: skip
+
+
+def index_bytes(shapes: dict[str, torch.Size], k: int) -> int:
+    """Bytes of ``k`` selected weights' flat indices as a Selection (and SparseAdamW, which
+    shares its tensors) stores them: 4 each in tensors of fewer than 2^31 weights, 8 in larger
+    ones. Where a tensor has 2^31 weights or more this is an upper bound: how many of the k it
+    holds is known only after selection."""
+    wide = sum(s.numel() for s in shapes.values() if index_dtype(s.numel()) == torch.int64)
+    return 4 * k + 4 * min(k, wide)
 
 
 def markdown(rows: list[MemoryRow], title: str = "") -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _env, _ext, keys, reference
 from ._ext import require_ext
-from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .distributed import GroupComm, check_same_selection, dtensor_group, index_dtype, local, shard_starts
 from .ops.select_host import topk_keys_host
 from .keys import Source
 from .restricted import Pool
@@ -21,7 +21,9 @@ from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, Lo
 
 
 class Selection(Mapping):
-    """The selected weights: parameter name -> sorted int64 flat indices.
+    """The selected weights: parameter name -> sorted flat indices, int32 for a
+    tensor of fewer than 2^31 weights and int64 from 2^31 on (half the memory;
+    :func:`gallop_kernels.distributed.index_dtype`), whatever dtype they are given in.
 
     Flat indices address ``param.reshape(-1)``; for an FSDP2 (DTensor)
     parameter they address this rank's local shard, and ``shapes`` holds the
@@ -39,8 +41,8 @@ class Selection(Mapping):
         scope: str,
         threshold: float | dict[str, float] | None,
     ):
-        self._indices = dict(indices)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
+        self._indices = {n: i.to(index_dtype(math.prod(self.shapes[n]))) for n, i in indices.items()}
         self.rho = rho
         self.criterion = criterion
         self.scope = scope
@@ -186,10 +188,9 @@ class Selection(Mapping):
 
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int, what: str = "selection") -> None:
-    if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(
-            f"parameter {name!r}: {what} indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}"
-        )
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise ValueError(f"parameter {name!r}: {what} indices must be a 1-D int32 or int64 tensor, "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(
             f"parameter {name!r}: {what} index out of range [0, {numel}) "
@@ -376,7 +377,7 @@ def select_mask(
     uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
     each tensor. Ties go to the earlier parameter, then the lower flat index.
 
-    Restricted selections: ``among`` (a Selection, or name -> sorted int64 flat
+    Restricted selections: ``among`` (a Selection, or name -> sorted int32 or int64 flat
     indices) lets only those weights compete, ``exclude`` keeps those out; N then
     counts the competing weights. With ``among``, a gradient may be given compactly,
     one value per index of among[name]. The result is exactly the unrestricted rule

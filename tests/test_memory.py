@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels.memory import activation_bytes, markdown, memory_plan, preset_config
+from gallop_kernels.distributed import index_dtype
+from gallop_kernels.memory import activation_bytes, index_bytes, markdown, memory_plan, preset_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,11 +30,12 @@ def test_plan_arithmetic_on_a_small_llama():
     # LoRA: float32 adapters (peft's default on bf16 models), their gradients and state float32
     assert lora.trainable == 3 * lora_per_layer
     assert (lora.weights, lora.gradients, lora.optimizer_state) == (2 * n + 4 * lora.trainable, 4 * lora.trainable, 8 * lora.trainable)
-    assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 8 * k)
+    # int32 indices: every tensor has fewer than 2^31 weights
+    assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 4 * k)
     assert compact.gradients == 4 * k + 2 * 101 * 48  # the embedding is the largest tensor
     assert gallop.estimation == compact.estimation == 2 * n and full.estimation == lora.estimation == 0
     assert gallop.activations == 0  # no batch shape given
-    assert gallop.peak == 2 * n + max(2 * n + 8 * k + 4 * k + 8 * k, 2 * n)
+    assert gallop.peak == 2 * n + max(2 * n + 8 * k + 4 * k + 4 * k, 2 * n)
     assert compact.peak == 2 * n + 2 * n  # estimation outweighs a compact training step
     assert "| GaLLoP rho=0.05 |" in markdown([gallop])
 
@@ -81,6 +83,8 @@ def test_measured_optimizer_state_equals_the_plan():
         state = sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if key in ("exp_avg", "exp_avg_sq"))
         assert state == plan.optimizer_state == 8 * sel.num_selected
         assert sum(i.numel() * i.element_size() for i in sel.values()) == plan.index_lists
+        # the optimizer keeps the selection's own index tensors: no second copy
+        assert all(opt.state[p]["indices"] is sel[n] for n, p in model.named_parameters() if sel[n].numel())
         assert plan.master_weights == 0
 
 
@@ -172,3 +176,17 @@ def test_python_m_memory_prints_without_runpy_warning():
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr
     assert "| llama3-8b, bf16 |" in proc.stdout and "| gemma-2b, bf16 |" in proc.stdout
+
+
+def test_index_lists_are_int32_below_two_to_the_31_weights():
+    """By arithmetic (no 2^31-weight tensor is allocated): int32 indices up to 2^31 - 1 weights,
+    int64 from 2^31; the plan counts 4 B per index, 8 B where a tensor needs int64 (at most)."""
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    small = {"a": torch.Size([2**16, 2**15 - 1]), "b": torch.Size([7])}  # 2^31 - 2^16 weights
+    big = {"a": torch.Size([2**16, 2**15]), "b": torch.Size([7])}  # exactly 2^31
+    assert index_bytes(small, 1000) == 4 * 1000
+    assert index_bytes(big, 1000) == 8 * 1000  # all 1000 may be in "a"
+    assert index_bytes({"a": torch.Size([2**31]), "b": torch.Size([2**20])}, 2**21) == 4 * 2**21 + 4 * 2**21
+    sel = gk.Selection({"w": torch.tensor([1, 5])}, {"w": (9,)}, rho=0.2, criterion="gallop", scope="global",
+                       threshold=0.0)
+    assert sel["w"].dtype == torch.int32

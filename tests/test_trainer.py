@@ -208,7 +208,6 @@ def test_resume_from_a_checkpoint_without_a_selection_fails_in_one_line(tmp_path
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the compact_grads zero_grad fix (optim branch)")
 def test_compact_grads_in_the_trainer_equals_dense_gradients(tmp_path):
     # The trainer calls model.zero_grad() after each step and clips through accelerate (max_grad_norm 1e3: the
     # clipping runs but never engages, since dense mode clips by every weight's gradient norm and compact

@@ -77,7 +77,7 @@ class GallopConfig:
 
     def __post_init__(self):
         try:
-            _validate_args(self.rho, self.criterion, self.eps, self.scope, "auto")
+            _validate_args(self.rho, None, self.criterion, self.eps, self.scope, 0, "auto")
         except ValueError as e:  # select_mask's checks, named for this class
             raise ValueError(f"GallopConfig: {e}") from None
         if self.grad_batches is not None and self.grad_fraction is not None:
