@@ -126,7 +126,7 @@ def _restricted_worker(rank, tie_cap):
         return {f: _union_over_ranks(sel[n] + start) for (n, _), start, f in zip(named, starts, fnames)}
 
     def mask(idx):
-        return {f: torch.zeros(q.numel(), dtype=torch.bool).index_fill_(0, idx[f], True)
+        return {f: torch.zeros(q.numel(), dtype=torch.bool).index_fill_(0, idx[f].long(), True)
                 for f, q in full.named_parameters()}
 
     trained = gk.select_mask(model, rho=0.3, criterion="magnitude")
