@@ -32,16 +32,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum_dtype: torch.dtype | None = None,
-                       offload: bool = False, progress: bool = False, desc: str = "gradient") -> dict[str, torch.Tensor]:
-    """The mean loss gradient over ``batches`` (each a dict of model inputs with labels): name -> tensor.
+def estimate_gradients(model: torch.nn.Module, batches: Iterable, *,
+                       loss: Callable[[object], torch.Tensor] | None = None, accum_dtype: torch.dtype | None = None,
+                       offload: bool = False, progress: bool = False,
+                       desc: str = "gradient") -> dict[str, torch.Tensor]:
+    """The mean loss gradient over ``batches``: name -> tensor, for every parameter that requires grad.
+
+    ``loss(batch)`` returns the scalar loss of one batch; by default each batch is a dict of
+    model inputs with labels, moved to the model's device, and the loss is ``model(**batch).loss``.
+    Pass your own to reuse a trainer's loss (its ``compute_loss``, device placement, autocast).
 
     Micro-batch gradients accumulate where backward puts them, in each
     parameter's ``.grad`` (the weight's dtype): no copy of the model's size
     besides them. ``accum_dtype=torch.float32`` sums into float32 buffers
     instead, so bf16 weights lose no precision over many batches, at 4 bytes
     a weight. Every batch counts equally. The returned tensors are the
-    accumulated gradients themselves; ``.grad`` is None afterwards.
+    accumulated gradients themselves: nothing is left in ``.grad`` (None
+    afterwards), so ``select_mask(model, grads)`` takes them from the dict.
 
     ``offload=True`` keeps no dense gradient on the device: each parameter's
     gradient is moved into a host buffer (pinned on CUDA, copied on a side
@@ -50,16 +57,20 @@ def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum
     while its copy finishes). The returned tensors are then on the CPU, with the
     same values as without offload (the same sums in the same dtype and order);
     :func:`gallop_kernels.select_mask` takes them for parameters on any device.
+
+    Autocast: enter it inside ``loss`` around the forward (backward then runs
+    outside it, as torch recommends), or call this function inside an autocast
+    block. Gradient checkpointing works as the model is set up: Hugging Face
+    models recompute activations only in train mode (``model.train()``).
     """
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be True or False, got {offload!r}")
-    device = model_device(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     if offload:
         sums = HostSums(params, accum_dtype)
         try:
-            count = _run_backward(model, batches, device, progress, desc, after=sums.flush)
+            count = _run_backward(model, batches, loss, progress, desc, after=sums.flush)
         finally:
             sums.close()
         return sums.mean(count)
@@ -72,7 +83,7 @@ def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum
                 buf += params[n].grad
                 params[n].grad = None
 
-    count = _run_backward(model, batches, device, progress, desc, after=widen)
+    count = _run_backward(model, batches, loss, progress, desc, after=widen)
     grads = {}
     for n, p in params.items():
         g = wide[n] if n in wide else p.grad
@@ -81,12 +92,15 @@ def estimate_gradients(model: torch.nn.Module, batches: Iterable[dict], *, accum
     return grads
 
 
-def _run_backward(model, batches: Iterable[dict], device: torch.device, progress: bool, desc: str,
-                  after: Callable[[], None]) -> int:
-    """One forward and backward per batch, ``after()`` after each; returns the number of batches (at least 1)."""
+def _run_backward(model: torch.nn.Module, batches: Iterable, loss: Callable[[object], torch.Tensor] | None,
+                  progress: bool, desc: str, after: Callable[[], None]) -> int:
+    """One forward and backward per batch (``loss(batch)``, by default the model's loss on the batch moved
+    to the model's device), ``after()`` after each; returns the number of batches (at least 1)."""
+    device = model_device(model)
+    compute = loss or (lambda batch: model(**to_device(batch, device)).loss)
     count = 0
     for batch in _bar(batches, progress, desc):
-        model(**to_device(batch, device)).loss.backward()
+        compute(batch).backward()
         after()
         count += 1
     if count == 0:

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .distributed import index_dtype
 from .markdown import table
-from .reference import INT32_LIMIT, index_dtype, num_to_select
+from .reference import num_to_select
 
 # The DoRA / LLM-Adapters commonsense recipe adapts these projections; the trainer uses the same list.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -80,7 +81,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype =
 
 @dataclass
 class MemoryRow:
-    """Bytes held by one method on one device; ``peak`` = weights + activations + the larger of estimation and training."""
+    """Bytes held by one method on one device; ``peak`` = weights + activations + the larger of estimation
+    and training."""
 
     method: str
     trainable: int
@@ -103,14 +105,6 @@ class MemoryRow:
     @property
     def peak(self) -> int:
         return self.weights + self.activations + max(self.training, self.estimation)
-
-
-def index_bytes(shapes: dict[str, torch.Size], k: int) -> int:
-    """Bytes of k stored flat indices (reference.index_dtype: int32 below 2**31 weights a tensor); where
-    some tensor needs int64, as many of the k as it holds are counted at 8 bytes (the worst case)."""
-    narrow, wide = (torch.empty((), dtype=index_dtype(x)).element_size() for x in (0, INT32_LIMIT))
-    in_wide = min(k, sum(s.numel() for s in shapes.values() if index_dtype(s.numel()) != torch.int32))
-    return in_wide * wide + (k - in_wide) * narrow
 
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, lora_rank: int, dtype: torch.dtype,
@@ -184,8 +178,9 @@ def memory_plan(
       adapters' inputs kept for backward (:func:`lora_activation_bytes`).
     - GaLLoP: k = round(rho * N) weights; SparseAdamW keeps fp32 ``exp_avg`` and
       ``exp_avg_sq`` (8 B each selected weight), a fp32 master copy (4 B) when
-      ``dtype`` is narrower than fp32, and flat indices (:func:`index_bytes`).
-      Dense gradients are in ``dtype``; with compact gradients a step holds fp32
+      ``dtype`` is narrower than fp32, and flat indices: int32 (4 B) in tensors of
+      fewer than 2^31 weights, int64 (8 B) in larger ones (see :func:`index_bytes`). Dense
+      gradients are in ``dtype``; with compact gradients a step holds fp32
       gradients for the k selected weights plus the dense gradient of the
       largest single tensor while backward produces it.
     - Estimation (sparse methods): the mean gradient is accumulated in ``.grad``
@@ -242,6 +237,15 @@ def memory_plan(
     ]  # fmt: skip
 
 
+def index_bytes(shapes: dict[str, torch.Size], k: int) -> int:
+    """Bytes of ``k`` selected weights' flat indices as a Selection (and SparseAdamW, which
+    shares its tensors) stores them: 4 each in tensors of fewer than 2^31 weights, 8 in larger
+    ones. Where a tensor has 2^31 weights or more this is an upper bound: how many of the k it
+    holds is known only after selection."""
+    wide = sum(s.numel() for s in shapes.values() if index_dtype(s.numel()) == torch.int64)
+    return 4 * k + 4 * min(k, wide)
+
+
 def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
@@ -256,7 +260,8 @@ def main() -> None:
     host memory (activations excluded); ``gallop plan`` does more."""
     for name in ("llama3-8b", "gemma-2b"):
         print(markdown(memory_plan(preset_config(name)), title=f"{name}, bf16") + "\n")
-        print(markdown(memory_plan(preset_config(name), offload_grads=True)[2:], title=f"{name}, bf16, offloaded") + "\n")
+        offloaded = memory_plan(preset_config(name), offload_grads=True)[2:]
+        print(markdown(offloaded, title=f"{name}, bf16, offloaded") + "\n")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny_llama(dtype, device="cpu", tie=True, layers=2, hidden=32, vocab=64):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48 if hidden == 32 else 2 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                                   intermediate_size=48 if hidden == 32 else 2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
@@ -99,6 +99,14 @@ def test_offloaded_sums_keep_the_sign_of_zero(accum):
     _assert_same_estimate(got, want)
 
 
+def test_offloaded_estimation_takes_a_loss_callable():
+    """loss= (a trainer's own loss) and offload=True together: the same sums as on the device."""
+    model = _tiny_llama(torch.float32)
+    loss = lambda batch: model(**batch).loss  # noqa: E731
+    want = estimate_gradients(model, _batches(), loss=loss)
+    _assert_same_estimate(estimate_gradients(model, _batches(), loss=loss, offload=True), want)
+
+
 def test_offload_must_be_a_bool():
     with pytest.raises(TypeError, match="offload must be True or False"):
         estimate_gradients(_tiny_llama(torch.float32), _batches(n=1), offload="auto")
@@ -131,3 +139,7 @@ def test_offloaded_estimation_on_cuda_equals_on_device_and_keeps_gradients_off_i
     assert on_device >= grad_bytes
     assert offloaded < 4 * largest + grad_bytes // 4, (offloaded, largest, grad_bytes)
     _assert_same_selection(gk.select_mask(model, got, rho=0.05), gk.select_mask(model, want, rho=0.05))
+    # restricted selections score host gradients on the host too (among/exclude moved there)
+    first = gk.select_mask(model, want, rho=0.05)
+    for kw in (dict(k=50, among=first), dict(rho=0.05, exclude=first)):
+        _assert_same_selection(gk.select_mask(model, got, **kw), gk.select_mask(model, want, **kw))

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels.memory import activation_bytes, index_bytes, lora_activation_bytes, markdown, memory_plan, preset_config
-from gallop_kernels.reference import index_dtype
+from gallop_kernels.distributed import index_dtype
+from gallop_kernels.memory import (
+    activation_bytes, index_bytes, lora_activation_bytes, markdown, memory_plan, preset_config,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,7 +32,7 @@ def test_plan_arithmetic_on_a_small_llama():
     # LoRA: float32 adapters (peft's default on bf16 models), their gradients and state float32
     assert lora.trainable == 3 * lora_per_layer
     assert (lora.weights, lora.gradients, lora.optimizer_state) == (2 * n + 4 * lora.trainable, 4 * lora.trainable, 8 * lora.trainable)
-    # int32 flat indices: every tensor has fewer than 2**31 weights (reference.index_dtype)
+    # int32 indices: every tensor has fewer than 2^31 weights
     assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 4 * k)
     assert compact.gradients == 4 * k + 2 * 101 * 48  # the embedding is the largest tensor
     assert gallop.estimation == compact.estimation == 2 * n and full.estimation == lora.estimation == 0
@@ -88,9 +90,9 @@ def test_measured_optimizer_state_equals_the_plan():
         opt.step()
         state = sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if key in ("exp_avg", "exp_avg_sq"))
         assert state == plan.optimizer_state == 8 * sel.num_selected
-        # the plan counts the stored index lists in reference.index_dtype (int32 here), not the Selection's int64
-        shapes = dict(model.named_parameters())
-        assert sum(i.numel() * index_dtype(shapes[n].numel()).itemsize for n, i in sel.items()) == plan.index_lists
+        assert sum(i.numel() * i.element_size() for i in sel.values()) == plan.index_lists
+        # the optimizer keeps the selection's own index tensors: no second copy
+        assert all(opt.state[p]["indices"] is sel[n] for n, p in model.named_parameters() if sel[n].numel())
         assert plan.master_weights == 0
 
 
@@ -189,20 +191,14 @@ def test_offloaded_estimation_keeps_two_tensors_gradients_on_the_device():
     n = memory_plan(cfg)[0].trainable
     largest = 101 * 48  # the embedding (and the head: untied)
     for accum, sum_bytes in ((None, 2), (torch.float32, 4)):
-        _, _, gallop, compact = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, grad_accum_dtype=accum, offload_grads=True)
+        _, _, gallop, compact = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, grad_accum_dtype=accum,
+                                            offload_grads=True)
         assert gallop.estimation == compact.estimation == 2 * largest * 2  # one being copied out, the next one
         assert gallop.host_estimation == n * sum_bytes + n * 2 + largest * 2  # sums, theta's host copy, staging
     full, lora, _, _ = memory_plan(cfg, offload_grads=True)
     assert full.host_estimation == lora.host_estimation == 0
     with pytest.raises(ValueError, match="offload_grads needs world_size=1"):
         memory_plan(cfg, offload_grads=True, world_size=2)
-
-
-def test_index_bytes_follow_index_dtype():
-    small, huge = torch.Size([10, 3]), torch.Size([2**31])
-    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
-    assert index_bytes({"a": small}, 7) == 7 * 4
-    assert index_bytes({"a": small, "b": huge}, 7) == 7 * 8  # the k may all fall in the huge tensor
 
 
 def test_world_size_shards_state_and_counts_what_fsdp_gathers():
@@ -316,3 +312,17 @@ def test_offload_is_chosen_when_the_device_gradient_does_not_fit(monkeypatch):
     row = plan.plan_row(cfg, "gallop", replace(run, offload_grads=True), dtype)
     assert plan.needed(row, torch.device("cpu")) == row.peak + row.host_estimation
     assert plan.needed(row, cuda) == row.peak
+
+
+def test_index_lists_are_int32_below_two_to_the_31_weights():
+    """By arithmetic (no 2^31-weight tensor is allocated): int32 indices up to 2^31 - 1 weights,
+    int64 from 2^31; the plan counts 4 B per index, 8 B where a tensor needs int64 (at most)."""
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    small = {"a": torch.Size([2**16, 2**15 - 1]), "b": torch.Size([7])}  # 2^31 - 2^16 weights
+    big = {"a": torch.Size([2**16, 2**15]), "b": torch.Size([7])}  # exactly 2^31
+    assert index_bytes(small, 1000) == 4 * 1000
+    assert index_bytes(big, 1000) == 8 * 1000  # all 1000 may be in "a"
+    assert index_bytes({"a": torch.Size([2**31]), "b": torch.Size([2**20])}, 2**21) == 4 * 2**21 + 4 * 2**21
+    sel = gk.Selection({"w": torch.tensor([1, 5])}, {"w": (9,)}, rho=0.2, criterion="gallop", scope="global",
+                       threshold=0.0)
+    assert sel["w"].dtype == torch.int32

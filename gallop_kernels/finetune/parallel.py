@@ -126,6 +126,17 @@ def on_main(action: Callable[[], T]) -> T | None:
     return on_all(action if is_main() else lambda: None)
 
 
+def from_main(action: Callable[[], T]) -> T:
+    """``action``'s result on rank 0, sent to every rank (see :func:`on_main`: its GallopError stops every rank)."""
+    result = on_main(action)
+    dist = _dist()
+    if dist is None:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def data_parallel(model):
     """``model`` wrapped in DistributedDataParallel for training (on this rank's GPU, or the CPU); the
     model itself, whose parameters DDP shares, stays what optimizers and evaluation use."""

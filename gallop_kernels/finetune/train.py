@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +42,8 @@ class TrainConfig:
     """Hyper-parameters shared by every method."""
 
     steps: int = 20
+    epochs: float | None = None
+    """When set (a preset's recipe), the run takes :func:`with_epochs` steps instead of ``steps``."""
     batch_size: int = 8
     lr: float = 1e-4
     warmup: int = 3
@@ -131,6 +133,13 @@ def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches:
         take, order = order[:batch_size], order[batch_size:]
         batches.append(collate([encoded[i] for i in take], tokenizer.pad_token_id))
     return batches
+
+
+def with_epochs(cfg: TrainConfig, n_examples: int) -> TrainConfig:
+    """``cfg`` with ``steps`` = ceil(epochs * n_examples / batch_size) when ``epochs`` is set, else ``cfg``."""
+    if cfg.epochs is None:
+        return cfg
+    return replace(cfg, steps=max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size)))
 
 
 def accum_dtype(name: str) -> torch.dtype | None:
