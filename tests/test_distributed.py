@@ -319,3 +319,35 @@ def _estimate_worker(rank, wrapper):
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_estimate_gradients_under_wrappers(tmp_path, wrapper):
     _spawn(_estimate_worker, tmp_path, wrapper)
+
+
+def _command_ranks(rank):
+    """The gallop command's torchrun helpers (finetune/parallel.py) on 2 gloo ranks."""
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import parallel
+
+    assert (parallel.rank(), parallel.world(), parallel.is_main()) == (rank, WORLD, rank == 0)
+    assert parallel.mine(5) == ([0, 2, 4] if rank == 0 else [1, 3])
+    assert parallel.merge({i: i * i for i in parallel.mine(5)}) == {i: i * i for i in range(5)}
+    assert parallel.on_all(lambda: rank) == rank
+    assert parallel.from_main(lambda: f"from {rank}") == "from 0"
+
+    def refuse_on(who):
+        def action():
+            if rank == who:
+                raise GallopError(f"rank {who} refuses")
+            return rank
+        return action
+
+    for who in (0, 1):  # one rank's refusal stops both, with its message
+        with pytest.raises(GallopError, match=f"rank {who} refuses"):
+            parallel.on_all(refuse_on(who))
+    ran = []
+    assert parallel.on_main(lambda: ran.append(rank) or "done") == ("done" if rank == 0 else None)
+    assert ran == ([0] if rank == 0 else [])
+    with pytest.raises(GallopError, match="rank 0 refuses"):
+        parallel.on_main(refuse_on(0))
+
+
+def test_command_rank_helpers(tmp_path):
+    _spawn(_command_ranks, tmp_path)

@@ -442,10 +442,13 @@ def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path
     out = tmp_path / "cmp"
     args = ["compare", "--model", str(tiny_dir), "--tasks", "winogrande", "--methods", "gallop,lora,fft",
             "--eval-tasks", "winogrande", "--dtype", "bfloat16", "--compact-grads", "--gradient-checkpointing",
-            "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both", "--out", str(out), *FEW]
+            "--offload-grads", "on", "--decode", "greedy", "--extract", "lenient", "--eval-mode", "both",
+            "--out", str(out), *FEW]
     assert cli.main(args) == 0
+    assert "in host memory" in capsys.readouterr().out
     runs = json.loads((out / "compare.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["gallop", "lora", "fft"]
+    assert [r["train_config"]["offload_grads"] for r in runs] == [True, False, False]  # only gallop estimates
     assert all(r["dtype"] == "bfloat16" and r["train_config"]["compact_grads"] for r in runs)
     assert runs[0]["evaluation"]["generate"] == "greedy, 32 new tokens, lenient extraction"
     assert all(len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]) for r in runs)
@@ -514,7 +517,7 @@ def test_killed_compare_keeps_its_finished_runs_and_resume_runs_the_rest(tiny_di
     made = []
     real = pipeline.finetune_job
     monkeypatch.setattr(pipeline, "finetune_job", lambda *a, **k: made.append(a[2]) or real(*a, **k))
-    assert cli.main([*args, "--resume"]) == 0
+    assert cli.main([*args, "--resume", "--offload-grads", "on"]) == 0  # memory only: no other experiment
     printed = capsys.readouterr().out
     assert made == ["fft"] and "1 of 2 runs were finished before: skipped" in printed
     assert "evaluated the vanilla model" not in printed  # its results came from the saved run
@@ -561,6 +564,26 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
     err = _error_line(capsys)
     assert "does not fit on cpu" in err and "short" in err and f"${plan.BUDGET_ENV}" in err
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_offloaded_estimation_trains_the_same_run(dtype, tiny_dir, monkeypatch):
+    """train.finetune with the gradient estimated in host memory selects the same weights and trains to the
+    same losses, exactly, as with the gradient in .grad."""
+    data = tasks.load_task("piqa", 16, 0).train
+    asked, real = [], train.estimate_gradients
+    monkeypatch.setattr(train, "estimate_gradients", lambda *a, **k: asked.append(k["offload"]) or real(*a, **k))
+    results = []
+    for offload in (False, True):
+        model, tok = models.load(tiny_dir, dtype)
+        cfg = train.TrainConfig(steps=2, batch_size=4, rho=0.05, max_len=128, log_every=0, offload_grads=offload)
+        results.append(train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)[1])
+    on_device, offloaded = results
+    assert asked == [False, True]
+    assert list(offloaded.selection) == list(on_device.selection)
+    assert all(torch.equal(offloaded.selection[n], i) for n, i in on_device.selection.items())
+    assert offloaded.losses == on_device.losses
 
 
 def test_hub_id_that_cannot_be_loaded_offline_is_one_line(tmp_path, monkeypatch, capsys):
@@ -733,6 +756,8 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
         (["compare", "--resume"], "--resume needs --out: the folder of the compare to continue"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
+        (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
+        (["finetune", "--parallel", "ddp"], "--parallel ddp runs under torchrun"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):
@@ -1189,3 +1214,114 @@ def test_a_job_with_epochs_trains_that_many_passes_over_its_examples(tiny_dir):
                              progress=False)
     report = pipeline.finetune_job("piqa", None, "gallop", cfg, job, log=lambda *_: None).report
     assert report["train_config"]["steps"] == 2 and len(report["losses"]) == 2  # 8 examples in batches of 4
+
+
+def _gallop(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The gallop command as a new process, or as ``ranks`` processes under torchrun (gloo on the CPU);
+    one thread each, so both runs do the same arithmetic."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "gallop_kernels.finetune.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@needs_data
+def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
+    """2 gloo ranks. --parallel none (training replicated, evaluation split by batches): the report
+    (accuracies, replies, losses) and the delta are those of one process, bit for bit. --parallel ddp
+    (each batch and the gradient's batches split, DDP averaging): the same selection, the losses and the
+    delta within float32 rounding of the other summation order, the same accuracies. Only rank 0 prints
+    and writes."""
+    common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa,boolq",
+              "--eval-mode", "both", "--decode", "greedy", "--max-new-tokens", "4", "--eval-batch-size", "1",
+              "--n-train", "8", "--n-eval", "3", "--steps", "2", "--batch-size", "3", "--max-len", "128",
+              "--grad-fraction", "1", "--no-progress", "--device", "cpu"]  # 3 gradient batches: 2 on rank 0, 1 on 1
+    runs = {}
+    for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"])):
+        out = tmp_path / name
+        proc = _gallop([*common, *extra, "--out", str(out)], ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("| gallop |") == 2 and proc.stdout.count("elapsed") == 1  # one table per mode, rank 0
+        runs[name] = (json.loads((out / "report.json").read_text()), _tensors(out / "delta.safetensors"))
+    (one, delta1), (two, delta2), (ddp, delta3) = runs["one"], runs["none"], runs["ddp"]
+    assert two["summary"] == one["summary"] and two["tuned"] == one["tuned"] and two["vanilla"] == one["vanilla"]
+    assert two["losses"] == one["losses"] and two["trainable"] == one["trainable"]
+    assert delta2.keys() == delta1.keys() and all(torch.equal(delta2[k], delta1[k]) for k in delta1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "none", "one"]  # no leftover folder of another rank
+    # ddp: the selected weights are the same (indices exact), the trained values close
+    main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
+    assert main(delta3) == main(delta1)
+    assert all(torch.equal(delta3[k], delta1[k]) for k in delta1 if k.endswith(".indices"))
+    for k in (k for k in delta1 if k.endswith(".diff")):
+        torch.testing.assert_close(delta3[k], delta1[k], rtol=1e-4, atol=1e-6)
+    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    accs = lambda r: {m: (s["id_acc"], s["ood_acc"]) for m, s in r["summary"].items()}  # noqa: E731
+    assert accs(ddp) == accs(one)
+    assert ddp["train_config"]["parallel"] == "ddp" and one["train_config"]["parallel"] == "none"
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["--eps", "-1"], "argument --eps"),
+    (["--out", "READONLY"], "cannot"),
+    (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+])
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
+    transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=4).save_pretrained(tmp_path / "m")  # a folder that needs no conversion
+    args = ["finetune", "--model", str(tmp_path / "m"), "--no-progress",
+            *[str(readonly_dir) if a == "READONLY" else a for a in bad]]
+    proc = _gallop(args, ranks=2, timeout=300)  # a hang fails the test by its timeout
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("gallop: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+
+
+@needs_data
+def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
+    """gallop compare with gallop and lora on 2 gloo ranks (ddp) against one process: the same accuracies,
+    losses within float rounding, one compare.json written."""
+    common = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "gallop,lora", "--rhos", "0.05",
+              "--eval-tasks", "piqa", "--eval-mode", "loglik", "--eval-batch-size", "2", "--n-train", "8",
+              "--n-eval", "3", "--steps", "2", "--batch-size", "4", "--max-len", "128", "--no-progress",
+              "--grad-fraction", "1", "--device", "cpu"]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        proc = _gallop([*common, "--out", str(out)], ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("wrote ") == 1
+        runs[ranks] = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs[2]] == [r["method"] for r in runs[1]] == ["gallop", "lora"]
+    for two, one in zip(runs[2], runs[1]):
+        assert two["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+        assert two["train_config"]["parallel"] == "ddp"
+    # --resume under torchrun: a compare stopped after its first run runs only the second, on both ranks
+    saved = tmp_path / "ranks2" / "compare.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "runs": runs[2][:1]}))
+    proc = _gallop([*common, "--out", str(tmp_path / "ranks2"), "--resume"], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("1 of 2 runs were finished before: skipped") == 1 and "run 1 of 2:" not in proc.stdout
+    resumed = json.loads(saved.read_text())["runs"]
+    assert resumed[0] == runs[2][0] and [r["method"] for r in resumed] == ["gallop", "lora"]
+    assert resumed[1]["losses"] == runs[2][1]["losses"] and resumed[1]["summary"] == runs[2][1]["summary"]
+
+
+def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkeypatch):
+    from gallop_kernels.finetune import parallel
+
+    order = [5, 3, 0, 6, 1, 2, 4]
+    assert evaluate._my_batches(order, 2) == [[5, 3], [0, 6], [1, 2], [4]]
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    for rank, want in ((0, [[5, 3], [1, 2]]), (1, [[0, 6], [4]])):
+        monkeypatch.setattr(parallel, "rank", lambda rank=rank: rank)
+        assert evaluate._my_batches(order, 2) == want

@@ -15,3 +15,5 @@ DECODES = ("beam", "greedy")  # beam: 4 beams, as LLM-Adapters' commonsense_eval
 EXTRACTS = ("protocol", "lenient")  # protocol: LLM-Adapters' regex; lenient: whole words, any case
 TARGETS = ("label", "text")  # what training teaches and log-likelihood mode scores (tasks.Example.choices_scored)
 GRAD_ACCUM_DTYPES = ("param", "float32")  # where the selection's mean gradient is summed
+OFFLOADS = ("auto", "on", "off")  # --offload-grads: estimate the mean gradient in host memory
+PARALLELS = ("ddp", "none")  # --parallel under torchrun: data-parallel training, or the same training on every rank

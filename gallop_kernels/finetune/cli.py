@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -27,9 +28,11 @@ from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
-from .choices import BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, TARGETS
+from .choices import (
+    BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS, TARGETS,
+)
 from ..errors import GallopError
-from .output import GrowingFolder, OutputFolder
+from .output import GrowingFolder, OutputFolder, main_rank_folder
 from .presets import PRESETS
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
@@ -160,6 +163,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="sparse methods: keep float32 gradients of the selected weights only (SparseAdamW)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of keeping them")
+    _add_offload(p)
+    p.add_argument("--parallel", choices=PARALLELS, default=None,
+                   help="under torchrun: ddp (the default there) splits every batch across the ranks; none trains "
+                        "the same model on every rank. The evaluation is split either way")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -174,6 +181,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "score each choice's text (log-likelihood mode; generate mode then finds no label)")
 
 
+def _add_offload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-grads", choices=OFFLOADS, default="auto",
+                   help="estimate the selection's mean gradient in host memory, no dense gradient on the GPU "
+                        "(on, off; auto: on when the memory plan says the gradient does not fit, see gallop plan)")
+
+
+def _world_size(text: str) -> int:
+    return _count(text, 1, "a number of GPUs (an integer >= 1)")
+
+
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     """Options of gallop plan."""
     p.add_argument("--model", default=models.BUILTIN,
@@ -186,6 +203,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=_positive, default=None, help="tokens per training example")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    _add_offload(p)
+    p.add_argument("--world-size", type=_world_size, default=1,
+                   help="plan per GPU of this many under FSDP2 (fully_shard per decoder layer)")
     p.add_argument("--measure", action="store_true",
                    help="also time a few training steps of each method on a random model of this shape")
     p.add_argument("--measure-steps", type=_positive, default=3)
@@ -271,7 +291,22 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     preset_lr = preset.pop("lr", None)  # popped even when --lr is given: lr is passed on its own below
     lr = args.lr or preset_lr or default_lr(method)
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
-                       gradient_checkpointing=args.gradient_checkpointing)
+                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
+                       parallel=_parallel_mode(args))
+
+
+def _parallel_mode(args) -> str:
+    """--parallel, checked: ddp by default under torchrun, none in one process."""
+    from . import parallel
+
+    mode = args.parallel or ("ddp" if parallel.launched() else "none")
+    if mode == "ddp" and not parallel.launched():
+        raise UsageError("--parallel ddp runs under torchrun "
+                         "(torchrun --nproc-per-node N -m gallop_kernels.finetune.cli ...)")
+    if mode == "ddp" and args.compact_grads:
+        raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
+                         "compacting hooks ran): add --parallel none, or drop --compact-grads")
+    return mode
 
 
 def _model(args) -> str:
@@ -291,17 +326,29 @@ def _job_config(args):
                               eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))
 
 
-def _check_memory(args, train_cfgs: dict) -> None:
+def _check_memory(args, train_cfgs: dict) -> dict:
     """The memory preflight (plan.preflight) of every method before any weight is loaded.
 
-    ``train_cfgs``: {method: TrainConfig}; GallopError names what does not fit and the option that would make it.
+    ``train_cfgs``: {method: TrainConfig}; returns {method: whether to offload the gradient estimation}
+    (``--offload-grads auto`` asks the plan). GallopError names what does not fit and the option that would make it.
     """
-    from . import plan
+    from dataclasses import replace
+
+    from ..reference import GRADIENT_CRITERIA
+    from . import parallel, plan
 
     device, dtype = models.resolve_device(args.device, args.dtype)
     config = plan.model_config(_model(args))
-    for method, cfg in train_cfgs.items():
-        print(plan.preflight(config, method, cfg, dtype, device))
+
+    def check() -> dict:
+        offload = {}
+        for method, cfg in train_cfgs.items():
+            offload[method] = method in GRADIENT_CRITERIA and (args.offload_grads == "on" or (
+                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
+            print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
+        return offload
+
+    return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
 
 
 def _check_inputs(args) -> None:
@@ -332,14 +379,17 @@ def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    with OutputFolder(_out_path(args)) as out:
-        _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
+    with main_rank_folder(lambda: OutputFolder(_out_path(args))) as out:
+        # the folder is probed first; a refusal removes it
+        train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
 
         job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
         report, result = job.report, job.train
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
         delta = make_delta(job.model, result.selection, result.base_values, info)
@@ -380,13 +430,16 @@ def cmd_compare(args) -> None:
             largest[method] = cfg
     job = _job_config(args)
     job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
-    with GrowingFolder(_out_path(args), resume=args.resume) as out:
-        from . import compare_files
+    with main_rank_folder(lambda: GrowingFolder(_out_path(args), resume=args.resume)) as out:
+        from . import compare_files, parallel
         from .pipeline import Run, describe_evaluation, sweep
 
         runs = [Run(*c) for c in configs]
-        done = compare_files.finished_runs(out.final, runs, job) if args.resume else []
-        _check_memory(args, largest)  # the folder is probed first; a refusal removes a new one
+        # under torchrun rank 0 reads the saved runs and every rank skips them
+        done = parallel.from_main(lambda: compare_files.finished_runs(out.final, runs, job)) if args.resume else []
+        offload = _check_memory(args, largest)  # the folder is probed first; a refusal removes a new one
+        for _, method, cfg, _ in configs:
+            cfg.offload_grads = offload[method]
         how = describe_evaluation(job, configs[0][2].target)
         saved = []
 
@@ -395,13 +448,15 @@ def cmd_compare(args) -> None:
             out.keep()
             saved[:] = reports
 
-        try:
-            reports = sweep(runs, job, done=done, on_run=save)
+        try:  # rank 0 saves; its failure to write stops every rank
+            reports = sweep(runs, job, done=done, on_run=lambda reports: parallel.on_main(lambda: save(reports)))
         except BaseException:
             if saved:
                 print(f"gallop: {len(saved)} of {len(runs)} runs are saved in {out.final}; the same command with "
                       f"--resume runs the rest", file=sys.stderr)
             raise
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
     print("\n" + "\n\n".join(compare_files.tables(reports, job, how, args.seeds)) + "\n")
     print(f"wrote {out.final}/compare.json, compare.md, pareto-*.png")
 
@@ -462,11 +517,20 @@ def cmd_plan(args) -> None:
     from . import plan
     from .train import TrainConfig
 
+    if args.world_size > 1 and args.measure:
+        raise UsageError("--measure runs on one device: use it without --world-size")
+    if args.world_size > 1 and args.offload_grads == "on":
+        raise UsageError("--offload-grads on plans one device: under FSDP2 (--world-size > 1) each GPU holds "
+                         "only its shard's gradient")
     device, dtype = models.resolve_device(args.device, args.dtype)
+    # auto: the planner shows the estimation finetune would offload on a GPU it does not fit (one device)
     cfg = TrainConfig(**_given(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size,
                                max_len=args.max_len, grad_accum_dtype=args.grad_accum_dtype),
-                      gradient_checkpointing=args.gradient_checkpointing)
-    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0))
+                      gradient_checkpointing=args.gradient_checkpointing,
+                      offload_grads=args.offload_grads == "on"
+                      or (args.offload_grads == "auto" and args.world_size == 1))
+    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0,
+                      world_size=args.world_size))
 
 
 COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply, "plan": cmd_plan}
@@ -482,15 +546,22 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gallop`` command; returns the exit status (143 after SIGTERM, 130 after Ctrl-C)."""
+    from . import parallel
+
     t0 = time.perf_counter()
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     in_main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        with parallel.joined(args.command in ("finetune", "compare")) as main:
+            if not main:
+                args.no_progress = True  # only rank 0 of a torchrun job shows progress
+            COMMANDS[args.command](args)
     except GallopError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"gallop: error: {msg}", file=sys.stderr)
+        if main_rank:
+            print(f"gallop: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"gallop: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
@@ -498,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    print(f"elapsed {time.perf_counter() - t0:.0f} s")
+    if main_rank:
+        print(f"elapsed {time.perf_counter() - t0:.0f} s")
     return 0
 
 

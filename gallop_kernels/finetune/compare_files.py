@@ -34,7 +34,8 @@ def finished_runs(folder: Path, runs: list, job) -> list[dict]:
     """The reports in ``folder``/compare.json, after checking that this command would have made each of them.
 
     GallopError when the file is missing or unreadable, or a saved run differs from the planned
-    one in any option (--no-progress aside): resuming must not mix two experiments in one table.
+    one in any option (aside from --no-progress and --offload-grads, which change no result; the
+    offloaded gradient is the same bit for bit): resuming must not mix two experiments in one table.
     """
     path = folder / "compare.json"
     try:
@@ -45,12 +46,13 @@ def finished_runs(folder: Path, runs: list, job) -> list[dict]:
     plain = lambda x: json.loads(json.dumps(x))  # noqa: E731 - as the saved report holds it (tuples are lists)
     planned = {run_key(r.task, r.method, r.rho, r.train_cfg.seed): r for r in runs}
     this_job = {k: v for k, v in plain(asdict(job)).items() if k != "progress"}
+    same_results = lambda train: {k: v for k, v in train.items() if k != "offload_grads"}  # noqa: E731
     for (task, method, rho, seed), train_config, job_config in options:
         run = planned.get((task, method, rho, seed))
         if run is None:
             raise GallopError(f"--resume: {folder} holds a run this command would not make ({method} rho={rho} "
                               f"seed {seed} on {task}); give its options")
-        for there, here in ((train_config, plain(asdict(run.train_cfg))),
+        for there, here in ((same_results(train_config), same_results(plain(asdict(run.train_cfg)))),
                             ({k: v for k, v in job_config.items() if k != "progress"}, this_job)):
             differ = sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
             if differ:

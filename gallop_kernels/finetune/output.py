@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import GallopError
@@ -153,3 +153,20 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass  # not empty: something else wrote there meanwhile, keep it
+
+
+@contextlib.contextmanager
+def main_rank_folder(make: Callable[[], OutputFolder]) -> Iterator[OutputFolder | None]:
+    """The folder ``make()`` returns (an OutputFolder or GrowingFolder) on rank 0 of a torchrun job (or in
+    one process), None on the other ranks, which write nothing. Rank 0 creates and probes it first; a
+    refusal stops every rank with rank 0's message."""
+    from . import parallel
+
+    folder = make() if parallel.is_main() else None
+    parallel.on_main(folder.__enter__ if folder is not None else lambda: None)
+    if folder is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(folder)  # entered above: only its exit (rename, or removal on error) is left
+        yield folder

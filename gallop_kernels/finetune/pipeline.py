@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import models, tasks
+from . import models, parallel, tasks
 from .metrics import collapse_rate, forget_ratio
 
 if TYPE_CHECKING:  # train imports torch: the command line imports this module before it needs torch
@@ -165,7 +165,8 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
-    path = models.resolve(cfg.model, log)
+    parallel.on_main(lambda: models.resolve(cfg.model, log))  # under torchrun rank 0 converts the built-in model
+    path = models.resolve(cfg.model, log)  # first; the other ranks find it converted
     job_data = load_job_data(id_task, data, cfg)
     train_cfg = with_epochs(train_cfg, len(job_data.train))  # a recipe's epochs, now that the examples are known
     model, tokenizer = models.load(path, dtype, device)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import SparseAdamW, select_mask
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
+from . import parallel
 from .choices import GRAD_ACCUM_DTYPES, METHODS
 from ..delta import selected_values
 from ..estimate import estimate_gradients, model_device, to_device
@@ -64,6 +65,11 @@ class TrainConfig:
     """SparseAdamW(compact_grads=True): the sparse methods keep fp32 gradients of the selected weights only."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (Hugging Face models)."""
+    offload_grads: bool = False
+    """Estimate the mean gradient in host memory (estimate_gradients(offload=True)): no dense gradient on the device."""
+    parallel: str = "none"
+    """Under torchrun: "ddp" splits each batch and the gradient estimation's batches across the ranks
+    (DistributedDataParallel); "none" trains the same model on every rank."""
 
 
 @dataclass
@@ -173,16 +179,21 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
     model.train()
+    ddp = parallel.data_parallel(model) if cfg.parallel == "ddp" else None
     losses = []
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     for step, batch in enumerate(bar):
-        loss = model(**to_device(batch, device)).loss
+        if ddp is None:
+            loss = model(**to_device(batch, device)).loss
+        else:  # this rank's rows; the loss is scaled so that DDP's average is the whole batch's gradient
+            rows, divisor = parallel.my_rows(batch, IGNORE)
+            loss = ddp(**to_device(rows, device), num_items_in_batch=divisor).loss
         opt.zero_grad()
         loss.backward()
         clip()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append((loss if ddp is None else parallel.average(loss)).item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
@@ -203,14 +214,15 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
-    grads = estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
-                               progress=progress) if grads_used else None
+    grads = _mean_gradient(model, grad_batches, cfg, progress) if grads_used else None
     t1 = time.perf_counter()
-    sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
+    group = {"process_group": parallel.group()} if cfg.parallel == "ddp" else {}  # checks that the ranks agree
+    sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed, **group)
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
-    grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
+    where = " in host memory" if cfg.offload_grads else ""
+    grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
@@ -219,6 +231,23 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
     opt.remove_hooks()
     return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+
+
+def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
+    """estimate_gradients over ``grad_batches``; under ``parallel="ddp"`` each rank takes every world-th
+    batch and the ranks' means are averaged, weighted by their batch counts (equal to one process's
+    mean up to float rounding: the sums are added in another order)."""
+    if cfg.parallel != "ddp":
+        return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
+                                  offload=cfg.offload_grads, progress=progress)
+    if len(grad_batches) < parallel.world():  # the same test on every rank: they all stop
+        raise GallopError(f"--parallel ddp needs at least one gradient batch per rank ({parallel.world()} ranks, "
+                          f"{len(grad_batches)} batches): raise --grad-fraction or --n-train")
+    mine = [grad_batches[i] for i in parallel.mine(len(grad_batches))]
+    grads = estimate_gradients(model, mine, accum_dtype=accum_dtype(cfg.grad_accum_dtype), offload=cfg.offload_grads,
+                               progress=progress)
+    share = len(mine) * parallel.world() / len(grad_batches)
+    return {n: parallel.average(g * share).to(g.dtype) for n, g in grads.items()}
 
 
 def adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
