@@ -153,16 +153,21 @@ def test_peak_gradient_memory(dtype):
     assert peaks[False] / peaks[True] >= total / compact_bound > 3
 
 
+def _amp_run(compact: bool):
+    """A 2-layer MLP, SparseAdamW on 10% of it, a GradScaler growing every 2 steps, a data generator."""
+    model = _mlp(layers=2, width=32)
+    sel = _selection(model, rho=0.1, width=32)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+    return model, opt, scaler, torch.Generator().manual_seed(4)
+
+
 def test_grad_scaler_dense_and_compact_agree():
     """torch.amp.GradScaler drives SparseAdamW through grad_scale/found_inf; with compact
     gradients through opt.amp_step(scaler). An overflow step is skipped in both."""
     out = {}
     for compact in (False, True):
-        model = _mlp(layers=2, width=32)
-        sel = _selection(model, rho=0.1, width=32)
-        opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact, lr=1e-2)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
-        gen = torch.Generator().manual_seed(4)
+        model, opt, scaler, gen = _amp_run(compact)
         scales = []
         for i in range(6):
             loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
@@ -271,11 +276,7 @@ def test_grad_scaler_unscale_and_step_see_compact_grads():
     compact gradients equals the same calls with dense ones, overflow step skipped in both."""
     out = {}
     for compact in (False, True):
-        model = _mlp(layers=2, width=32)
-        sel = _selection(model, rho=0.1, width=32)
-        opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact, lr=1e-2)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
-        gen = torch.Generator().manual_seed(4)
+        model, opt, scaler, gen = _amp_run(compact)
         norms = []
         for i in range(6):
             loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
