@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, Bag, make_bag
+from helpers import DTYPES, UPDATE_ULPS, Bag, make_bag, ulp_excess
 
 import gallop_kernels as gk
 from gallop_kernels import _ext, reference
@@ -353,18 +353,6 @@ def test_cuda_kernel_equals_host_build(dtype, master):
 # ----------------------------------------------------------------------------
 
 
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of float32 at |t|, in float64."""
-    t = t.abs().float()
-    return (torch.nextafter(t, torch.tensor(float("inf"))) - t).double()
-
-
-# Measured on the host build (100 steps, every case below): the states are
-# bit-equal and the weights within ulp(theta) + 2 ulp(update) of torch's, the
-# difference coming from ATen's AVX2 sqrt (up to 1 ulp off correct rounding).
-UPDATE_ULPS = 2
-
-
 @needs_ext
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
@@ -394,10 +382,7 @@ def test_ulp_budget_against_torch_adamw(dtype, wd, amsgrad, maximize):
             st, rs = opt.state[p], ref.state[c]
             for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
                 assert torch.equal(st[key], rs[key]), f"{key} step {step}"
-            got, want = st["master_param"].double(), c.detach().double()
-            update = (want - o.double() * (1 - 1e-2 * wd)).float()
-            excess = ((got - want).abs() - _ulp(want.float())).clamp(min=0) / _ulp(update)
-            worst = max(worst, float(excess.max()))
+            worst = max(worst, ulp_excess(st["master_param"], c.detach(), o, 1e-2 * wd))
             with torch.no_grad():  # the next step starts from equal states again
                 c.copy_(st["master_param"])
     assert worst <= UPDATE_ULPS, f"weights {worst:.2f} ulp of the update from torch's"
