@@ -27,6 +27,7 @@ from ..ops import sparse_adamw as _kernel
 from ..reference import SUPPORTED_DTYPES
 from ..select import Selection, check_grad
 from . import compact_grads as _compact
+from . import reselect as _reselect
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 BACKENDS = ("auto", "reference", "host", "cuda")
@@ -115,7 +116,6 @@ class SparseAdamW(torch.optim.Optimizer):
             raise TypeError(f"selection must be a gallop_kernels.Selection, got {type(selection).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults)
-        self.selection = selection
         self._names: dict[torch.Tensor, str] = {}
         self._group_of: dict[torch.Tensor, int] = {}
         for gi, group in enumerate(self.param_groups):
@@ -132,10 +132,20 @@ class SparseAdamW(torch.optim.Optimizer):
                 selection.check_matches(name, p)
                 self._names[p] = name
                 self._group_of[p] = gi
-        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
         self.master_weights = master_weights
         self.backend = backend
         self.compact_grads = bool(compact_grads)
+        self._plan: _Plan | None = None
+        self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
+        self._growth_tracker: torch.Tensor | None = None
+        self._compact: _compact.CompactGrads | None = None
+        self._lay_out(selection)
+
+    def _lay_out(self, selection: Selection) -> None:
+        """Index lists, device step counters and compact-gradient buffers for ``selection``
+        (at construction and in :meth:`reselect`); the state is left alone."""
+        self.selection = selection
+        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
         # The parameters the step can change, in group order.
         self._params = [p for p in self._names if self._indices[p].numel()]
         self._dtensor = any(is_dtensor(p) for p in self._params)
@@ -158,10 +168,32 @@ class SparseAdamW(torch.optim.Optimizer):
         views = {dev: buf.unbind(0) for dev, buf in self._steps.items()}
         for p in self._params:
             self._step_views[p] = views[local(p).device][self._slot[p]]
-        self._plan: _Plan | None = None
-        self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
-        self._growth_tracker: torch.Tensor | None = None
+        if self._compact is not None:
+            self._compact.remove_hooks()
         self._compact = _compact.CompactGrads([(p, self._indices[p]) for p in self._params]) if self.compact_grads else None
+
+    def reselect(self, selection: Selection) -> _reselect.Moved:
+        """Move the optimizer in place to ``selection``, a new Selection of the same parameters.
+
+        Entries in both selections keep their state bit for bit (``exp_avg``,
+        ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``); entries that join
+        start as AdamW starts a weight (zero moments, master copy from the current
+        weight) but with their parameter's ``step`` count, which goes on; dropped
+        entries' state is freed. The weights are not touched: what a dropped weight
+        becomes is the caller's choice. O(k log k) work per parameter, the step is
+        re-planned once (at the next step), and compact-gradient buffers, step
+        counters and ``state_dict`` follow the new selection (save
+        ``opt.selection.state_dict()`` with it). Under FSDP2 each rank moves its own
+        shards: call it on every rank with that rank's selection.
+
+        A step captured in a CUDA graph or compiled before the reselect is invalid
+        (its table points at the freed state): recapture it; running a stale plan
+        through the op raises. Call it after ``step()``/``zero_grad()``, not between
+        backward and step. Returns :class:`~gallop_kernels.optim.reselect.Moved`
+        (entries kept, added, dropped). A selection of another model is refused
+        before anything changes.
+        """
+        return _reselect.reselect(self, selection)
 
     def remove_hooks(self) -> None:
         """Unregister the ``compact_grads`` hooks (backward then leaves dense ``.grad`` again)."""

@@ -1,0 +1,312 @@
+"""SparseAdamW.reselect against a hand-built reference: torch.optim.AdamW on the new selection's
+entries, with the state of the entries that stay carried over through dense copies and the
+state of the entries that join zero."""
+
+import copy
+
+import pytest
+import torch
+from helpers import UPDATE_ULPS, make_bag, ulp_excess
+
+import gallop_kernels as gk
+from gallop_kernels import _ext
+from gallop_kernels.ops import sparse_adamw as kernel
+
+needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")
+SIZES = [97, 1025, 7, 0, 33]
+HYPER = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+BACKENDS = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("host", "cpu", id="host", marks=needs_ext),
+    pytest.param("cuda", "cuda", id="cuda", marks=[needs_ext, pytest.mark.gpu]),
+]
+
+
+def _selection(sizes_k: dict[str, int], bag, gen, keep_from=None, keep=0.5) -> gk.Selection:
+    """A selection of k[name] entries per parameter; with ``keep_from``, about ``keep`` of each
+    parameter's entries come from that selection (so some stay, some join, some leave)."""
+    indices = {}
+    for name, p in bag.named_parameters():
+        k = sizes_k.get(name, 0)
+        pool = torch.randperm(p.numel(), generator=gen)
+        if keep_from is not None and keep_from[name].numel():
+            old = keep_from[name].cpu()
+            stay = old[torch.randperm(old.numel(), generator=gen)[: min(int(k * keep), old.numel())]]
+            fresh = pool[~torch.isin(pool, stay)][: k - stay.numel()]
+            pool = torch.cat([stay, fresh])
+        indices[name] = pool[:k].sort().values.to(p.device)
+    shapes = {n: p.shape for n, p in bag.named_parameters()}
+    return gk.Selection(indices, shapes, rho=0.1, criterion="random", scope="global", threshold=None)
+
+
+# Per phase: entries per parameter. w2 leaves in phase 2 and comes back in phase 3 (its step
+# count goes on), w4 joins in phase 2, w3 has no weights.
+PHASES = [dict(w0=20, w1=100, w2=3), dict(w0=25, w1=80, w4=5), dict(w0=10, w1=120, w2=2, w4=9)]
+
+
+class _Reference:
+    """torch.optim.AdamW(foreach=False) on float32 copies of the selected entries, rebuilt at
+    each reselect from dense (full-size) copies of the state: kept entries carried, new zero."""
+
+    def __init__(self, bag, amsgrad):
+        self.bag, self.amsgrad = bag, amsgrad
+        self.dense = {}  # name -> {key: full-size float32 tensor}, step: float
+
+    def start(self, sel, opt):
+        """Lay out the reference for ``sel`` from the dense state (kept entries) and zeros."""
+        self.comp, self.sel = {}, sel
+        params, state = [], {}
+        for name, p in self.bag.named_parameters():
+            idx = sel[name].cpu()
+            if not idx.numel():
+                continue
+            c = torch.nn.Parameter(p.detach().reshape(-1).cpu()[idx].float().clone())
+            d = self.dense.get(name)
+            if d is not None:
+                state[c] = {k: (v[idx].clone() if k != "step" else v.clone()) for k, v in d.items()}
+            self.comp[name] = c
+            params.append(c)
+        self.opt = torch.optim.AdamW(params, foreach=False, amsgrad=self.amsgrad, **HYPER)
+        for c, st in state.items():
+            self.opt.state[c] = st
+
+    def step(self, grads, opt):
+        """One step from ``opt``'s current weights (each step's error alone is measured)."""
+        for name, c in self.comp.items():
+            p = getattr(self.bag, name)
+            st = opt.state[p]
+            with torch.no_grad():
+                c.copy_(st["master_param"].cpu() if "master_param" in st else p.detach().reshape(-1).cpu()[self.sel[name].cpu()].float())
+            c.grad = grads[name].reshape(-1)[self.sel[name].cpu()].float()
+        self.opt.step()
+
+    def save_dense(self):
+        """Scatter the compact state into full-size tensors (zeros elsewhere) before a reselect."""
+        for name, c in self.comp.items():
+            numel = getattr(self.bag, name).numel()
+            st, idx = self.opt.state[c], self.sel[name].cpu()
+            d = self.dense.setdefault(name, {})
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ()):
+                d[key] = torch.zeros(numel).index_copy_(0, idx, st[key])
+            d["step"] = st["step"].clone()
+        for name in list(self.dense):
+            if name not in self.comp:  # nothing selected this phase: moments were dropped, step kept
+                d = self.dense[name]
+                for key in d:
+                    if key != "step":
+                        d[key].zero_()
+
+
+def _dense_masters(bag, opt) -> dict:
+    """Per parameter with a master copy: the float32 weights with the master entries written in."""
+    out = {}
+    for n, p in bag.named_parameters():
+        st = opt.state[p]
+        if "master_param" in st:
+            out[n] = p.detach().reshape(-1).float().cpu().index_copy_(0, st["indices"].cpu(), st["master_param"].cpu())
+    return out
+
+
+def _grads(bag, gen):
+    return {n: torch.randn(p.shape, generator=gen).to(p.dtype) for n, p in bag.named_parameters()}
+
+
+def _backward(bag, grads):
+    """A backward whose gradients are exactly ``grads`` (so compact-gradient hooks fire)."""
+    loss = sum((p * grads[n].to(p.device)).sum() for n, p in bag.named_parameters())
+    loss.backward()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-grads", "compact-grads"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_reselect_equals_adamw_with_carried_state(backend, device, dtype, amsgrad, compact):
+    """Moments bit-equal to the reference every step, weights (master copy for bf16) within
+    ulp + UPDATE_ULPS ulp of the update, weights outside the selection bit-identical, and no
+    weight changed by a reselect."""
+    bag = make_bag(SIZES, dtype).to(device)
+    gen = torch.Generator().manual_seed(5)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=_selection(PHASES[0], bag, gen), amsgrad=amsgrad,
+                         backend=backend, compact_grads=compact, **HYPER)
+    ref = _Reference(bag, amsgrad)
+    sel = opt.selection
+    worst, kept_total = 0.0, 0
+    for phase, ks in enumerate(PHASES):
+        if phase:
+            ref.save_dense()
+            sel = _selection(ks, bag, gen, keep_from=opt.selection)
+            before = [p.detach().clone() for p in bag.parameters()]
+            masters = _dense_masters(bag, opt)
+            moved = opt.reselect(sel)
+            for n, p in bag.named_parameters():  # kept entries keep their master copy, new ones copy the weight
+                if n in masters and sel[n].numel():
+                    want = masters[n][sel[n].cpu()]
+                    assert torch.equal(opt.state[p]["master_param"].cpu(), want), f"phase {phase} {n}: master copy"
+            kept_total += moved.kept
+            assert moved.kept + moved.added == sel.num_selected
+            for p, b in zip(bag.parameters(), before):
+                assert torch.equal(p.detach(), b), "reselect changed a weight"
+        ref.start(sel, opt)
+        masks = sel.masks()
+        for step in range(4):
+            grads = _grads(bag, gen)
+            before = {n: p.detach().clone() for n, p in bag.named_parameters()}
+            opt.zero_grad()  # make_bag leaves a .grad
+            _backward(bag, grads)
+            if compact:  # the hooks follow the new selection: selected parameters keep no dense gradient
+                assert [n for n, p in bag.named_parameters() if sel[n].numel() and p.grad is not None] == []
+            ref.step(grads, opt)  # reads opt's weights before its step
+            old = {n: c.detach().clone() for n, c in ref.comp.items()}
+            opt.step()
+            opt.zero_grad()
+            for n, p in bag.named_parameters():
+                out = ~masks[n]
+                assert torch.equal(p.detach()[out], before[n][out]), f"{n}: an unselected weight changed"
+                if n not in ref.comp:
+                    continue
+                st, rs = opt.state[p], ref.opt.state[ref.comp[n]]
+                for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                    assert torch.equal(st[key].cpu(), rs[key]), f"phase {phase} step {step} {n} {key}"
+                assert float(st["step"]) == float(rs["step"]), f"phase {phase} step {step} {n}: step count"
+                got = st["master_param"] if "master_param" in st else p.detach().reshape(-1)[sel[n]]
+                got, want = got.cpu(), ref.comp[n].detach()
+                worst = max(worst, ulp_excess(got, want, old[n], HYPER["lr"] * HYPER["weight_decay"]))
+                if dtype != torch.float32:  # the weight is its master copy rounded
+                    assert torch.equal(p.detach().reshape(-1)[sel[n]].cpu(), got.to(dtype)), f"{n}: weight != master"
+    assert kept_total > 0
+    assert worst <= UPDATE_ULPS, f"weights {worst:.2f} ulp of the update from torch's"
+
+
+def _phases(bag, seed=5) -> list[gk.Selection]:
+    """The selections of PHASES, each overlapping the one before."""
+    gen = torch.Generator().manual_seed(seed)
+    sels = [_selection(PHASES[0], bag, gen)]
+    for ks in PHASES[1:]:
+        sels.append(_selection(ks, bag, gen, keep_from=sels[-1]))
+    return sels
+
+
+def _train(bag, opt, gen, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        _backward(bag, _grads(bag, gen))
+        opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("host", marks=needs_ext)])
+def test_checkpoint_after_reselect_resumes_exactly(tmp_path, backend):
+    """Checkpoint in phase 2 (w2 has a step count but nothing selected), resume, reselect to
+    phase 3: weights and every state tensor equal the uninterrupted run bit for bit."""
+    def fresh():
+        bag = make_bag(SIZES, torch.bfloat16)
+        sels = _phases(bag)
+        opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], amsgrad=True, backend=backend, **HYPER)
+        return bag, sels, opt
+
+    bag, sels, opt = fresh()
+    gen = torch.Generator().manual_seed(9)
+    _train(bag, opt, gen, 3)
+    opt.reselect(sels[1])
+    _train(bag, opt, gen, 5)
+    opt.reselect(sels[2])
+    _train(bag, opt, gen, 3)
+
+    bag2, sels2, opt2 = fresh()
+    gen2 = torch.Generator().manual_seed(9)
+    _train(bag2, opt2, gen2, 3)
+    opt2.reselect(sels2[1])
+    _train(bag2, opt2, gen2, 2)
+    torch.save({"model": bag2.state_dict(), "opt": opt2.state_dict(), "sel": opt2.selection.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt")
+    bag3 = make_bag(SIZES, torch.bfloat16)
+    bag3.load_state_dict(ckpt["model"])
+    opt3 = gk.SparseAdamW(bag3.named_parameters(), selection=gk.Selection.from_state_dict(ckpt["sel"]), amsgrad=True,
+                          backend=backend, **HYPER)
+    opt3.load_state_dict(ckpt["opt"])
+    _train(bag3, opt3, gen2, 3)
+    opt3.reselect(sels2[2])
+    _train(bag3, opt3, gen2, 3)
+    for (n, p), p3 in zip(bag.named_parameters(), bag3.parameters()):
+        assert torch.equal(p, p3), n
+        assert opt.state[p].keys() == opt3.state[p3].keys(), n
+        for key, t in opt.state[p].items():
+            assert torch.equal(t, opt3.state[p3][key]), f"{n} {key}"
+    assert float(opt.state[bag.w2]["step"]) == 3 + 3  # w2 left for phase 2: its count went on after
+
+
+def test_selection_of_another_model_is_refused_and_nothing_changes():
+    bag = make_bag(SIZES)
+    sels = _phases(bag)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], **HYPER)
+    _train(bag, opt, torch.Generator().manual_seed(1), 2)
+    before = copy.deepcopy(opt.state_dict())
+    other = make_bag([97, 1024, 7, 0, 33])
+    cases = [
+        (gk.select_mask(other, rho=0.1), r"reselect: parameter 'w1' has shape \(1025,\) but was selected with shape \(1024,\).*"
+                                         r"must be of this optimizer's parameters"),
+        (gk.select_mask(make_bag(SIZES[:3]), rho=0.1), r"reselect: parameter 'w3' is not in the selection"),
+        ({"w0": sels[1]["w0"]}, r"reselect: selection must be a gallop_kernels.Selection, got dict"),
+    ]
+    bad = dict(sels[1])
+    bad["w1"] = torch.tensor([5, 3])
+    cases.append((gk.Selection(bad, sels[1].shapes, rho=0.1, criterion="random", scope="global", threshold=None),
+                  r"reselect: parameter 'w1': selection indices must be sorted and unique"))
+    for sel, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match) as info:
+            opt.reselect(sel)
+        assert "\n" not in str(info.value)
+        assert opt.selection is sels[0]
+        after = opt.state_dict()
+        for pid, st in before["state"].items():
+            for key, t in st.items():
+                assert torch.equal(t, after["state"][pid][key]), key
+
+
+def test_pending_compact_gradients_are_refused():
+    bag = make_bag(SIZES)
+    sels = _phases(bag)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], compact_grads=True, **HYPER)
+    opt.zero_grad()
+    _backward(bag, _grads(bag, torch.Generator().manual_seed(1)))
+    with pytest.raises(RuntimeError, match="reselect: compact gradients of the current selection are pending"):
+        opt.reselect(sels[1])
+    opt.step()
+    opt.zero_grad()
+    opt.reselect(sels[1])
+    assert opt.selection is sels[1]
+
+
+def test_moved_counts_match_set_arithmetic():
+    bag = make_bag(SIZES)
+    sels = _phases(bag)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], **HYPER)
+    moved = opt.reselect(sels[1])
+    kept = sum(int(torch.isin(sels[1][n], sels[0][n]).sum()) for n in sels[0])
+    assert moved == (kept, sels[1].num_selected - kept, sels[0].num_selected - kept)
+    assert moved.changed == pytest.approx((sels[1].num_selected - kept) / sels[1].num_selected)
+    assert 0 < kept < sels[1].num_selected
+
+
+@needs_ext
+def test_plan_rebuilt_once_and_the_old_plan_retired():
+    """One new plan per reselect (built at the next step, not again after); the op refuses the
+    retired plan, as a step compiled or captured before the reselect would run it."""
+    bag = make_bag(SIZES)
+    sels = _phases(bag)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], backend="host", **HYPER)
+    gen = torch.Generator().manual_seed(1)
+    _train(bag, opt, gen, 1)
+    old = opt._plan.launches[0]
+    grads, _ = opt._grads()
+    before = kernel.STATS["plans"]
+    opt.reselect(sels[1])
+    _train(bag, opt, gen, 3)
+    assert kernel.STATS["plans"] == before + 1
+    args = (old.params, [torch.zeros_like(p) for p in old.params], old.indices, old.states, opt._steps[old.plan.device],
+            opt._lrs[old.plan.device], None, None, old.plan.id, True)
+    with pytest.raises(RuntimeError, match=f"StepPlan {old.plan.id} belongs to a selection that SparseAdamW.reselect"):
+        torch.ops.gallop.sparse_adamw_step(*args)
+    with pytest.raises(RuntimeError, match="recompile or recapture"):
+        old.plan.run(*args[:-2], refresh=True)
