@@ -167,6 +167,35 @@ def test_fsdp2_training_equals_one_process(tmp_path):
     _spawn(_fsdp_training_worker, tmp_path)
 
 
+def _reselect_and_train(model, batches_of, first, then):
+    """_train for ``first`` steps, reselect to a seeded random selection, train ``then`` steps."""
+    _, opt = _train(model, lambda m: m.named_parameters(), batches_of, 0.2, first)
+    sel = gk.select_mask(model, rho=0.2, criterion="random", seed=3)
+    moved = opt.reselect(sel)
+    for step in range(first, first + then):
+        _loss(model, batches_of(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return sel, opt, moved
+
+
+def _fsdp_reselect_worker(rank):
+    single = _model()
+    _, _, want = _reselect_and_train(single, lambda s: _batch(seed=100 + s), 4, 6)
+    sharded = _fsdp(_model())
+    sel, opt, moved = _reselect_and_train(sharded, lambda s: _rank_batch(s, rank), 4, 6)
+    for (n, p), q in zip(single.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.full_tensor().detach(), p.detach(), msg=lambda m: f"{n}: {m}")
+    assert sum(st["exp_avg"].numel() for st in opt.state.values()) == sel.num_selected  # local shards only
+    total = torch.tensor(list(moved))
+    dist.all_reduce(total)
+    assert tuple(total.tolist()) == tuple(want) and want.kept and want.added
+
+
+def test_fsdp2_reselect_each_rank_moves_its_shards(tmp_path):
+    _spawn(_fsdp_reselect_worker, tmp_path)
+
+
 def _fsdp_resume_worker(rank, ckpt):
     import torch.distributed.checkpoint as dcp
 
