@@ -121,12 +121,12 @@ def test_ddp_ranks_hold_the_same_selection(tmp_path):
     _spawn(_ddp_selection_worker, tmp_path)
 
 
-def _train(model, params_of, batches_of, sel_rho, steps, opt_state=None):
-    """Estimate g on the first batch, select, and run SparseAdamW for ``steps`` steps."""
+def _train(model, params_of, batches_of, sel_rho, steps, **opt_kw):
+    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps."""
     _loss(model, batches_of(0)).backward()
     sel = gk.select_mask(model, rho=sel_rho)
     model.zero_grad(set_to_none=True)
-    opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1)
+    opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1, **opt_kw)
     for step in range(steps):
         _loss(model, batches_of(step)).backward()
         opt.step()
@@ -168,8 +168,9 @@ def test_fsdp2_training_equals_one_process(tmp_path):
 
 
 def _reselect_and_train(model, batches_of, first, then):
-    """_train for ``first`` steps, reselect to a seeded random selection, train ``then`` steps."""
-    _, opt = _train(model, lambda m: m.named_parameters(), batches_of, 0.2, first)
+    """_train for ``first`` steps (with master weights: their copy follows too), reselect to a
+    seeded random selection, train ``then`` steps."""
+    _, opt = _train(model, lambda m: m.named_parameters(), batches_of, 0.2, first, master_weights=True)
     sel = gk.select_mask(model, rho=0.2, criterion="random", seed=3)
     moved = opt.reselect(sel)
     for step in range(first, first + then):
