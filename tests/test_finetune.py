@@ -129,6 +129,32 @@ def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tm
         assert torch.equal(p, b), n
 
 
+@needs_data
+def test_gallop_reselection_reports_each_and_its_delta_covers_every_trained_weight(tiny_dir, tmp_path, capsys):
+    """--reselect-every 1: a re-selection after every step, each in the report (share changed,
+    seconds); the delta (every weight ever trained, dropped ones keep their training) applied to
+    the base gives the tuned model bit for bit."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--lr", "1e-2",
+                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--reselect-every", "1", "--out", str(out), *FEW]) == 0
+    assert "of the set changed" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["step"] for r in report["reselections"]] == [1, 2, 3]
+    assert all(0 <= r["changed"] <= 1 and r["seconds"] >= 0 for r in report["reselections"])
+    assert any(r["changed"] > 0 for r in report["reselections"])
+
+    train_cfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, rho=0.05, max_len=128, reselect_every=1)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             modes=("loglik",))
+    run = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
+    d = delta.make_delta(run.model, run.train.selection, run.train.base_values)
+    assert d.num_weights > run.train.trainable  # the union of the sets
+    base, _ = models.load(tiny_dir)
+    delta.apply_delta(base, d)
+    for (n, p), (_, q) in zip(run.model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(dtype)
@@ -480,6 +506,11 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--rhos", "0.01", "2"], "argument --rhos/--rho: rho must be in (0, 1], got 2.0"),
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
+        (["finetune", "--reselect-batches", "2"], "--reselect-batches needs --reselect-every"),
+        (["finetune", "--reselect-every", "2", "--reselect-batches", "3"], "--reselect-batches (3) must be at most"),
+        (["finetune", "--reselect-every", "2", "--criterion", "saft"], "it needs the gallop criterion or method"),
+        (["compare", "--reselect-every", "2", "--methods", "lora"], "it needs the gallop criterion or method"),
+        (["finetune", "--reselect-every", "2", "--compact-grads"], "the dense gradients that --compact-grads frees"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):

@@ -156,6 +156,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="sparse methods: keep float32 gradients of the selected weights only (SparseAdamW)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of keeping them")
+    p.add_argument("--reselect-every", type=_positive, default=None,
+                   help="GaLLoP re-selection (gallop only; off by default): select again every N training steps, "
+                        "by the GaLLoP score of the gradient summed over the last --reselect-batches steps")
+    p.add_argument("--reselect-batches", type=_positive, default=None,
+                   help="training steps the re-selection's gradient is summed over (default 1, at most --reselect-every)")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -260,6 +265,8 @@ def _train_config(args, method: str, rho: float | None, seed: int):
                    target=args.target)
     preset = _preset_train(args)
     lr = args.lr or preset.pop("lr", None) or default_lr(method)
+    if method == "gallop" and args.reselect_every:
+        given.update(reselect_every=args.reselect_every, reselect_batches=args.reselect_batches or 1)
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
                        gradient_checkpointing=args.gradient_checkpointing)
 
@@ -294,8 +301,25 @@ def _check_memory(args, train_cfgs: dict) -> None:
         print(plan.preflight(config, method, cfg, dtype, device))
 
 
+def _check_reselect(args) -> None:
+    """UsageError for --reselect-every / --reselect-batches that cannot apply."""
+    every, batches = args.reselect_every, args.reselect_batches
+    methods = getattr(args, "methods", None) or [args.criterion]
+    if batches is not None and every is None:
+        raise UsageError("--reselect-batches needs --reselect-every")
+    if every is None:
+        return
+    if batches is not None and batches > every:
+        raise UsageError(f"--reselect-batches ({batches}) must be at most --reselect-every ({every})")
+    if "gallop" not in methods:
+        raise UsageError("--reselect-every re-selects by the GaLLoP score: it needs the gallop criterion or method")
+    if args.compact_grads:
+        raise UsageError("--reselect-every needs the dense gradients that --compact-grads frees: drop one of them")
+
+
 def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
+    _check_reselect(args)
     require_finetune_extra()
     models.resolve_device(args.device, args.dtype)
     _check_model(_model(args))

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
+from ..reselector import Reselector
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
 from .choices import GRAD_ACCUM_DTYPES, METHODS
@@ -62,6 +63,10 @@ class TrainConfig:
     """SparseAdamW(compact_grads=True): the sparse methods keep fp32 gradients of the selected weights only."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (Hugging Face models)."""
+    reselect_every: int = 0
+    """GaLLoP re-selection (criterion gallop): every this many steps, select again (0: never; see Reselector)."""
+    reselect_batches: int = 1
+    """The re-selection's gradient is summed over the last this many training steps (<= reselect_every)."""
 
 
 @dataclass
@@ -157,8 +162,10 @@ def checkpointing(model, on: bool) -> None:
 
 
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
-               progress: bool = True, desc: str = "train") -> list[float]:
-    """Train for one step per batch with the shared schedule; returns the loss of every step."""
+               progress: bool = True, desc: str = "train", after_step: Callable[[], object] | None = None) -> list[float]:
+    """Train for one step per batch with the shared schedule; returns the loss of every step.
+
+    ``after_step`` runs after every optimizer step, while the step's gradients are still there."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, len(batches)))
     device = model_device(model)
     if cfg.gradient_checkpointing:
@@ -172,6 +179,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         loss.backward()
         clip()
         opt.step()
+        if after_step is not None:
+            after_step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -207,9 +216,24 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       compact_grads=cfg.compact_grads)
-    losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
+    resel = Reselector(opt, model, every=cfg.reselect_every, accumulate=cfg.reselect_batches,
+                       eps=cfg.eps) if cfg.reselect_every else None
+    losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion,
+                        after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
     opt.remove_hooks()
-    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+    result = TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+    if resel is not None:  # the delta covers every weight trained; dropped ones keep their training
+        result.selection, result.base_values = resel.trained, resel.base_values
+        result.extra["reselections"] = resel.history
+    return result
+
+
+def _log_reselection(moved, resel: Reselector, log) -> None:
+    """One line per re-selection: the share of the set it changed and its time."""
+    if moved is not None:
+        h = resel.history[-1]
+        log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
+            f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
 
 
 def adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
