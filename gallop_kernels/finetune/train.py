@@ -293,6 +293,10 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
         raise ValueError(f"unknown target {cfg.target!r}; expected one of {', '.join(TARGETS)}")
     if cfg.grad_accum_dtype not in GRAD_ACCUM_DTYPES:
         raise ValueError(f"unknown grad_accum_dtype {cfg.grad_accum_dtype!r}; expected one of {', '.join(GRAD_ACCUM_DTYPES)}")
+    if cfg.reselect_every and (method != "gallop" or cfg.compact_grads or not 1 <= cfg.reselect_batches <= cfg.reselect_every):
+        raise ValueError(f"reselect_every={cfg.reselect_every} needs method 'gallop', compact_grads=False and "
+                         f"1 <= reselect_batches <= reselect_every; got method {method!r}, compact_grads="
+                         f"{cfg.compact_grads}, reselect_batches={cfg.reselect_batches}")
     torch.manual_seed(cfg.seed)  # LoRA's adapter init; the data order has its own seeded RNG
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
     if method == "fft":
