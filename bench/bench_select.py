@@ -114,13 +114,13 @@ def selector(provider: str, model: Weights, rho: float, backend: str = "auto"):
 
 def plan_mode(model: Weights, rho: float, backend: str = "auto") -> str:
     """The backend and its window plan's mode for this selection (a separate, traced call)."""
-    sources = select._sources(model, None, True)[0]
+    sources = select._sources(select._trainable(model), None, True)[0]
     name = select._pick_backend(backend, sources, False)
     if name == "reference":
         return "reference"
     trace = []
     k = reference.num_to_select(rho, sum(s.numel for s in sources))
-    select._TOPK_BACKENDS[name](sources, k, "gallop", EPS, trace=trace)
+    select.topk_function(name)(sources, k, "gallop", EPS, trace=trace)
     return f"{name}: {trace[0].mode if trace else '-'}"
 
 

@@ -9,6 +9,19 @@ import torch
 from ._ext import _C, _IMPORT_ERROR
 
 
+def _triton_selection():
+    """The Triton selection backend's entry point, or the exception importing it raised
+    (kept, so that asking for the backend says why it is missing)."""
+    try:  # the package imports without a working triton
+        from .ops.select_triton import topk_keys_triton
+    except (ImportError, RuntimeError) as err:
+        return err
+    return topk_keys_triton
+
+
+TRITON_SELECTION = _triton_selection()
+
+
 def triton_interpreter() -> bool:
     """True when Triton kernels run on the CPU through TRITON_INTERPRET=1."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,9 +43,7 @@ def backends() -> dict[str, bool]:
 def why_unavailable(all_paths: bool = False) -> dict[str, str]:
     """Why each execution path that cannot run here cannot (``all_paths``: every path,
     with "" for those that can)."""
-    from .select import _TOPK_BACKENDS  # select imports this module: import it late
-
-    triton = _TOPK_BACKENDS["triton"]
+    triton = TRITON_SELECTION
     reasons = {
         "reference": "",
         "triton": (

@@ -47,6 +47,7 @@ class GroupComm:
     def __init__(self, group=None):
         self.group = group
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         self.bytes_sent = 0
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ Two plans, one set of helpers:
   k-th largest; one counting pass checks it, one emission pass writes the result.
   Backends plug in through :class:`Primitives`; a miss falls back to the histogram plan.
 
-Keys here are *signed* order keys (``reference.signed_key``: int32, the float
+Keys here are *signed* order keys (``keys.signed_key``: int32, the float
 order), except where a function says otherwise.
 """
 
@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from . import reference
+from . import keys
 
 # The 32-bit key is split into two 16-bit digits: a high-digit histogram, then a
 # low-digit one inside the boundary bin. Structural, not a tuning knob.
@@ -79,7 +79,7 @@ class Config:
       margin_min sample ranks.
     """
 
-    chunk: int = 1 << 20
+    chunk: int = keys.CHUNK
     candidate_cap: int = 1 << 20
     window_cap: int = 1 << 23
     sample_stride: int = 257
@@ -101,15 +101,15 @@ def has_nonfinite(hist: torch.Tensor) -> bool:
     return bool(int(hist[:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()))
 
 
-def resolve_candidates(keys: torch.Tensor, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, int]:
+def resolve_candidates(key: torch.Tensor, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, int]:
     """The ``need`` best boundary-bin candidates: their global positions and the last key taken.
 
     Candidates may arrive out of position order (ranks, GPU programs): ordering by
     position first makes the stable key sort break ties by position.
     """
     by_pos = torch.sort(pos, stable=True).indices
-    top = by_pos[torch.sort(keys[by_pos], descending=True, stable=True).indices[:need]]
-    return pos[top], int(keys[top[-1]])
+    top = by_pos[torch.sort(key[by_pos], descending=True, stable=True).indices[:need]]
+    return pos[top], int(key[top[-1]])
 
 
 def boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -192,7 +192,7 @@ def stride(n: int, config: Config) -> int:
 
 def sample_keys(sources: list, criterion: str, eps: float, stride: int) -> torch.Tensor:
     """Signed keys of every ``stride``-th weight of each source (flat index 0, stride, ...),
-    scored with reference.score, so bit for bit the keys the passes compute.
+    scored with keys.score, so bit for bit the keys the passes compute.
 
     Sources with the same dtypes are sampled together: a few large ops, whatever
     the number of tensors.
@@ -205,16 +205,23 @@ def sample_keys(sources: list, criterion: str, eps: float, stride: int) -> torch
         thetas, grads = groups.setdefault((s.param.dtype, g.dtype), ([], []))
         thetas.append(_every(s.param, stride))
         grads.append(_every(g, stride))
-    keys = [reference.signed_key(reference.score(criterion, torch.cat(t), torch.cat(g), eps)) for t, g in groups.values()]
-    return torch.cat(keys) if keys else torch.empty(0, dtype=torch.int32)
+    out = [keys.signed_key(keys.score(criterion, torch.cat(t), torch.cat(g), eps)) for t, g in groups.values()]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int32)
 
 
 def _every(t: torch.Tensor, stride: int) -> torch.Tensor:
     """t.reshape(-1)[::stride] without copying t when no flat view exists."""
     try:
         return t.detach().view(-1)[::stride]
-    except RuntimeError:  # e.g. a transposed matrix: gather the sampled weights only
-        idx = torch.arange(0, t.numel(), stride, device=t.device)
+    except RuntimeError:  # e.g. a transposed matrix
+        return take(t, torch.arange(0, t.numel(), stride, device=t.device))
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t.reshape(-1)[idx] without copying t when no flat view exists."""
+    try:
+        return t.detach().view(-1)[idx]
+    except RuntimeError:  # e.g. a transposed matrix: gather the indexed weights only
         return t.detach()[torch.unravel_index(idx, t.shape)]
 
 
@@ -267,7 +274,7 @@ def select_window(
     counts = prims.count(lo, hi)
     plan.above, plan.window, plan.equal, bad = counts.sum(0, dtype=torch.int64).tolist()  # the one sync
     if bad:
-        reference.raise_nonfinite(sources, criterion, eps)
+        keys.raise_nonfinite(sources, criterion, eps)
         raise ValueError(f"a {criterion} score is NaN or Inf")  # the kernel saw one the reference did not
     if plan.above < k <= plan.above + plan.window:
         plan.mode = "collect" if plan.window <= config.window_cap else "overflow"
@@ -291,7 +298,7 @@ def select_window(
         del counts
         best, threshold = resolve_candidates(cand_key, cand_pos, k - plan.above)
         chosen = merge(out, torch.sort(best).values)
-    return split(chosen, sources), threshold + reference._SIGN
+    return split(chosen, sources), threshold + keys.SIGN
 
 
 def _buffer(n: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Plain-PyTorch reference for GaLLoP: the contract every kernel is tested against.
 
-Selection works on 32-bit *order keys*: the float32 score's bit pattern mapped so
-that unsigned integer order equals float order (the radix-sort trick). A larger
-key is a better weight. Top-k over keys is done with histograms over the key's
+Selection works on 32-bit *order keys* (gallop_kernels.keys: the score and the key,
+re-exported here). Top-k over keys is done with histograms over the key's
 high and low 16 bits, never a full sort, and never with an O(N) score tensor:
 parameters are streamed in chunks, so extra memory is O(chunk + bins + k).
 
@@ -13,21 +12,19 @@ parameter's position in ``named_parameters()``) wins, then the lower flat index.
 from __future__ import annotations
 
 import math
-import struct
-from dataclasses import dataclass
 
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
 from . import radix
-from .criteria import CRITERIA, GRADIENT_CRITERIA  # noqa: F401 (GRADIENT_CRITERIA is re-exported)
+from .criteria import CRITERIA, GRADIENT_CRITERIA  # noqa: F401 (re-exported)
 from .distributed import gather, scatter_
+from .keys import (  # noqa: F401 (Source, key_to_score, random_score, score: re-exported)
+    SIGN, Source, chunk_scores, key_to_score, random_score, raise_nonfinite, score, signed_key,
+)
 
 SCOPES = ("global", "per_tensor")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_U32 = 0xFFFFFFFF
-_SIGN = 0x80000000
 
 
 def num_to_select(rho: float, n: int) -> int:
@@ -38,127 +35,15 @@ def num_to_select(rho: float, n: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# score and order keys
-# ----------------------------------------------------------------------------
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 integer hash on int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _U32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _U32
-    return x ^ (x >> 16)
-
-
-def random_score(positions: torch.Tensor, seed: int) -> torch.Tensor:
-    """Uniform float32 in [0, 1) from a hash of (seed, global flat position).
-
-    Counter-based, so any chunk of any parameter can be scored independently and
-    every device (and kernel) gets the same numbers.
-    """
-    salt = _hash32(torch.tensor(seed & _U32, dtype=torch.int64))
-    hi = _hash32(((positions >> 32) ^ salt) & _U32)
-    h = _hash32((positions & _U32) ^ hi)
-    return (h >> 8).to(torch.float32) * (2.0**-24)
-
-
-def score(
-    criterion: str,
-    param: torch.Tensor,
-    grad: torch.Tensor | None,
-    eps: float = 1e-8,
-    *,
-    seed: int = 0,
-    offset: int = 0,
-) -> torch.Tensor:
-    """Float32 score of every weight (flattened); a larger score is selected first.
-
-    gallop: |g| / (|theta| + eps); saft: |g|; magnitude: |theta|;
-    pafi: -|theta| (smallest magnitude first); random: uniform from ``seed`` and
-    the weight's global position ``offset + flat index``.
-    """
-    if criterion == "gallop":
-        return grad.reshape(-1).float().abs() / (param.reshape(-1).float().abs() + eps)
-    if criterion == "saft":
-        return grad.reshape(-1).float().abs()
-    if criterion == "magnitude":
-        return param.reshape(-1).float().abs()
-    if criterion == "pafi":
-        # 0 - |x| turns -0.0 into +0.0, so equal magnitudes get equal keys.
-        return 0.0 - param.reshape(-1).float().abs()
-    if criterion == "random":
-        pos = torch.arange(param.numel(), device=param.device, dtype=torch.int64) + offset
-        return random_score(pos, seed)
-    raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
-
-
-def signed_key(s: torch.Tensor) -> torch.Tensor:
-    """Map float32 scores to int32 *signed order keys* whose integer order is the float order
-    (the unsigned order key of the radix-sort trick minus 2**31, at half the memory).
-
-    Non-negative floats already order like their bits; negative ones need their
-    magnitude bits flipped.
-    """
-    bits = s.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-def key_to_score(key: int) -> float:
-    """The float32 score of one unsigned order key (a signed key + 2**31)."""
-    bits = key - _SIGN if key >= _SIGN else _U32 - key
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-# ----------------------------------------------------------------------------
 # chunked top-k over keys
 # ----------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """One tensor in a selection: its name, (param, grad) and global flat offset."""
-
-    name: str
-    param: torch.Tensor
-    grad: torch.Tensor | None
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return self.param.numel()
-
-
-def _chunk_scores(src: Source, criterion: str, eps: float, seed: int, chunk: int):
-    """Yield (start, float32 scores) for consecutive chunks of one source."""
-    p = src.param.detach().reshape(-1)
-    g = None if src.grad is None else src.grad.detach().reshape(-1)
-    for start in range(0, p.numel(), chunk):
-        stop = min(start + chunk, p.numel())
-        gs = None if g is None else g[start:stop]
-        yield start, score(criterion, p[start:stop], gs, eps, seed=seed, offset=src.offset + start)
-
-
-def raise_nonfinite(sources: list[Source], criterion: str, eps: float, seed: int = 0) -> None:
-    """Raise ValueError naming the first weight whose score is NaN or Inf."""
-    for src in sources:
-        for start, s in _chunk_scores(src, criterion, eps, seed, radix.DEFAULT.chunk):
-            bad = (~torch.isfinite(s)).nonzero()
-            if bad.numel():
-                i = start + int(bad[0])
-                what = "NaN" if torch.isnan(s[i - start]) else "Inf"
-                grad = "" if src.grad is None else f", grad={src.grad.reshape(-1)[i].item()!r}"
-                raise ValueError(
-                    f"parameter {src.name!r}: {criterion} score is {what} at flat index {i} "
-                    f"(param={src.param.reshape(-1)[i].item()!r}{grad}); check the weights and "
-                    f"gradients for NaN/Inf, or use eps > 0"
-                )
 
 
 class LocalComm:
     """Collectives of a single process: identities. See gallop_kernels.distributed for ranks."""
 
     bytes_sent = 0
+    world, rank = 1, 0
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -197,7 +82,7 @@ def topk_keys(
 
     def stream():  # (source number, chunk start, int32 signed keys)
         for si, src in enumerate(sources):
-            for start, s in _chunk_scores(src, criterion, eps, seed, chunk):
+            for start, s in chunk_scores(src, criterion, eps, seed, chunk):
                 yield si, start, signed_key(s)
 
     # Pass 1: histogram of the high digit (key >> 16, i.e. signed key >> 16 + 2**15).
@@ -206,12 +91,12 @@ def topk_keys(
         hist += torch.bincount((sk >> radix.BITS) + (radix.NUM_BINS // 2), minlength=radix.NUM_BINS).to(dev)
     hist = comm.all_sum(hist).cpu()
     if radix.has_nonfinite(hist):
-        raise_nonfinite(sources, criterion, eps, seed)
+        raise_nonfinite(sources, criterion, eps, seed, chunk)
         raise ValueError(f"a {criterion} score is NaN or Inf on another rank")
     hi_bin, above = radix.boundary(hist, k)
     need = k - above  # weights still to take from the boundary bin, in key order
     collect = int(hist[hi_bin]) <= config.candidate_cap
-    bin_first = (hi_bin << radix.BITS) - _SIGN  # signed keys of the bin are [bin_first, bin_last]
+    bin_first = (hi_bin << radix.BITS) - SIGN  # signed keys of the bin are [bin_first, bin_last]
     bin_last = bin_first + radix.NUM_BINS - 1
 
     # Pass 2: emit everything above the boundary bin; resolve the bin itself from a
@@ -242,7 +127,7 @@ def topk_keys(
         _take_ties(sources, stream, picked, threshold, bin_last, need - above_lo, comm, dev)
 
     out = [torch.sort(torch.cat(p)).values if p else e for p, e in zip(picked, empty)]
-    return out, threshold + _SIGN
+    return out, threshold + SIGN
 
 
 def _take_ties(sources, stream, picked, threshold, bin_last, ties, comm, dev) -> None:
@@ -264,25 +149,6 @@ def _take_ties(sources, stream, picked, threshold, bin_last, ties, comm, dev) ->
             eq = (sk == threshold).nonzero().reshape(-1)[: left[si]]
             left[si] -= eq.numel()
             picked[si].append(eq + start)
-
-
-# ----------------------------------------------------------------------------
-# oracle for tests: a float64 full sort, the obvious way
-# ----------------------------------------------------------------------------
-
-
-def topk_by_sort(sources: list[Source], k: int, criterion: str, eps: float = 1e-8, seed: int = 0):
-    """Same contract as :func:`topk_keys` by materializing scores and sorting.
-
-    Meant for tests: O(N) memory. Float64 sort keys; position breaks ties.
-    """
-    scores = [score(criterion, s.param, s.grad, eps, seed=seed, offset=s.offset).double() for s in sources]
-    flat = torch.cat([x.cpu() for x in scores]) if scores else torch.empty(0, dtype=torch.float64)
-    owner = torch.cat([torch.full((s.numel,), i, dtype=torch.int64) for i, s in enumerate(sources)])
-    local = torch.cat([torch.arange(s.numel, dtype=torch.int64) for s in sources])
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    out = [torch.sort(local[order][owner[order] == i]).values for i in range(len(sources))]
-    return out, (float(flat[order[-1]]) if k else None)
 
 
 # ----------------------------------------------------------------------------

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from . import _ext, reference
-from ._env import backends
+from . import _env, _ext, keys, radix, reference
 from ._ext import require_ext
 from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
 from .ops.select_host import topk_keys_host
-from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm, Source
+from .keys import Source
+from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, LocalComm
 
 
 
@@ -55,6 +57,38 @@ class Selection(Mapping):
 
     def __len__(self) -> int:
         return len(self._indices)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when everything :meth:`state_dict` saves is: the same parameter names and
+        shapes, the same indices (wherever they live), rho, criterion, scope and threshold."""
+        if not isinstance(other, Selection):
+            return NotImplemented
+        meta = ("shapes", "rho", "criterion", "scope", "threshold")  # shapes name the parameters
+        if any(getattr(self, a) != getattr(other, a) for a in meta):
+            return False
+        return all(torch.equal(i.cpu(), other[n].cpu()) for n, i in self._indices.items())
+
+    __hash__ = None  # mutable (load_state_dict), so unhashable, as a dict is
+
+    def __or__(self, other: Selection) -> Selection:
+        """The weights in either selection (e.g. the kept ones and the regrown ones)."""
+        return self._combine(other, lambda a, b: torch.unique(torch.cat([a, b])))
+
+    def __sub__(self, other: Selection) -> Selection:
+        """The weights of this selection that ``other`` lacks (e.g. the dropped ones)."""
+        return self._combine(other, lambda a, b: a[~torch.isin(a, b)])
+
+    def _combine(self, other: object, op) -> Selection:
+        """A Selection of the same parameters with per-parameter indices ``op(mine, other's)``;
+        it keeps this one's criterion and scope, its rho is its density, its threshold None."""
+        if not isinstance(other, Selection):
+            return NotImplemented
+        if self.shapes != other.shapes:
+            raise ValueError("the two selections were made over different parameters or shapes")
+        indices = {n: op(i, other[n].to(i.device)) for n, i in self._indices.items()}
+        total = self.num_total
+        rho = sum(int(i.numel()) for i in indices.values()) / total if total else 0.0
+        return Selection(indices, self.shapes, rho=rho, criterion=self.criterion, scope=self.scope, threshold=None)
 
     def __repr__(self) -> str:
         return (
@@ -150,38 +184,44 @@ class Selection(Mapping):
             )
 
 
-def _check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
+def _check_indices(name: str, idx: torch.Tensor, numel: int, what: str = "selection") -> None:
     if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(f"parameter {name!r}: selection indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+        raise ValueError(f"parameter {name!r}: {what} indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(
-            f"parameter {name!r}: selection index out of range [0, {numel}) "
+            f"parameter {name!r}: {what} index out of range [0, {numel}) "
             f"(min {int(idx.min())}, max {int(idx.max())})"
         )
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise ValueError(f"parameter {name!r}: selection indices must be sorted and unique")
+        raise ValueError(f"parameter {name!r}: {what} indices must be sorted and unique")
 
 
 # ----------------------------------------------------------------------------
 # select_mask
 # ----------------------------------------------------------------------------
 
-# The one list of selection backends: name -> topk_keys-like function, or the
-# exception that made it unavailable (kept so that asking for it says why).
-_TOPK_BACKENDS: dict[str, object] = {"reference": reference.topk_keys}
-try:  # the package imports without a working triton
-    from .ops.select_triton import topk_keys_triton
-
-    _TOPK_BACKENDS["triton"] = topk_keys_triton
-except (ImportError, RuntimeError) as err:
-    _TOPK_BACKENDS["triton"] = err
-# The compiled extension's CPU passes: usable when gallop_kernels._C imported
-# (checked per call, see _pick_backend).
-_TOPK_BACKENDS["host"] = topk_keys_host
+SELECTION_BACKENDS = ("reference", "triton", "host")
+# name -> topk_keys-like function. host: the compiled extension's CPU passes, usable when
+# gallop_kernels._C imported (checked per call, see _pick_backend). triton: _env holds it,
+# or the exception that made it unavailable (see topk_function).
+_TOPK_BACKENDS: dict[str, object] = {"reference": reference.topk_keys, "host": topk_keys_host}
 
 
-def _validate_args(rho, criterion, eps, scope, backend):
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0):
+def topk_function(backend: str):
+    """The topk_keys-like function of a selection backend, or the exception that made it unavailable."""
+    return _env.TRITON_SELECTION if backend == "triton" else _TOPK_BACKENDS[backend]
+
+
+def _validate_args(rho, k, criterion, eps, scope, seed, backend):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if rho is not None and k is not None:
+        raise ValueError(f"give rho or k, not both (rho={rho!r}, k={k!r})")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    if k is not None and scope != "global":
+        raise ValueError(f"k counts weights over all parameters: use scope='global' (got scope={scope!r}), or rho")
+    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0)):
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
@@ -189,20 +229,48 @@ def _validate_args(rho, criterion, eps, scope, backend):
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if backend != "auto" and backend not in _TOPK_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(_TOPK_BACKENDS)}")
+    if backend != "auto" and backend not in SELECTION_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {SELECTION_BACKENDS}")
 
 
-def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    """The gradient select_mask uses for ``p``, after checking it fits."""
+def _checked_restriction(what: str, given, named: list[tuple[str, torch.Tensor]], criterion: str):
+    """``among`` / ``exclude`` checked against the model: name -> sorted unique local flat
+    indices on the parameter's device (None stays None)."""
+    if given is None:
+        return None
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{what} must be a Selection or a mapping of parameter name -> flat indices, "
+                        f"got {type(given).__name__}")
+    if criterion == "random":  # its score hashes the position, which a restricted selection renumbers
+        raise ValueError(f"criterion='random' does not take {what}=")
+    params = dict(named)
+    unknown = set(given) - set(params)
+    if unknown:
+        raise ValueError(f"{what} names parameters that are not trainable parameters of the model: {sorted(unknown)}")
+    out = {}
+    for name, idx in given.items():
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] must be a tensor of flat indices, got {type(idx).__name__}")
+        _check_indices(name, idx, local(params[name]).numel(), what)
+        out[name] = idx.to(params[name].device)
+    return out
+
+
+def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] | None,
+                  among: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The gradient select_mask uses for ``p``, after checking it fits, and whether it is
+    compact (one value per index of ``among``, the parameter's competing weights)."""
     g = p.grad if grads is None else grads.get(name)
     if g is None:
         where = "its .grad is None (run backward first)" if grads is None else "it is missing from grads"
         raise ValueError(f"parameter {name!r} has no gradient: {where}")
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"grads[{name!r}] must be a tensor, got {type(g).__name__}")
+    if among is not None and g.shape == (among.numel(),) and g.shape != p.shape and not g.is_sparse:
+        check_grad(name, among.to(g.dtype), g)  # dtype and device of a compact gradient
+        return g, True
     check_grad(name, p, g)
-    return g
+    return g, False
 
 
 def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -220,12 +288,20 @@ def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
-def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_grad: bool):
-    """Validated (name, local param, local grad, global offset) Sources, and the
-    DTensor process group (None unless the parameters are FSDP2 shards)."""
+def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of every trainable parameter, in named_parameters() order."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
+    return named
+
+
+def _sources(named: list[tuple[str, torch.Tensor]], grads: Mapping[str, torch.Tensor] | None, needs_grad: bool,
+             among: dict[str, torch.Tensor] | None = None):
+    """Validated (name, local param, local grad, global offset) Sources, the DTensor
+    process group (None unless the parameters are FSDP2 shards) and the names whose
+    gradient is compact (see _checked_grad). With ``among``, only parameters it names
+    need a gradient."""
     if grads is not None and not isinstance(grads, Mapping):
         hint = f"; to pass rho, write rho={grads!r}" if isinstance(grads, (int, float)) else ""
         raise TypeError(f"grads must be a mapping of parameter name -> gradient tensor (or None: each parameter's "
@@ -237,15 +313,21 @@ def _sources(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, needs_g
     params = [p for _, p in named]
     group = dtensor_group(params)
     starts = shard_starts(params, group) if group is not None else [0] * len(params)
-    sources, offset = [], 0
+    sources, compact, offset = [], set(), 0
     for (name, p), start in zip(named, starts):
+        if p.is_meta:  # no data to score (a model built under torch.device("meta"), not yet loaded)
+            raise ValueError(f"parameter {name!r} is on the meta device: load or materialize the weights first")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-        g = _checked_grad(name, p, grads) if needs_grad else None
-        lg = local(g)
-        sources.append(Source(name, local(p).detach(), None if lg is None else lg.detach(), offset + start))
+        g = None
+        if needs_grad and (among is None or name in among):
+            g, is_compact = _checked_grad(name, p, grads, None if among is None else among[name])
+            if is_compact:
+                compact.add(name)
+            g = local(g).detach()
+        sources.append(Source(name, local(p).detach(), g, offset + start))
         offset += p.numel()  # the full parameter's size: positions are global
-    return sources, group
+    return sources, group, compact
 
 
 def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str:
@@ -254,16 +336,16 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
             raise ValueError(f"backend {backend!r} does not run across ranks yet; use backend='reference' or 'auto'")
         return "reference"
     if backend != "auto":
-        found = _TOPK_BACKENDS[backend]
+        found = topk_function(backend)
         if isinstance(found, BaseException):
             raise RuntimeError(f"backend={backend!r} is unavailable: importing it failed") from found
-        if backend == "triton" and not backends()["triton"]:
+        if backend == "triton" and not _env.backends()["triton"]:
             raise ValueError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
         if backend == "host":
             require_ext("backend='host'")
         return backend
     if any(s.param.is_cuda for s in sources):
-        return "triton" if not isinstance(_TOPK_BACKENDS["triton"], BaseException) else "reference"
+        return "triton" if not isinstance(_env.TRITON_SELECTION, BaseException) else "reference"
     return "host" if _ext._C is not None else "reference"
 
 
@@ -271,50 +353,148 @@ def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str
 def select_mask(
     model: nn.Module,
     grads: Mapping[str, torch.Tensor] | None = None,
-    rho: float = 0.01,
+    rho: float | None = None,
     *,
+    k: int | None = None,
     criterion: str = "gallop",
     eps: float = 1e-8,
     scope: str = "global",
     seed: int = 0,
+    among: Mapping[str, torch.Tensor] | None = None,
+    exclude: Mapping[str, torch.Tensor] | None = None,
     backend: str = "auto",
     process_group=None,
 ) -> Selection:
-    """Select exactly round(rho * N) trainable weights of ``model`` by ``criterion``.
+    """Select exactly round(rho * N) trainable weights of ``model`` by ``criterion`` (rho
+    defaults to 0.01), or exactly ``k`` (scope="global" only).
 
     ``grads`` maps parameter names to gradients (default: each parameter's
     ``.grad``); criteria pafi, magnitude and random need none. ``scope="global"``
     uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
     each tensor. Ties go to the earlier parameter, then the lower flat index.
 
+    Restricted selections: ``among`` (a Selection, or name -> sorted int64 flat
+    indices) lets only those weights compete, ``exclude`` keeps those out; N then
+    counts the competing weights. With ``among``, a gradient may be given compactly,
+    one value per index of among[name]. The result is exactly the unrestricted rule
+    applied to the competing weights alone (same scores, same tie rule).
+
     Across ranks: FSDP2 (DTensor) parameters are selected jointly over their
-    mesh, each rank getting the indices of its own shards; with replicated
-    parameters (DDP) pass ``process_group`` to check that every rank selected
-    the same weights. Call it on every rank then.
+    mesh, each rank getting the indices of its own shards (``among``/``exclude``
+    hold local shard indices); with replicated parameters (DDP) pass
+    ``process_group`` to check that every rank selected the same weights. Call it
+    on every rank then.
     """
-    _validate_args(rho, criterion, eps, scope, backend)
-    sources, shard_group = _sources(model, grads, criterion in GRADIENT_CRITERIA)
+    _validate_args(rho, k, criterion, eps, scope, seed, backend)
+    if rho is None and k is None:
+        rho = 0.01
+    named = _trainable(model)
+    among = _checked_restriction("among", among, named, criterion)
+    exclude = _checked_restriction("exclude", exclude, named, criterion)
+    sources, shard_group, compact = _sources(named, grads, criterion in GRADIENT_CRITERIA, among)
     comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)
-    topk = _TOPK_BACKENDS[name]
-    extra = {"comm": comm} if name == "reference" else {}
-    shapes = {s.name: s.param.shape for s in sources}
-    full_numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}  # not the shards'
+    pool = _Pool(sources, among, exclude, compact, comm, dict((n, p.numel()) for n, p in named))
+    topk = functools.partial(topk_function(name), criterion=criterion, eps=eps, seed=seed,
+                             **({"comm": comm} if name == "reference" else {}))
 
-    def run(group: list[Source]):
-        k = reference.num_to_select(rho, sum(full_numel[s.name] for s in group))
-        idx, key = topk(group, k, criterion, eps, seed, **extra)
-        return idx, (None if key is None else reference.key_to_score(key))
+    def run(ids: list[int]):
+        n = pool.count(ids)
+        want = k if k is not None else reference.num_to_select(rho, n)
+        if want > n:
+            restricted = among is not None or exclude is not None
+            raise ValueError(f"k={k} but only {n} weights compete" + (" (after among/exclude)" if restricted else ""))
+        idx, key = pool.topk(ids, want, topk)
+        return idx, (None if key is None else keys.key_to_score(key)), want, n
 
     if scope == "global":
-        idx, threshold = run(sources)
+        idx, threshold, want, n = run(list(range(len(sources))))
         indices = {s.name: i for s, i in zip(sources, idx)}
+        rho = rho if rho is not None else (want / n if n else 0.0)
     else:
         indices, threshold = {}, {}
-        for s in sources:
-            (indices[s.name],), threshold[s.name] = run([s])
+        for i, s in enumerate(sources):
+            (indices[s.name],), threshold[s.name], _, _ = run([i])
     if process_group is not None and shard_group is None:
         check_same_selection(indices, process_group, device=sources[0].param.device)
+    shapes = {s.name: s.param.shape for s in sources}
     sel = Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
     sel.bytes_exchanged = comm.bytes_sent
     return sel
+
+
+class _Pool:
+    """The weights that compete in a selection: all of them, those ``among`` names (less
+    those ``exclude`` names), or all but those ``exclude`` names.
+
+    A restricted top-k runs a backend's unrestricted top-k over compact Sources: the
+    competing weights gathered in position order and numbered consecutively, so scores
+    and the tie rule are those of the unrestricted selection. ``exclude`` alone first
+    takes the k + |exclude| best of all weights (which hold the k best of the rest),
+    then the k best of those not excluded.
+    """
+
+    def __init__(self, sources, among, exclude, compact, comm, full_numel):
+        self.sources, self.exclude, self.comm, self.full_numel = sources, exclude, comm, full_numel
+        self.among = None if among is None else [self._competing(s, among, exclude, s.name in compact) for s in sources]
+
+    @staticmethod
+    def _competing(s: Source, among, exclude, is_compact: bool):
+        """(indices, compact gradient or None) of source ``s``'s competing weights."""
+        idx = among.get(s.name, torch.empty(0, dtype=torch.int64, device=s.param.device))
+        grad = s.grad if is_compact else None
+        if exclude is not None and s.name in exclude:
+            keep = ~torch.isin(idx, exclude[s.name])
+            idx, grad = idx[keep], (None if grad is None else grad[keep])
+        return idx, grad
+
+    def _excluded(self, s: Source) -> torch.Tensor:
+        return self.exclude.get(s.name, torch.empty(0, dtype=torch.int64, device=s.param.device))
+
+    def _all_sum(self, counts: list[int]) -> int:
+        dev = self.sources[0].param.device  # NCCL sums device tensors, gloo CPU ones
+        return int(self.comm.all_sum(torch.tensor(counts, dtype=torch.int64, device=dev)).sum())
+
+    def count(self, ids: list[int]) -> int:
+        """How many weights of these sources compete, over all ranks."""
+        full = sum(self.full_numel[self.sources[i].name] for i in ids)  # the full parameters', not the shards'
+        if self.among is not None:
+            return self._all_sum([self.among[i][0].numel() for i in ids])
+        if self.exclude is not None:
+            return full - self._all_sum([self._excluded(self.sources[i]).numel() for i in ids])
+        return full
+
+    def topk(self, ids: list[int], k: int, topk) -> tuple[list[torch.Tensor], int | None]:
+        """The k best competing weights of these sources: their local flat indices per source, and the key."""
+        group = [self.sources[i] for i in ids]
+        if self.among is None and self.exclude is None:
+            return topk(group, k)
+        if k == 0:
+            return [torch.empty(0, dtype=torch.int64, device=s.param.device) for s in group], None
+        if self.among is not None:
+            return self._topk_among(group, [self.among[i] for i in ids], k, topk)
+        excluded = [self._excluded(s) for s in group]
+        over = k + self._all_sum([e.numel() for e in excluded])
+        best, _ = topk(group, min(over, sum(self.full_numel[s.name] for s in group)))
+        kept = [(b[~torch.isin(b, e)], None) for b, e in zip(best, excluded)]
+        return self._topk_among(group, kept, k, topk)
+
+    def _topk_among(self, group, competing, k, topk):
+        """Top-k over compact Sources of the ``competing`` (indices, compact gradient) per source."""
+        offsets = self._compact_offsets([idx.numel() for idx, _ in competing], group[0].param.device)
+        compact = []
+        for s, (idx, grad), off in zip(group, competing, offsets):
+            if grad is None and s.grad is not None:
+                grad = radix.take(s.grad, idx)
+            elif grad is None and not idx.numel():  # a parameter among leaves out had no gradient to check
+                grad = s.param.new_empty(0)
+            compact.append(Source(s.name, radix.take(s.param, idx), grad, off))
+        chosen, key = topk(compact, k)
+        return [idx[c] for (idx, _), c in zip(competing, chosen)], key
+
+    def _compact_offsets(self, counts: list[int], dev) -> list[int]:
+        """Each piece's first position when only the competing weights are numbered, in the
+        unrestricted order (parameter, then rank, then flat index)."""
+        every = self.comm.all_cat(torch.tensor(counts, dtype=torch.int64, device=dev)).cpu().view(self.comm.world, -1)
+        per_param = every.sum(0)
+        return (torch.cumsum(per_param, 0) - per_param + every[: self.comm.rank].sum(0)).tolist()

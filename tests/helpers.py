@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import gallop_kernels as gk
 from gallop_kernels import reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,6 +47,17 @@ class Bag(nn.Module):
             self.register_parameter(n, nn.Parameter(t))
 
 
+SELECTION_BACKENDS = ["reference", "host", "triton"]
+
+
+def usable_backend(backend: str) -> str:
+    """``backend`` if it runs here, else skip the test with the reason."""
+    why = gk.why_unavailable().get(backend)
+    if why:
+        pytest.skip(f"backend {backend!r}: {why}")
+    return backend
+
+
 def make_bag(sizes, dtype=torch.float32, gen=None, shapes=None) -> Bag:
     """Random weights and gradients (stored in .grad) for parameters of the given sizes."""
     gen = gen or torch.Generator().manual_seed(1234)
@@ -69,18 +82,69 @@ def sources_of(model: nn.Module, grads=None) -> list[reference.Source]:
     return out
 
 
-def oracle_selection(model, rho, criterion="gallop", scope="global", eps=1e-8, seed=0, grads=None):
-    """Selection by a float64 full sort: name -> sorted indices, and thresholds."""
+def contract_score(criterion: str, theta: torch.Tensor, grad: torch.Tensor | None, eps: float, seed: int = 0,
+                   offset: int = 0) -> torch.Tensor:
+    """The score README defines, written out here apart from the library's code: float32
+    (a correctly rounded division on the CPU), flattened."""
+    t = theta.detach().reshape(-1).cpu().float()
+    g = None if grad is None else grad.detach().reshape(-1).cpu().float()
+    if criterion == "gallop":
+        return g.abs() / (t.abs() + eps)
+    if criterion == "saft":
+        return g.abs()
+    if criterion == "magnitude":
+        return t.abs()
+    if criterion == "pafi":
+        return -t.abs()  # -0.0 and +0.0 compare equal in the sort below: they tie
+    if criterion == "random":  # the criterion IS this hash of (seed, global position)
+        return reference.random_score(torch.arange(t.numel(), dtype=torch.int64) + offset, seed)
+    raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def sort_oracle(scores: list[torch.Tensor], k: int, allowed: list[torch.Tensor] | None = None):
+    """The float64 full-sort oracle, independent of reference.py and radix.py: the
+    float32 ``scores`` of each tensor widened to float64, one stable descending sort
+    over all weights in tensor order then flat-index order (so ties go to the
+    earlier tensor, then the lower index), the first k. ``allowed``: per tensor, a
+    bool mask of the weights that compete (default all). Returns per tensor its
+    sorted int64 indices, and the k-th score (None when k == 0)."""
+    allowed = allowed or [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)] + [torch.empty(0, dtype=torch.int64)])
+    index = torch.cat([torch.arange(s.numel()) for s in scores] + [torch.empty(0, dtype=torch.int64)])
+    flat = torch.cat([s.double() for s in scores] + [torch.empty(0, dtype=torch.float64)])
+    keep = torch.cat([a.reshape(-1) for a in allowed] + [torch.empty(0, dtype=torch.bool)])
+    assert bool(torch.isfinite(flat[keep]).all()), "the oracle takes finite scores only"
+    owner, index, flat = owner[keep], index[keep], flat[keep]
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    assert order.numel() == k, f"k={k} but only {flat.numel()} weights compete"
+    out = [torch.sort(index[order][owner[order] == i]).values for i in range(len(scores))]
+    return out, (float(flat[order[-1]]) if k else None)
+
+
+def oracle_topk(sources: list[reference.Source], k: int, criterion: str = "gallop", eps: float = 1e-8, seed: int = 0):
+    """:func:`sort_oracle` over reference Sources: per source its sorted indices, and the k-th score."""
+    return sort_oracle([contract_score(criterion, s.param, s.grad, eps, seed, s.offset) for s in sources], k)
+
+
+def oracle_selection(model, rho=None, criterion="gallop", scope="global", eps=1e-8, seed=0, grads=None, k=None,
+                     allowed=None):
+    """select_mask's expected result by :func:`sort_oracle`: name -> sorted indices, and
+    the threshold (a name -> float dict for scope="per_tensor"). ``k`` instead of rho;
+    ``allowed``: name -> bool mask of the competing weights (default all)."""
     srcs = sources_of(model, grads)
+    scores = [contract_score(criterion, s.param, s.grad, eps, seed, s.offset) for s in srcs]
+    masks = [torch.ones(s.numel, dtype=torch.bool) if allowed is None else allowed[s.name].reshape(-1).cpu()
+             for s in srcs]
+
+    def count(ms):
+        return k if k is not None else reference.num_to_select(rho, sum(int(m.sum()) for m in ms))
+
     if scope == "global":
-        k = reference.num_to_select(rho, sum(s.numel for s in srcs))
-        idx, thr = reference.topk_by_sort(srcs, k, criterion, eps, seed)
+        idx, thr = sort_oracle(scores, count(masks), masks)
         return {s.name: i for s, i in zip(srcs, idx)}, thr
     out, thr = {}, {}
-    for s in srcs:
-        (out[s.name],), thr[s.name] = reference.topk_by_sort(
-            [s], reference.num_to_select(rho, s.numel), criterion, eps, seed
-        )
+    for s, sc, m in zip(srcs, scores, masks):
+        (out[s.name],), thr[s.name] = sort_oracle([sc], count([m]), [m])
     return out, thr
 
 
@@ -92,7 +156,21 @@ def bag_of(thetas: list[torch.Tensor], grads: list[torch.Tensor]) -> Bag:
     return bag
 
 
-ADVERSARIAL = ["zero_grads", "ties", "all_equal", "zeros_30pct", "signed_zeros", "denormals", "huge", "near_max"]
+ADVERSARIAL = ["zero_grads", "ties", "all_equal", "zeros_30pct", "signed_zeros", "denormals", "huge", "near_max",
+               "flt_max"]
+FLT_MAX = torch.finfo(torch.float32).max
+# (g, theta) whose gallop score |g| / (|theta| + 1e-8) rounds to FLT_MAX exactly in float32; one ulp
+# more g, or one ulp less theta, overflows to +Inf (OVERFLOW_PAIRS). No fp32 pair has a quotient in
+# (FLT_MAX, FLT_MAX + ulp/2): the quotient of two 24-bit significands cannot fall there. fp16 scores
+# stay far below (65504 / 1e-8).
+FLT_MAX_PAIRS = {
+    torch.float32: [(FLT_MAX, 1.0), (2.5521175490829424e38, 0.75)],  # exact; rounded down to FLT_MAX
+    torch.bfloat16: [(2.8412248409902577e37, 0.08349609375)],  # rounded up to FLT_MAX
+}
+OVERFLOW_PAIRS = {
+    torch.float32: [(FLT_MAX, 1.0 - 2**-24), (3.4028230607370965e38, 0.5)],
+    torch.bfloat16: [(2.8412248409902577e37, 0.0830078125), (2.857840190937569e37, 0.08349609375)],
+}
 
 
 def adversarial_bag(kind: str, dtype: torch.dtype, sizes: list[int]) -> Bag:
@@ -125,6 +203,13 @@ def adversarial_bag(kind: str, dtype: torch.dtype, sizes: list[int]) -> Bag:
         big = torch.finfo(dtype).max / 8
         thetas = [t.clamp(-4, 4) * big for t in thetas]
         grads = [g.clamp(-4, 4) * big for g in grads]
+    elif kind == "flt_max":  # scores of exactly the largest finite float32 (or dtype value), tied across tensors
+        top = torch.finfo(dtype).max
+        pairs = FLT_MAX_PAIRS.get(dtype, [(top, 1.0)])
+        for t, g in ((t, g) for t, g in zip(thetas, grads) if t.numel() > 2 * len(pairs)):
+            for i, (gv, tv) in enumerate(pairs):  # gallop: FLT_MAX; saft: |g|
+                g[i], t[i], g[-1 - i], t[-1 - i] = gv, tv, -gv, -tv
+            t[len(t) // 2] = top  # magnitude: the dtype's largest; pafi: its negative
     else:
         raise ValueError(f"unknown adversarial kind {kind!r}")
     return bag_of([t.to(dtype) for t in thetas], [g.to(dtype) for g in grads])

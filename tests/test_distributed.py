@@ -57,6 +57,9 @@ def _fsdp(model):
     return fully_shard(model, mesh=mesh)
 
 
+def _union_over_ranks(mine: torch.Tensor) -> torch.Tensor:
+    """The sorted union of every rank's 1-D int64 ``mine`` (full-parameter flat indices)."""
+    return torch.sort(gdist.GroupComm().all_cat(mine)).values
 
 
 def _selection_worker(rank, cases):
@@ -77,14 +80,7 @@ def _selection_worker(rank, cases):
         sel = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope)
         want = gk.select_mask(full, rho=rho, criterion=criterion, scope=scope)
         for (name, p), start, (fname, _) in zip(named, starts, full.named_parameters()):
-            mine = sel[name] + start
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(WORLD)]
-            dist.all_gather(sizes, torch.tensor([mine.numel()]))
-            padded = torch.full((max(int(s) for s in sizes),), -1, dtype=torch.int64)
-            padded[: mine.numel()] = mine
-            parts = [torch.empty_like(padded) for _ in range(WORLD)]
-            dist.all_gather(parts, padded)
-            union = torch.sort(torch.cat([q[q >= 0] for q in parts])).values
+            union = _union_over_ranks(sel[name] + start)
             assert torch.equal(union, want[fname]), (criterion, scope, rho, name, union.tolist(), want[fname].tolist())
             assert sel.shapes[name] == p.to_local().shape
         if scope == "global":
@@ -275,7 +271,10 @@ def _estimate_worker(rank, wrapper):
     for n, g in got.items():
         torch.testing.assert_close(g.full_tensor(), want[n], msg=lambda m: f"{n}: {m}")
     sel = gk.select_mask(model, got, rho=0.05)
-    assert sum(int(v) for v in gdist.GroupComm().all_cat(torch.tensor([sel.num_selected]))) == want_sel.num_selected
+    named = list(model.named_parameters())
+    starts = gdist.shard_starts([p for _, p in named], None)
+    for (name, _), start in zip(named, starts):
+        assert torch.equal(_union_over_ranks(sel[name] + start), want_sel[name]), name
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, SIZES, Bag, make_bag, oracle_selection
+from helpers import (ADVERSARIAL, DTYPES, FLT_MAX, FLT_MAX_PAIRS, OVERFLOW_PAIRS, SELECTION_BACKENDS, SIZES, Bag,
+                     adversarial_bag, bag_of, make_bag, oracle_selection, usable_backend)
 
 import gallop_kernels as gk
-from gallop_kernels import radix, reference, select
+from gallop_kernels import keys, radix, reference, select
 from gallop_kernels.reference import CRITERIA
 
 
@@ -63,8 +64,8 @@ def test_tiny_chunks_take_every_path(monkeypatch):
         p.grad = torch.randint(0, 3, p.shape).float()
         p.data.fill_(1.0)
     sel = gk.select_mask(bag, rho=0.3, backend="reference")
-    expected, _ = oracle_selection(bag, 0.3)
-    assert_same_selection(sel, expected, sel.threshold)
+    expected, thr = oracle_selection(bag, 0.3)
+    assert_same_selection(sel, expected, thr)
     assert len(calls) == 2, "expected the low-digit histogram pass"
 
 
@@ -72,8 +73,8 @@ def test_chunks_bound_the_scored_block(monkeypatch):
     """No score tensor larger than one chunk is ever materialized."""
     use_config(monkeypatch, radix.Config(chunk=100))
     seen = []
-    real = reference.score
-    monkeypatch.setattr(reference, "score", lambda *a, **kw: seen.append(a[1].numel()) or real(*a, **kw))
+    real = keys.score
+    monkeypatch.setattr(keys, "score", lambda *a, **kw: seen.append(a[1].numel()) or real(*a, **kw))
     bag = make_bag([1000, 257])
     gk.select_mask(bag, rho=0.1, backend="reference")
     assert seen and max(seen) <= 100
@@ -115,6 +116,62 @@ def test_denormals_and_huge_values():
         sel = gk.select_mask(bag, rho=0.4, criterion=crit)
         expected, thr = oracle_selection(bag, 0.4, crit)
         assert_same_selection(sel, expected, thr)
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+@pytest.mark.parametrize("criterion", ["gallop", "saft", "magnitude", "pafi"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
+def test_adversarial_matches_full_sort(kind, criterion, dtype, monkeypatch):
+    """The reference plan, with its default buffers and with chunks and a candidate buffer far
+    smaller than the tensors (low-digit histogram and tie quotas), against the float64 sort."""
+    bag = adversarial_bag(kind, DTYPES[dtype], [1500, 97, 1024])
+    for config in (radix.DEFAULT, radix.Config(chunk=1000, candidate_cap=5)):
+        use_config(monkeypatch, config)
+        for rho in (1 / 2621, 0.01, 0.3, 0.9):
+            sel = gk.select_mask(bag, rho=rho, criterion=criterion, backend="reference")
+            assert_same_selection(sel, *oracle_selection(bag, rho, criterion))
+
+
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda d: f"dtype={d}")
+def test_scores_at_flt_max_are_selected(backend, dtype):
+    """Scores of exactly FLT_MAX (the largest finite float32), reached exactly or by rounding,
+    rank first and tie by position; every backend agrees with the float64 sort."""
+    backend = usable_backend(backend)
+    pairs = FLT_MAX_PAIRS[DTYPES[dtype]]
+    gen = torch.Generator().manual_seed(5)
+    thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    for t, g in zip(thetas, grads):
+        for i, (gv, tv) in enumerate(pairs):
+            g[10 * i + 3], t[10 * i + 3] = gv, -tv
+    bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    for k in (1, len(pairs), 2 * len(pairs), 40):
+        sel = gk.select_mask(bag, rho=k / 3097, backend=backend)
+        expected, thr = oracle_selection(bag, k / 3097)
+        assert_same_selection(sel, expected, thr)
+        if k <= 2 * len(pairs):
+            assert thr == FLT_MAX
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter divides in numpy
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda d: f"dtype={d}")
+@pytest.mark.parametrize("pair", [0, 1])
+def test_score_overflowing_to_inf_raises(backend, dtype, pair):
+    """Finite weights and gradients whose float32 score |g| / (|theta| + eps) overflows to +Inf
+    (one ulp past a pair that scores FLT_MAX): every backend raises, naming the parameter and
+    the index, as README says for an Inf score."""
+    backend = usable_backend(backend)
+    gv, tv = OVERFLOW_PAIRS[DTYPES[dtype]][pair]
+    gen = torch.Generator().manual_seed(6)
+    thetas = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
+    grads[1][41], thetas[1][41] = -gv, tv
+    bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    assert torch.isfinite(bag.w1.detach()).all() and torch.isfinite(bag.w1.grad).all()
+    with pytest.raises(ValueError, match=r"parameter 'w1': gallop score is Inf at flat index 41 "):
+        gk.select_mask(bag, rho=0.01, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -236,6 +293,23 @@ def test_gradient_problems_name_the_parameter():
         gk.select_mask(bag)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("criterion", ["gallop", "magnitude"])
+def test_meta_parameters_name_themselves(backend, criterion):
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    with pytest.raises(ValueError, match=r"^parameter 'weight' is on the meta device: load or materialize"):
+        gk.select_mask(model, rho=0.5, criterion=criterion, backend=backend)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, None, True])
+def test_seed_must_be_an_integer(seed):
+    with pytest.raises(TypeError, match=rf"^seed must be an integer, got {seed!r}$"):
+        gk.select_mask(make_bag([10]), rho=0.5, criterion="random", seed=seed)
+
+
 def test_no_trainable_parameters():
     bag = make_bag([3])
     bag.w0.requires_grad_(False)
@@ -258,6 +332,27 @@ def test_selection_accessors_and_masks():
         assert masks[name].shape == p.shape and masks[name].dtype == torch.bool
         assert torch.equal(masks[name].reshape(-1).nonzero().reshape(-1), sel[name])
     assert "num_selected=11" in repr(sel)
+
+
+def test_selection_equality():
+    bag = make_bag([40, 41])
+    sel = gk.select_mask(bag, rho=0.1)
+    same = gk.select_mask(bag, rho=0.1)
+    assert sel == same and not (sel != same) and sel == gk.Selection.from_state_dict(sel.state_dict())
+    assert sel == sel.to("cpu") and sel is not sel.to("cpu")
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(sel)
+    assert sel != {n: sel[n] for n in sel}  # a plain mapping of the same indices is not a Selection
+    moved = gk.Selection.from_state_dict(sel.state_dict())
+    moved._indices["w1"] = moved["w1"] + 1  # one index apart
+    assert sel != moved
+    state = sel.state_dict()
+    del state["indices"]["w1"], state["shapes"]["w1"]
+    assert sel != gk.Selection.from_state_dict(state)  # one parameter fewer
+    for field, value in (("rho", 0.2), ("criterion", "saft"), ("scope", "per_tensor"), ("threshold", 0.5)):
+        state = sel.state_dict()
+        state[field] = value
+        assert sel != gk.Selection.from_state_dict(state), field
 
 
 def test_selection_state_dict_round_trip(tmp_path):

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_topk, sources_of
 
 import gallop_kernels as gk
-from gallop_kernels import radix, reference, select
+from gallop_kernels import keys, radix, reference, select
 from gallop_kernels.reference import CRITERIA
 
 sh = pytest.importorskip("gallop_kernels.ops.select_host")
@@ -27,15 +27,18 @@ NARROW = radix.Config(sample_stride=3, margin_min=2, margin_sigmas=3.0)
 
 
 def run_plan(srcs, k, criterion="gallop", seed=0, **kw):
-    """topk_keys_host (host-only options in kw) against reference.topk_keys, exactly;
-    the Plan (None: no plan ran)."""
+    """topk_keys_host (host-only options in kw) against the float64 full-sort oracle and
+    reference.topk_keys, exactly; the Plan (None: no plan ran)."""
     trace = []
     got, key = sh.topk_keys_host(srcs, k, criterion, seed=seed, trace=trace, **kw)
     want, want_key = reference.topk_keys(srcs, k, criterion, seed=seed)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.int64 and torch.equal(g, w), f"{g.tolist()[:8]} != {w.tolist()[:8]}"
-    assert key == want_key
+    oracle, score = oracle_topk(srcs, k, criterion, seed=seed)
+    assert len(got) == len(want) == len(oracle)
+    for g, w, o in zip(got, want, oracle):
+        assert g.dtype == torch.int64 and torch.equal(g, o), f"{g.tolist()[:8]} != {o.tolist()[:8]}"
+        assert torch.equal(w, o)
+    assert key == want_key and (key is None) == (score is None)
+    assert key is None or reference.key_to_score(key) == score
     return trace[0] if trace else None
 
 
@@ -156,7 +159,7 @@ def test_thirty_percent_zeros(criterion):
     ties_rho, collect_rho = (0.9, 0.01) if criterion != "pafi" else (0.01, 0.5)
     assert run_plan(srcs, reference.num_to_select(collect_rho, n), criterion, block=B, config=NARROW).mode == "collect"
     plan = run_plan(srcs, reference.num_to_select(ties_rho, n), criterion, block=B, config=NARROW)
-    assert plan.mode == "ties" and reference.key_to_score(plan.lo + reference._SIGN) == 0.0
+    assert plan.mode == "ties" and reference.key_to_score(plan.lo + keys.SIGN) == 0.0
 
 
 def test_window_miss_and_overflow_fall_back(monkeypatch):

@@ -6,10 +6,10 @@ A broken Triton fails this module at import: it is not a skip.
 
 import pytest
 import torch
-from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, sources_of
+from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_selection, oracle_topk, sources_of
 
 import gallop_kernels as gk
-from gallop_kernels import radix, reference, select
+from gallop_kernels import _env, keys, radix, reference, select
 from gallop_kernels.ops import select_histogram as sh
 from gallop_kernels.ops import select_triton as st
 from gallop_kernels.reference import CRITERIA
@@ -29,10 +29,12 @@ def assert_same(model, rho, criterion, scope, **kw):
         kw["grads"] = {n: g.to(DEVICE) for n, g in kw["grads"].items()}
     got = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="triton", **kw)
     want = gk.select_mask(model, rho=rho, criterion=criterion, scope=scope, backend="reference", **kw)
+    oracle, thr = oracle_selection(model, rho, criterion, scope, grads=kw.get("grads"))
     for name in want:
         assert got[name].dtype == torch.int64
-        assert torch.equal(got[name], want[name]), f"{name}: {got[name][:8].tolist()} != {want[name][:8].tolist()}"
-    assert got.threshold == want.threshold
+        assert torch.equal(got[name].cpu(), oracle[name]), f"{name}: {got[name][:8].tolist()} != {oracle[name][:8].tolist()}"
+        assert torch.equal(want[name].cpu(), oracle[name])
+    assert got.threshold == want.threshold == thr
     return got
 
 
@@ -43,7 +45,7 @@ def run_plan(bag, rho, criterion="gallop", config=radix.DEFAULT, grads=None):
     trace = []
     got, key = st.topk_keys_triton(srcs, k, criterion, config=config, trace=trace)
     want, want_key = reference.topk_keys(srcs, k, criterion)
-    oracle, score = reference.topk_by_sort(srcs, k, criterion)
+    oracle, score = oracle_topk(srcs, k, criterion)
     for g, w, o in zip(got, want, oracle):
         assert torch.equal(g.cpu(), w.cpu()) and torch.equal(g.cpu(), o)
     assert key == want_key and reference.key_to_score(key) == score
@@ -107,7 +109,7 @@ def test_thirty_percent_zeros(criterion):
     scattered, zero = (0.5, 0.01) if criterion == "pafi" else (0.01, 0.9)
     assert run_plan(bag, scattered, criterion, NARROW).mode == "collect"
     plan = run_plan(bag, zero, criterion, NARROW)
-    assert plan.mode == "ties" and reference.key_to_score(plan.lo + reference._SIGN) == 0.0
+    assert plan.mode == "ties" and reference.key_to_score(plan.lo + keys.SIGN) == 0.0
 
 
 def _interleaved() -> Bag:
@@ -275,7 +277,7 @@ def test_offsets_past_two_to_the_31(aligned):
 
 
 def test_auto_backend_and_registration():
-    assert select._TOPK_BACKENDS["triton"] is st.topk_keys_triton
+    assert select.topk_function("triton") is st.topk_keys_triton
     srcs = [reference.Source("a", torch.randn(3), torch.randn(3), 0)]
     assert select._pick_backend("triton", srcs, False) == "triton"
     assert "triton" not in gk.why_unavailable()
@@ -283,7 +285,7 @@ def test_auto_backend_and_registration():
 
 def test_broken_triton_is_reported_not_hidden(monkeypatch):
     err = ImportError("libtriton.so: cannot open shared object file")
-    monkeypatch.setitem(select._TOPK_BACKENDS, "triton", err)
+    monkeypatch.setattr(_env, "TRITON_SELECTION", err)
     bag = make_bag([10])
     with pytest.raises(RuntimeError, match="backend='triton' is unavailable") as info:
         gk.select_mask(bag, rho=0.1, backend="triton")

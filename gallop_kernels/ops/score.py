@@ -1,6 +1,6 @@
 """Triton helpers every selection kernel shares: load theta and grad, score, order key.
 
-``signed_key`` is ``reference.signed_key(reference.score(...))`` bit for bit, for
+``signed_key`` is ``keys.signed_key(keys.score(...))`` bit for bit, for
 the criteria with a streaming read (gallop, saft, magnitude, pafi).
 """
 

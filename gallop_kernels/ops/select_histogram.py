@@ -4,7 +4,7 @@ Runs when the window plan misses (ops/select_triton.py); same output as
 :func:`gallop_kernels.reference.topk_keys`, same plan (gallop_kernels.radix).
 
 Pass 1 (``_histogram_kernel``) reads theta and grad in their own dtype, computes the
-float32 score exactly as ``reference.score`` does, maps it to the signed order key
+float32 score exactly as ``keys.score`` does, maps it to the signed order key
 and counts the key's high 16 bits in ONE histogram shared by every tensor of the
 selection. A prefix sum over the histogram gives the boundary bin. Pass 2
 (``_emit_kernel``) re-reads theta and grad, appends the flat indices above the
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import radix, reference
+from .. import keys, radix
 from ..radix import BITS, NUM_BINS
 from .score import signed_key
 
@@ -178,11 +178,11 @@ def topk_keys_histogram(sources, k, criterion, eps, config: radix.Config = radix
     sweep(_histogram_kernel, (hist,), lambda i: (eps,), HALF=_HALF)
     hist = hist.cpu()
     if radix.has_nonfinite(hist):
-        reference.raise_nonfinite(sources, criterion, eps)
+        keys.raise_nonfinite(sources, criterion, eps)
         raise ValueError(f"a {criterion} score is NaN or Inf")  # the kernel saw one the reference did not
     hi_bin, above = radix.boundary(hist, k)
     need = k - above
-    bin_first = (hi_bin << BITS) - reference._SIGN  # signed keys of the boundary bin
+    bin_first = (hi_bin << BITS) - keys.SIGN  # signed keys of the boundary bin
     bin_last = bin_first + NUM_BINS - 1
 
     out = torch.empty(k, dtype=torch.int64, device=dev)
@@ -197,11 +197,11 @@ def topk_keys_histogram(sources, k, criterion, eps, config: radix.Config = radix
 
     cand_n = int(hist[hi_bin])
     if cand_n <= config.candidate_cap:
-        keys = torch.empty(cand_n, dtype=torch.int32, device=dev)
+        cand_key = torch.empty(cand_n, dtype=torch.int32, device=dev)
         pos = torch.empty(cand_n, dtype=torch.int64, device=dev)
-        picked = emit("collect", torch.zeros(1, dtype=torch.int64, device=dev), bin_first, bin_last, keys, pos)
+        picked = emit("collect", torch.zeros(1, dtype=torch.int64, device=dev), bin_first, bin_last, cand_key, pos)
         # Candidates arrive in program-completion order; resolve_candidates orders them.
-        chosen, threshold = radix.resolve_candidates(keys, pos, need)
+        chosen, threshold = radix.resolve_candidates(cand_key, pos, need)
         chosen = torch.sort(chosen).values
         cuts = torch.searchsorted(chosen, torch.tensor(bases, device=dev)).tolist()
         picked = [radix.merge(p, chosen[a:b] - bases[i]) for i, (p, a, b) in enumerate(zip(picked, cuts, cuts[1:]))]
@@ -216,4 +216,4 @@ def topk_keys_histogram(sources, k, criterion, eps, config: radix.Config = radix
         last = int(quota.nonzero()[-1]) + 1 if int(quota.sum()) else 0
         tied = emit("ties", quota, threshold, threshold, grid_of=lambda i: min(grids[i], last - prog_base[i]))
         picked = [radix.merge(a, b) for a, b in zip(picked, tied)]
-    return [p.to(d) for p, d in zip(picked, (s.param.device for s in sources))], threshold + reference._SIGN
+    return [p.to(d) for p, d in zip(picked, (s.param.device for s in sources))], threshold + keys.SIGN

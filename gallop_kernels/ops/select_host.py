@@ -3,7 +3,7 @@
 Same contract and output as :func:`gallop_kernels.reference.topk_keys` (one process,
 CPU tensors). The plan is gallop_kernels.radix.select_window; this module gives it
 :class:`HostPrimitives`, two fused passes of csrc/select_host.cpp over theta and grad
-(load in the tensor's dtype, float32 score exactly as ``reference.score`` computes
+(load in the tensor's dtype, float32 score exactly as ``keys.score`` computes
 it, signed order key, compare, count or write; no score tensor), threaded over
 blocks of ``block`` consecutive weights of one source:
 
@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-from .. import radix, reference
+from .. import keys, radix, reference
 from .._ext import require_ext
 
 # Weights per block: 32-96 KiB of theta and grad, so the per-block bookkeeping
@@ -41,7 +41,7 @@ class HostPrimitives:
     ``num_threads`` threads (default: torch.get_num_threads()).
     """
 
-    def __init__(self, sources: list[reference.Source], criterion: str, eps: float, *, block: int = BLOCK,
+    def __init__(self, sources: list[keys.Source], criterion: str, eps: float, *, block: int = BLOCK,
                  num_threads: int | None = None):
         self._C = require_ext("the host selection backend")
         if criterion not in radix.READS:
@@ -117,7 +117,7 @@ def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _check_source(s: reference.Source, reads_theta: bool, reads_grad: bool) -> None:
+def _check_source(s: keys.Source, reads_theta: bool, reads_grad: bool) -> None:
     for what, t, needed in (("parameter", s.param, reads_theta), ("gradient", s.grad, reads_grad)):
         if not needed:
             continue
@@ -132,7 +132,7 @@ def _check_source(s: reference.Source, reads_theta: bool, reads_grad: bool) -> N
 
 
 def topk_keys_host(
-    sources: list[reference.Source],
+    sources: list[keys.Source],
     k: int,
     criterion: str,
     eps: float = 1e-8,

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import radix, reference
+from .. import keys, radix, reference
+from ..criteria import CRITERIA
 from .score import signed_key
 from .select_histogram import topk_keys_histogram
 
@@ -125,7 +126,7 @@ class _Group:
 class TritonPrimitives:
     """radix.Primitives on Triton kernels for ``sources`` (k > 0 selections only)."""
 
-    def __init__(self, sources: list[reference.Source], criterion: str, eps: float, device: torch.device):
+    def __init__(self, sources: list[keys.Source], criterion: str, eps: float, device: torch.device):
         reads_theta, reads_grad = radix.READS[criterion]
         self.criterion, self.eps, self.device = criterion, eps, device
         groups: dict[tuple, _Group] = {}
@@ -177,7 +178,7 @@ class TritonPrimitives:
 
 
 def topk_keys_triton(
-    sources: list[reference.Source],
+    sources: list[keys.Source],
     k: int,
     criterion: str,
     eps: float = 1e-8,
@@ -195,8 +196,8 @@ def topk_keys_triton(
     twice when the sampled window holds the k-th key, else falls back to the
     histogram plan. ``trace``: a list that receives the radix.Plan.
     """
-    if criterion not in reference.CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {reference.CRITERIA}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     if not radix.streams(sources, criterion):
         return reference.topk_keys(sources, k, criterion, eps, seed, config=config)
     if k == 0:
