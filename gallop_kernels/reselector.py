@@ -1,22 +1,31 @@
-"""Reselector: re-select a SparseAdamW's weights during training (GaLLoP re-selection).
+"""Reselector: re-select a SparseAdamW's weights during training (GaLLoP re-selection, SpIEL).
 
 In the style of SpIEL's ``SftSelector``: build it next to the optimizer and call
 :meth:`Reselector.step` after every ``opt.step()`` (before ``zero_grad``, since it
 reads ``.grad``)::
 
     opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=1e-4)
-    resel = gk.Reselector(opt, model, every=100, accumulate=4)
+    resel = gk.Reselector(opt, model, every=100, accumulate=4)                 # GaLLoP
+    # resel = gk.Reselector(opt, model, every=20, accumulate=5, method="spiel", total_steps=1000)
     for batch in loader:
         opt.zero_grad(); model(**batch).loss.backward()
         opt.step(); resel.step()
     delta = make_delta(model, resel.trained, resel.base_values)
 
-Every ``every`` steps it scores every weight with the GaLLoP score of the gradient
-summed over the last ``accumulate`` steps and the current weights, takes the exact
-global top-k at the selection's own rho (:func:`gallop_kernels.select_mask`), and moves
-the optimizer there (:meth:`SparseAdamW.reselect`). Weights that leave keep their
-trained values, so :attr:`Reselector.trained` (every weight trained so far) and
-:attr:`Reselector.base_values` (their values before training) make the run's delta.
+Every ``every`` steps, with ``g`` the gradient summed over the last ``accumulate`` steps:
+
+- ``method="gallop"``: the exact global top-k of the GaLLoP score of ``g`` and the current
+  weights at the selection's own rho (:func:`gallop_kernels.select_mask`). Weights that leave
+  keep their trained values, so :attr:`Reselector.trained` is every weight trained so far.
+- ``method="spiel"`` (SpIEL, Ansell et al. 2024): ``r = floor(rate * k)`` weights change, the
+  rate falling linearly from ``initial_rate`` at step 0 to 0 at ``total_steps``: the ``r``
+  trained weights that moved least (smallest ``|theta - theta0|``; the set keeps the ``k - r``
+  that moved most, ties to the earlier weight) go back to ``theta0`` bit for bit and leave, and
+  the ``r`` untrained weights with the largest ``|g|`` join, both one exact global selection
+  (``select_mask(..., among=)`` / ``exclude=``). :attr:`Reselector.trained` is the current set.
+
+The optimizer then moves to the new set (:meth:`SparseAdamW.reselect`); :attr:`Reselector.trained`
+and :attr:`Reselector.base_values` (their values before training) make the run's delta.
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import time
 
 import torch
 
-from .distributed import gather
+from .distributed import gather, scatter_
 from .optim import SparseAdamW
 from .optim.reselect import carried
 from .select import Selection, select_mask
+
+METHODS = ("gallop", "spiel")
 
 
 class Reselector:
@@ -39,19 +50,26 @@ class Reselector:
     gradients the score needs). every (int >= 1): steps between re-selections.
     accumulate (int in [1, every], default 1): the gradients of the last
     ``accumulate`` steps up to a re-selection are summed (float32, one copy of
-    the trainable weights, held only during those steps). eps, backend: as in
+    the trainable weights, held only during those steps). method: "gallop" or
+    "spiel"; total_steps (spiel: the run's length, where the rate reaches 0) and
+    initial_rate (spiel, in [0, 1], default 0.2). eps, backend: as in
     select_mask. ``history`` lists per re-selection its step, the entries kept,
     added and dropped, the share of the set that changed and the seconds it took.
     """
 
     def __init__(self, opt: SparseAdamW, model: torch.nn.Module, *, every: int, accumulate: int = 1,
+                 method: str = "gallop", total_steps: int | None = None, initial_rate: float = 0.2,
                  eps: float = 1e-8, backend: str = "auto"):
         if not isinstance(opt, SparseAdamW):
             raise TypeError(f"Reselector: opt must be a gallop_kernels.SparseAdamW, got {type(opt).__name__}")
-        for what, value, low, high in (("every", every, 1, None), ("accumulate", accumulate, 1, every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-                bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-                raise ValueError(f"Reselector: {what} must be an integer {bound}, got {value!r}")
+        if method not in METHODS:
+            raise ValueError(f"Reselector: unknown method {method!r}; expected one of {METHODS}")
+        _check_int("every", every, 1)
+        _check_int("accumulate", accumulate, 1, every)
+        if method == "spiel":
+            _check_int("total_steps", total_steps, 1)
+            if isinstance(initial_rate, bool) or not isinstance(initial_rate, (int, float)) or not 0 <= initial_rate <= 1:
+                raise ValueError(f"Reselector: initial_rate must be a number in [0, 1], got {initial_rate!r}")
         if opt.compact_grads:
             raise ValueError("Reselector: the optimizer has compact_grads=True, which frees the dense gradients "
                              "re-selection scores; build it with compact_grads=False")
@@ -61,6 +79,7 @@ class Reselector:
             raise ValueError(f"Reselector: trainable parameters {missing[:3]} of the model are not in the optimizer's "
                              f"selection: select_mask scores every trainable parameter")
         self.opt, self.model, self.every, self.accumulate = opt, model, every, accumulate
+        self.method, self.total_steps, self.initial_rate = method, total_steps, initial_rate
         self.eps, self.backend = eps, backend
         self.steps = 0
         self.history: list[dict] = []
@@ -69,9 +88,15 @@ class Reselector:
         sel = opt.selection
         self.trained = Selection({n: sel[n] for n in params}, {n: sel.shapes[n] for n in params}, rho=sel.rho,
                                  criterion=sel.criterion, scope=sel.scope, threshold=sel.threshold)
-        """Every weight trained so far (a Selection): what the run's delta covers."""
-        self.base_values = {n: gather(p.detach(), self.trained[n].to(p.device)).clone() for n, p in params.items()}
-        """Values of :attr:`trained` before training (name -> tensor in the weight dtype)."""
+        """The weights the run's delta covers (a Selection): every weight trained so far (gallop),
+        the current set (spiel)."""
+        self._base = {n: gather(p.detach(), self.trained[n].to(p.device)).clone() for n, p in params.items()}
+
+    @property
+    def base_values(self) -> dict[str, torch.Tensor]:
+        """Values of :attr:`trained` before training (name -> tensor in the weight dtype; parameters
+        with nothing trained left out, as :func:`gallop_kernels.delta.selected_values` does)."""
+        return {n: v for n, v in self._base.items() if v.numel()}
 
     def step(self):
         """Count one optimizer step; sum its gradients when a re-selection is near, re-select when due.
@@ -84,6 +109,10 @@ class Reselector:
             self._add_grads()
         return self._reselect() if phase == 0 else None
 
+    def rate(self, step: int) -> float:
+        """SpIEL's share of the set replaced at ``step``: initial_rate falling linearly to 0 at total_steps."""
+        return self.initial_rate * max(0.0, 1.0 - step / self.total_steps)
+
     @torch.no_grad()
     def _add_grads(self) -> None:
         """Add this step's ``.grad`` to the float32 sums (a parameter without one adds nothing)."""
@@ -94,29 +123,57 @@ class Reselector:
                 self._sum[n].add_(p.grad)
 
     def _reselect(self):
-        """select_mask on the summed gradients, then move the optimizer and the trained set there."""
+        """Pick the new set, move the optimizer and the trained set there, record it."""
         t0 = time.perf_counter()
         old = self.opt.selection
-        sel = select_mask(self.model, self._sum, rho=old.rho, criterion="gallop", eps=self.eps, scope=old.scope,
-                          backend=self.backend)
+        if self.method == "gallop":
+            sel = select_mask(self.model, self._sum, rho=old.rho, criterion="gallop", eps=self.eps, scope=old.scope,
+                              backend=self.backend)
+            extra = {}
+        else:
+            sel, extra = self._spiel(old)
         self._sum = None
         moved = self.opt.reselect(sel)
-        self._grow_trained(sel)
+        self._track(sel, keep_old=self.method == "gallop")
         self.history.append(dict(step=self.steps, kept=moved.kept, added=moved.added, dropped=moved.dropped,
-                                 changed=moved.changed, seconds=time.perf_counter() - t0))
+                                 changed=moved.changed, seconds=time.perf_counter() - t0, **extra))
         return moved
 
     @torch.no_grad()
-    def _grow_trained(self, sel: Selection) -> None:
-        """Add ``sel``'s new weights to :attr:`trained`, their current values (never trained, so the base's) to
-        :attr:`base_values`."""
+    def _spiel(self, old: Selection) -> tuple[Selection, dict]:
+        """SpIEL's drop and regrow (see the module docstring); dropped weights are reset to theta0."""
+        rate = self.rate(self.steps)
+        k = old.num_selected
+        r = int(rate * k)
+        if r == 0:
+            return old, {"rate": rate}
+        moved = {n: gather(p.detach(), old[n]).float() - self._base[n].float() for n, p in self._params.items()}
+        keep = select_mask(self.model, moved, k=k - r, criterion="saft", among=old, backend=self.backend)
+        grow = select_mask(self.model, self._sum, k=r, criterion="saft", exclude=old, backend=self.backend)
+        dropped = old - keep
+        for n, p in self._params.items():  # back to theta0, bit for bit
+            _, at_old = carried(old[n], dropped[n])
+            scatter_(p.detach(), dropped[n], self._base[n].index_select(0, at_old))
+        return keep | grow, {"rate": rate}
+
+    @torch.no_grad()
+    def _track(self, sel: Selection, keep_old: bool) -> None:
+        """:attr:`trained` becomes ``sel`` (with the old set too when ``keep_old``); new weights'
+        current values (never trained, so the base's) join :attr:`base_values`."""
         indices = {}
         for n, p in self._params.items():
             old = self.trained[n].to(p.device)
-            union = torch.cat([old, sel[n].to(p.device)]).unique()  # sorted
-            values = gather(p.detach(), union)
-            at_new, at_old = carried(old, union)
-            self.base_values[n] = values.index_copy_(0, at_new, self.base_values[n].index_select(0, at_old))
-            indices[n] = union
+            now = torch.cat([old, sel[n].to(p.device)]).unique() if keep_old else sel[n].to(p.device)  # sorted
+            values = gather(p.detach(), now)
+            at_new, at_old = carried(old, now)
+            self._base[n] = values.index_copy_(0, at_new, self._base[n].index_select(0, at_old))
+            indices[n] = now
         t = self.trained
         self.trained = Selection(indices, t.shapes, rho=t.rho, criterion=t.criterion, scope=t.scope, threshold=None)
+
+
+def _check_int(what: str, value, low: int, high: int | None = None) -> None:
+    """ValueError naming ``what`` unless ``value`` is an int in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"Reselector: {what} must be an integer {bound}, got {value!r}")

@@ -79,7 +79,7 @@ def test_reselection_equals_the_oracle_on_summed_gradients():
             assert moved.added > 0
     for n, p in bag.named_parameters():
         assert resel.trained[n].tolist() == sorted(union[n]), n
-        assert torch.equal(resel.base_values[n], init[n][resel.trained[n]]), n
+        assert torch.equal(resel.base_values.get(n, init[n][:0]), init[n][resel.trained[n]]), n
         out = torch.ones(p.numel(), dtype=torch.bool)
         out[resel.trained[n]] = False
         assert torch.equal(p.detach()[out], init[n][out]), f"{n}: a weight never trained changed"
@@ -107,3 +107,66 @@ def test_bad_arguments():
     other.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ValueError, match=r"trainable parameters \['extra'\] of the model are not in"):
         gk.Reselector(opt, other, every=2)
+
+
+def _mask(sel, bag):
+    return {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, sel[n].cpu(), True)
+            for n, p in bag.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_spiel_drops_the_least_moved_and_regrows_by_summed_gradient(dtype):
+    """every=2, accumulate=2, initial_rate=0.5 over 10 steps: at step s, r = floor(0.5 (1 - s/10) k)
+    leave and join; the set keeps exactly k; the kept weights are the float64 oracle's k - r
+    largest |theta - theta0| of the set, the joining ones its r largest |g_{s-1} + g_s| outside
+    it; dropped weights are back at theta0 bit for bit; the delta holds exactly the final set and
+    applied to the base gives the tuned model bit for bit."""
+    bag = make_bag(SIZES, dtype)
+    sel = gk.select_mask(bag, rho=0.1, criterion="saft")
+    k = sel.num_selected
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2)
+    init = copy.deepcopy(bag)
+    resel = gk.Reselector(opt, bag, every=2, accumulate=2, method="spiel", total_steps=10, initial_rate=0.5)
+    gen = torch.Generator().manual_seed(8)
+    summed, counts = None, []
+    for step in range(1, 11):
+        grads = _grads(bag, gen)
+        _step(bag, opt, grads)
+        summed = {n: g.float() for n, g in grads.items()} if step % 2 else {n: summed[n] + grads[n] for n in grads}
+        if step % 2:
+            assert resel.step() is None
+            continue
+        old = opt.selection
+        r = int(0.5 * (1 - step / 10) * k)
+        moved = {n: p.detach().float() - q.detach().float() for (n, p), q in zip(bag.named_parameters(), init.parameters())}
+        keep, _ = oracle_selection(bag, criterion="saft", k=k - r, grads=moved, allowed=_mask(old, bag))
+        outside = {n: ~m for n, m in _mask(old, bag).items()}
+        grow, _ = oracle_selection(bag, criterion="saft", k=r, grads=summed, allowed=outside)
+        result = resel.step()
+        counts.append((result.added, result.dropped))
+        assert opt.selection.num_selected == k
+        for (n, p), q in zip(bag.named_parameters(), init.parameters()):
+            want = torch.cat([keep[n], grow[n]]).sort().values
+            assert torch.equal(opt.selection[n], want), f"step {step} {n}"
+            dropped = old[n][~torch.isin(old[n], keep[n])]
+            assert torch.equal(p.detach()[dropped], q.detach()[dropped]), f"step {step} {n}: not back at theta0"
+    assert counts == [(int(0.5 * (1 - s / 10) * k),) * 2 for s in (2, 4, 6, 8, 10)]
+    assert [h["rate"] for h in resel.history] == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
+    assert all(torch.equal(resel.trained[n], opt.selection[n]) for n in opt.selection)
+    delta = make_delta(bag, resel.trained, resel.base_values)
+    assert {n: t.indices.tolist() for n, t in delta.tensors.items()} == {n: i.tolist() for n, i in opt.selection.items() if i.numel()}
+    from gallop_kernels.delta import apply_delta
+
+    apply_delta(init, delta)
+    for (n, p), q in zip(bag.named_parameters(), init.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_spiel_arguments():
+    bag, opt = _setup(0.1, 1e-2)
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1, got None"):
+        gk.Reselector(opt, bag, every=2, method="spiel")
+    with pytest.raises(ValueError, match=r"initial_rate must be a number in \[0, 1\], got 1.5"):
+        gk.Reselector(opt, bag, every=2, method="spiel", total_steps=10, initial_rate=1.5)
+    with pytest.raises(ValueError, match="unknown method 'rigl'"):
+        gk.Reselector(opt, bag, every=2, method="rigl")
