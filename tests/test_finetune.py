@@ -155,6 +155,46 @@ def test_gallop_reselection_reports_each_and_its_delta_covers_every_trained_weig
         assert torch.equal(p, q), n
 
 
+@needs_data
+def test_compare_runs_spiel_on_the_linear_layers(tiny_dir, tmp_path, capsys):
+    """gallop compare --methods spiel: SpIEL's schedule (rate 0.5 at step 0 falling to 0 at step 4,
+    a re-selection every 2 steps) on the q, k, v, o, gate, up, down projections only; the run
+    through the API trains exactly those weights, its delta holds exactly the final set, and base +
+    delta is the tuned model bit for bit."""
+    out = tmp_path / "cmp"
+    spiel = ["--reselection-steps", "2", "--selection-accumulation-steps", "1", "--initial-reselection-rate", "0.5"]
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "spiel,gallop", "--rhos", "0.05",
+            "--eval-tasks", "piqa", "--out", str(out), *FEW, "--steps", "4", "--eval-mode", "loglik", *spiel]
+    assert cli.main(args) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["spiel", "gallop"]
+    model = models.load(tiny_dir)[0]
+    names = [n for n, _ in model.named_parameters() if n.split(".")[-2] in train.SPIEL_TARGETS]
+    targets = sum(model.get_parameter(n).numel() for n in names)
+    k = round(0.05 * targets)
+    assert runs[0]["trainable"] == k and runs[1]["reselections"] is None
+    assert [(r["step"], r["rate"], r["added"], r["dropped"]) for r in runs[0]["reselections"]] == [
+        (2, 0.25, int(0.25 * k), int(0.25 * k)), (4, 0.0, 0, 0)]
+    assert "| spiel | 0.05 | piqa |" in (out / "compare.md").read_text()
+
+    train_cfg = train.TrainConfig(steps=4, batch_size=4, lr=1e-2, rho=0.05, max_len=128, spiel_every=2,
+                                  spiel_accumulate=1, spiel_initial_rate=0.5)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             modes=("loglik",))
+    run = pipeline.finetune_job("piqa", None, "spiel", train_cfg, job, log=lambda *_: None)
+    sel = run.train.selection
+    assert sel.num_selected == k and set(run.train.base_values) <= set(names)
+    assert all(p.requires_grad for p in run.model.parameters())  # the freezing is undone
+    d = delta.make_delta(run.model, sel, run.train.base_values)
+    assert d.num_weights == k
+    base = models.load(tiny_dir)[0]
+    moved = {n for (n, p), q in zip(run.model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
+    assert moved and moved <= set(names)
+    delta.apply_delta(base, d)
+    for (n, p), (_, q) in zip(run.model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(dtype)
@@ -511,6 +551,10 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["finetune", "--reselect-every", "2", "--criterion", "saft"], "it needs the gallop criterion or method"),
         (["compare", "--reselect-every", "2", "--methods", "lora"], "it needs the gallop criterion or method"),
         (["finetune", "--reselect-every", "2", "--compact-grads"], "the dense gradients that --compact-grads frees"),
+        (["finetune", "--reselection-steps", "4"], "--reselection-steps is an option of the spiel method"),
+        (["compare", "--methods", "spiel", "--selection-accumulation-steps", "21"], "must be at most --reselection-steps (20)"),
+        (["finetune", "--criterion", "spiel", "--compact-grads"], "spiel needs the dense gradients"),
+        (["finetune", "--criterion", "spiel", "--initial-reselection-rate", "2"], "the rate must be in [0, 1], got 2.0"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):

@@ -19,7 +19,7 @@ from ..markdown import table
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from ..reference import GRADIENT_CRITERIA
 from . import models
-from .choices import BASELINES
+from .choices import BASELINES, RESELECTING
 from ..errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
@@ -49,7 +49,7 @@ def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> Memor
     if method == "dora":  # LoRA's row: DoRA's magnitude vector per adapted projection is left out
         return replace(lora, method=lora.method.replace("LoRA", "DoRA"))
     row = compact if cfg.compact_grads else dense
-    if method not in GRADIENT_CRITERIA:  # data-free criteria estimate no gradient
+    if method not in (*GRADIENT_CRITERIA, *RESELECTING):  # data-free criteria estimate no gradient
         row = replace(row, estimation=0)
     return replace(row, method=f"{method} rho={cfg.rho:g}" + (", compact grads" if cfg.compact_grads else ""))
 
