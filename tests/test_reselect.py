@@ -257,6 +257,10 @@ def test_selection_of_another_model_is_refused_and_nothing_changes():
     bad["w1"] = torch.tensor([5, 3])
     cases.append((gk.Selection(bad, sels[1].shapes, rho=0.1, criterion="random", scope="global", threshold=None),
                   r"reselect: parameter 'w1': selection indices must be sorted and unique"))
+    far = dict(sels[1])
+    far["w0"] = torch.tensor([0, 97])
+    cases.append((gk.Selection(far, sels[1].shapes, rho=0.1, criterion="random", scope="global", threshold=None),
+                  r"reselect: parameter 'w0': selection index out of range \[0, 97\)"))
     for sel, match in cases:
         with pytest.raises((ValueError, TypeError), match=match) as info:
             opt.reselect(sel)

@@ -1,11 +1,13 @@
 """Moving a SparseAdamW to a new Selection of the same parameters (:meth:`SparseAdamW.reselect`).
 
-Per parameter, one ``searchsorted`` of the new sorted indices in the old ones
-finds the entries that stay (O(k log k), no loop over weights); their state is
-copied bit for bit with one ``index_copy_`` per state tensor, the joining
-entries start at zero moments with a master copy of the current weight, and
-the old tensors are dropped. Step counters go on: a parameter's count is copied
-into the new device buffer, or kept aside while nothing of it is selected.
+All parameters of a device at once: their sorted indices, offset by each
+parameter's place in a concatenation, are one sorted list, so one ``searchsorted``
+of the new list in the old finds the entries that stay (O(k log k), no loop over
+weights, no host sync but one for the counts), and one ``torch.where`` per state key
+copies their state bit for bit, starts the joining entries at zero moments (master
+copy: the current weight) and drops the rest; each parameter's new state is a slice
+of that key's buffer. Step counters go on: a parameter's count is copied into the
+new device buffer, or kept aside while nothing of it is selected.
 """
 
 from __future__ import annotations
@@ -49,34 +51,77 @@ def carried(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return at_new, pos[at_new]
 
 
-def moved_state(state: dict, param: torch.Tensor, new: torch.Tensor, at_new: torch.Tensor, at_old: torch.Tensor) -> dict:
-    """``state`` (exp_avg, exp_avg_sq, [max_exp_avg_sq], [master_param]) moved to indices ``new``:
-    entries ``at_old`` are copied to ``at_new``; the others are zero, the master copy of a
-    joining entry is the current weight. ``step`` and other keys are left to the caller."""
-    out = {"indices": new}
-    for key in _MOMENT_KEYS:
-        if key in state:
-            out[key] = torch.zeros(new.numel(), dtype=torch.float32, device=new.device).index_copy_(
-                0, at_new, state[key].index_select(0, at_old))
-    if "master_param" in state:
-        master = gather(param.detach(), new).float()  # a fresh tensor: the joining entries' weights
-        out["master_param"] = master.index_copy_(0, at_new, state["master_param"].index_select(0, at_old))
-    return out
+def _positions(indices: list[torch.Tensor], numels: list[int], device: torch.device) -> torch.Tensor:
+    """Each parameter's flat indices offset by the weights of the parameters before it: one list,
+    sorted when each parameter's indices are (and in range)."""
+    counts = torch.tensor([i.numel() for i in indices], device=device)
+    sizes = torch.tensor(numels, device=device)
+    offsets = torch.repeat_interleave(sizes.cumsum(0) - sizes, counts, output_size=sum(i.numel() for i in indices))
+    return torch.cat(indices) + offsets
 
 
 def check(opt, selection: Selection) -> None:
-    """Raise, with one line naming the problem, unless ``opt`` can move to ``selection``."""
+    """Raise, with one line naming the problem, unless ``opt`` can move to ``selection``:
+    host checks per parameter, then one device check of all indices (order and range), and
+    the named per-parameter check only when that one fails."""
     if not isinstance(selection, Selection):
         raise TypeError(f"reselect: selection must be a gallop_kernels.Selection, got {type(selection).__name__}")
-    for p, name in opt._names.items():
-        try:
+    try:
+        for p, name in opt._names.items():
             selection.check_matches(name, p)
-            _check_indices(name, selection[name], local(p).numel())
-        except ValueError as err:
-            raise ValueError(f"reselect: {err}; a new selection must be of this optimizer's parameters") from None
+            idx = selection[name]
+            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+                _check_indices(name, idx, local(p).numel())
+        for dev, params in _by_device(opt).items():
+            idx = [selection[opt._names[p]].to(dev) for p in params]
+            numels = [local(p).numel() for p in params]
+            flat = torch.cat(idx)
+            limit = torch.repeat_interleave(torch.tensor(numels, device=dev), torch.tensor([i.numel() for i in idx], device=dev),
+                                            output_size=flat.numel())
+            pos = _positions(idx, numels, dev)
+            if bool(((flat < 0) | (flat >= limit)).any() | (pos[1:] <= pos[:-1]).any()):
+                for p, i, n in zip(params, idx, numels):
+                    _check_indices(opt._names[p], i, n)
+    except ValueError as err:
+        raise ValueError(f"reselect: {err}; a new selection must be of this optimizer's parameters") from None
     if opt._compact is not None and opt._compact.filled:
         raise RuntimeError("reselect: compact gradients of the current selection are pending; call reselect "
                            "after step() and zero_grad(), not between backward and step")
+
+
+def _by_device(opt) -> dict[torch.device, list[torch.Tensor]]:
+    """The optimizer's parameters grouped by the device of their (local) data, in order."""
+    out: dict[torch.device, list[torch.Tensor]] = {}
+    for p in opt._names:
+        out.setdefault(local(p).device, []).append(p)
+    return out
+
+
+def _move_states(opt, params: list[torch.Tensor], old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
+    """Move the state of ``params`` (one device) from indices ``old`` to ``new``; returns how many
+    entries stay (a 0-dim device tensor)."""
+    dev = new[0].device
+    numels = [local(p).numel() for p in params]
+    old_pos, new_pos = _positions(old, numels, dev), _positions(new, numels, dev)
+    if not old_pos.numel():
+        return torch.zeros((), dtype=torch.int64, device=dev)
+    at = torch.searchsorted(old_pos, new_pos).clamp_(max=old_pos.numel() - 1)
+    stays = old_pos[at] == new_pos
+    states = [opt.state.get(p) or {} for p in params]  # .get: opt.state is a defaultdict
+    sizes = [i.numel() for i in new]
+    for key in _MOMENT_KEYS + ("master_param",):
+        if not any(key in st for st in states):
+            continue
+        before = torch.cat([st[key] if key in st else torch.zeros(i.numel(), device=dev) for st, i in zip(states, old)])
+        if key == "master_param":  # a joining entry's master copy: its current weight
+            fresh = torch.cat([gather(p.detach(), i).float() for p, i in zip(params, new)])
+        else:
+            fresh = torch.zeros(new_pos.numel(), dtype=torch.float32, device=dev)
+        moved = torch.where(stays, before[at], fresh)
+        for st, t in zip(states, moved.split(sizes)):
+            if key in st:
+                st[key] = t
+    return stays.sum()
 
 
 @torch.no_grad()
@@ -84,7 +129,6 @@ def reselect(opt, selection: Selection) -> Moved:
     """Move ``opt`` (a SparseAdamW) to ``selection``; see :meth:`SparseAdamW.reselect`."""
     check(opt, selection)
     old_indices = dict(opt._indices)
-    moves = {p: carried(old_indices[p], selection[name].to(p.device)) for p, name in opt._names.items()}
     old_steps = {p: st["step"] for p, st in opt.state.items() if "step" in st}
     if opt._plan is not None:
         for launch in opt._plan.launches:
@@ -95,13 +139,16 @@ def reselect(opt, selection: Selection) -> Moved:
         if going_on:
             slots = torch.tensor([opt._slot[p] for p in going_on], device=dev)
             buf.index_copy_(0, slots, torch.stack([old_steps[p].reshape(()) for p in going_on]))
+    kept = []
+    for params in _by_device(opt).values():
+        kept.append(_move_states(opt, params, [old_indices[p] for p in params], [opt._indices[p] for p in params]))
     for p, step in old_steps.items():
         state = opt.state[p]
-        state.update(moved_state(state, p, opt._indices[p], *moves[p]))
+        state["indices"] = opt._indices[p]
         state["step"] = opt._step_views[p] if p in opt._step_views else step.clone()
     opt._plan = None
     opt._version += 1
-    kept = sum(at_new.numel() for at_new, _ in moves.values())
+    kept = int(sum(k.cpu() for k in kept))  # the one host sync
     new_total = sum(i.numel() for i in opt._indices.values())
     old_total = sum(i.numel() for i in old_indices.values())
     return Moved(kept, new_total - kept, old_total - kept)

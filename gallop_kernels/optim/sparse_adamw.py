@@ -180,7 +180,7 @@ class SparseAdamW(torch.optim.Optimizer):
         start as AdamW starts a weight (zero moments, master copy from the current
         weight) but with their parameter's ``step`` count, which goes on; dropped
         entries' state is freed. The weights are not touched: what a dropped weight
-        becomes is the caller's choice. O(k log k) work per parameter, the step is
+        becomes is the caller's choice. O(k log k) work (per device, all parameters at once), the step is
         re-planned once (at the next step), and compact-gradient buffers, step
         counters and ``state_dict`` follow the new selection (save
         ``opt.selection.state_dict()`` with it). Under FSDP2 each rank moves its own
