@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from .distributed import gather, scatter_
+from .distributed import GroupComm, dtensor_group, gather, local, scatter_
 from .optim import SparseAdamW
 from .optim.reselect import carried
 from .select import Selection, select_mask
@@ -143,7 +143,7 @@ class Reselector:
     def _spiel(self, old: Selection) -> tuple[Selection, dict]:
         """SpIEL's drop and regrow (see the module docstring); dropped weights are reset to theta0."""
         rate = self.rate(self.steps)
-        k = old.num_selected
+        k = self._over_ranks(old.num_selected)  # r and k - r count the whole set, on every rank
         r = int(rate * k)
         if r == 0:
             return old, {"rate": rate}
@@ -155,6 +155,14 @@ class Reselector:
             _, at_old = carried(old[n], dropped[n])
             scatter_(p.detach(), dropped[n], self._base[n].index_select(0, at_old))
         return keep | grow, {"rate": rate}
+
+    def _over_ranks(self, n: int) -> int:
+        """``n`` summed over the FSDP2 ranks (``n`` itself in one process)."""
+        params = list(self._params.values())
+        group = dtensor_group(params)
+        if group is None:
+            return n
+        return int(GroupComm(group).all_sum(torch.tensor([n], device=local(params[0]).device))[0])
 
     @torch.no_grad()
     def _track(self, sel: Selection, keep_old: bool) -> None:

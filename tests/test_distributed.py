@@ -193,6 +193,43 @@ def test_fsdp2_reselect_each_rank_moves_its_shards(tmp_path):
     _spawn(_fsdp_reselect_worker, tmp_path)
 
 
+def _spiel(model, batches_of, steps):
+    """SpIEL on ``model``: magnitude selection at rho 0.3, a re-selection every 2 steps."""
+    sel = gk.select_mask(model, rho=0.3, criterion="magnitude")
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=1e-2)
+    resel = gk.Reselector(opt, model, every=2, method="spiel", total_steps=steps, initial_rate=0.5)
+    for step in range(steps):
+        _loss(model, batches_of(step)).backward()
+        opt.step()
+        resel.step()
+        opt.zero_grad()
+    return opt, resel
+
+
+def _fsdp_spiel_worker(rank):
+    """SpIEL on 2 ranks (not bit-equal to one process: near-ties in |theta - theta0| after a few
+    Adam steps flip with the gradients' reduction order): each re-selection replaces
+    floor(rate * k) of the whole set, k stays, weights outside the final set are at theta0."""
+    sharded = _fsdp(_model())
+    init = [p.full_tensor().detach().clone() for p in sharded.parameters()]
+    opt, resel = _spiel(sharded, lambda s: _rank_batch(s, rank), 6)
+    k = gdist.GroupComm().all_sum(torch.tensor([opt.selection.num_selected]))
+    counts = torch.tensor([[h["added"], h["dropped"]] for h in resel.history])
+    dist.all_reduce(counts)
+    want = [int(0.5 * (1 - s / 6) * int(k)) for s in (2, 4, 6)]
+    assert counts.tolist() == [[r, r] for r in want] and want[0] > 0
+    named = list(sharded.named_parameters())
+    starts = gdist.shard_starts([p for _, p in named], None)
+    for (n, p), p0, start in zip(named, init, starts):
+        final = gdist.GroupComm().all_cat(opt.selection[n] + start)
+        outside = torch.ones(p0.numel(), dtype=torch.bool).index_fill_(0, final, False)
+        assert torch.equal(p.full_tensor().detach().reshape(-1)[outside], p0.reshape(-1)[outside]), n
+
+
+def test_fsdp2_spiel_counts_the_whole_set(tmp_path):
+    _spawn(_fsdp_spiel_worker, tmp_path)
+
+
 def _fsdp_resume_worker(rank, ckpt):
     import torch.distributed.checkpoint as dcp
 
