@@ -37,16 +37,18 @@ def scaled_shapes(scale: int) -> list[tuple[int, ...]]:
 
 
 def replaced(sel: gk.Selection, share: float, gen: torch.Generator) -> gk.Selection:
-    """``sel`` with ``share`` of each tensor's entries swapped for as many random unselected ones."""
+    """``sel`` with ``share`` of each tensor's entries swapped for as many random unselected ones
+    (O(k) work per tensor: rejection sampling, not a permutation of the whole tensor)."""
     out = {}
     for name, idx in sel.items():
         n = int(torch.Size(sel.shapes[name]).numel())
         r = min(int(share * idx.numel()), n - idx.numel())
-        stay = idx[torch.randperm(idx.numel(), generator=gen, device="cpu")[r:].to(idx.device)]
-        free = torch.ones(n, dtype=torch.bool, device=idx.device)
-        free[idx] = False
-        pool = free.nonzero().squeeze(1)
-        join = pool[torch.randperm(pool.numel(), generator=gen, device="cpu")[:r].to(idx.device)]
+        stay = idx[torch.randperm(idx.numel(), generator=gen)[r:].to(idx.device)]
+        join = idx[:0]
+        while join.numel() < r:
+            cand = torch.randint(n, (2 * r + 16,), generator=gen).to(idx.device)
+            join = torch.cat([join, cand[~torch.isin(cand, idx)]]).unique()
+        join = join[torch.randperm(join.numel(), generator=gen)[:r].to(idx.device)]
         out[name] = torch.cat([stay, join]).sort().values
     return gk.Selection(out, sel.shapes, rho=sel.rho, criterion=sel.criterion, scope=sel.scope, threshold=None)
 
