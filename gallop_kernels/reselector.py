@@ -36,7 +36,7 @@ import torch
 
 from .distributed import GroupComm, dtensor_group, gather, local, scatter_
 from .optim import SparseAdamW
-from .optim.reselect import carried
+from .optim.reselect import matches
 from .select import Selection, select_mask
 
 METHODS = ("gallop", "spiel")
@@ -152,8 +152,8 @@ class Reselector:
         grow = select_mask(self.model, self._sum, k=r, criterion="saft", exclude=old, backend=self.backend)
         dropped = old - keep
         for n, p in self._params.items():  # back to theta0, bit for bit
-            _, at_old = carried(old[n], dropped[n])
-            scatter_(p.detach(), dropped[n], self._base[n].index_select(0, at_old))
+            _, at = matches(old[n], dropped[n])  # every dropped weight is in old
+            scatter_(p.detach(), dropped[n], self._base[n][at])
         return keep | grow, {"rate": rate}
 
     def _over_ranks(self, n: int) -> int:
@@ -172,9 +172,11 @@ class Reselector:
         for n, p in self._params.items():
             old = self.trained[n].to(p.device)
             now = torch.cat([old, sel[n].to(p.device)]).unique() if keep_old else sel[n].to(p.device)  # sorted
-            values = gather(p.detach(), now)
-            at_new, at_old = carried(old, now)
-            self._base[n] = values.index_copy_(0, at_new, self._base[n].index_select(0, at_old))
+            fresh = gather(p.detach(), now)
+            if old.numel():
+                stays, at = matches(old, now)
+                fresh = torch.where(stays, self._base[n][at], fresh)
+            self._base[n] = fresh
             indices[n] = now
         t = self.trained
         self.trained = Selection(indices, t.shapes, rho=t.rho, criterion=t.criterion, scope=t.scope, threshold=None)

@@ -37,18 +37,14 @@ class Moved(NamedTuple):
         return self.added / total if total else 0.0
 
 
-def carried(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in ``new``, positions in ``old``) of the indices both hold.
-
-    old, new: sorted unique 1-D int64 indices on one device. O(len(new) log len(old)).
-    """
-    if not old.numel() or not new.numel():
-        empty = torch.empty(0, dtype=torch.int64, device=new.device)
-        return empty, empty
-    pos = torch.searchsorted(old, new)
-    hit = old[pos.clamp(max=old.numel() - 1)] == new
-    at_new = hit.nonzero().squeeze(1)
-    return at_new, pos[at_new]
+def matches(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each index of ``new``: whether ``old`` holds it (bool), and its position in ``old``
+    (int64; meaningful only where it does). old, new: sorted unique 1-D int64 indices on one
+    device. O(len(new) log len(old)), no host sync."""
+    if not old.numel():
+        return torch.zeros_like(new, dtype=torch.bool), torch.zeros_like(new)
+    at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    return old[at] == new, at
 
 
 def _positions(indices: list[torch.Tensor], numels: list[int], device: torch.device) -> torch.Tensor:
@@ -103,10 +99,9 @@ def _move_states(opt, params: list[torch.Tensor], old: list[torch.Tensor], new: 
     dev = new[0].device
     numels = [local(p).numel() for p in params]
     old_pos, new_pos = _positions(old, numels, dev), _positions(new, numels, dev)
-    if not old_pos.numel():
+    if not old_pos.numel():  # nothing to carry (before the first step the state is empty too)
         return torch.zeros((), dtype=torch.int64, device=dev)
-    at = torch.searchsorted(old_pos, new_pos).clamp_(max=old_pos.numel() - 1)
-    stays = old_pos[at] == new_pos
+    stays, at = matches(old_pos, new_pos)
     states = [opt.state.get(p) or {} for p in params]  # .get: opt.state is a defaultdict
     sizes = [i.numel() for i in new]
     for key in _MOMENT_KEYS + ("master_param",):
