@@ -58,6 +58,12 @@ def usable_backend(backend: str) -> str:
     return backend
 
 
+def on_backend_device(model: nn.Module, backend: str) -> nn.Module:
+    """``model`` (with its .grad) where ``backend`` runs: Triton on CUDA when there is a GPU
+    (on the CPU only through the interpreter), the others on the CPU."""
+    return model.to("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def make_bag(sizes, dtype=torch.float32, gen=None, shapes=None) -> Bag:
     """Random weights and gradients (stored in .grad) for parameters of the given sizes."""
     gen = gen or torch.Generator().manual_seed(1234)

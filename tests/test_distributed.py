@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import Bag
+from helpers import Bag, oracle_selection
 
 import gallop_kernels as gk
 from gallop_kernels import distributed as gdist
@@ -67,9 +67,7 @@ def _selection_worker(rank, cases):
     _loss(model, _batch()).backward()
     named = [(n, p) for n, p in model.named_parameters()]
     starts = gdist.shard_starts([p for _, p in named], None)
-    full = Bag([p.full_tensor().detach().clone() for _, p in named], [n.replace(".", "_") for n, _ in named])
-    for (_, p), q in zip(named, full.parameters()):
-        q.grad = p.grad.full_tensor()
+    full = _full_copy(named)
     for criterion, scope, rho, tie_cap in cases:
         select._TOPK_BACKENDS["reference"] = functools.partial(
             reference.topk_keys, config=radix.Config(candidate_cap=tie_cap))
@@ -100,6 +98,77 @@ def test_fsdp2_union_of_rank_selections_equals_one_process(tmp_path):
         ("saft", "per_tensor", 0.5, 3),
     ]
     _spawn(_selection_worker, tmp_path, cases)
+
+
+def _full_copy(named):
+    """A one-process Bag of the full parameters and gradients of FSDP2 ``named`` parameters."""
+    full = Bag([p.full_tensor().detach().clone() for _, p in named], [n.replace(".", "_") for n, _ in named])
+    for (_, p), q in zip(named, full.parameters()):
+        q.grad = p.grad.full_tensor()
+    return full
+
+
+def _restricted_worker(rank, tie_cap):
+    """Restricted selections over FSDP2 shards: the union of the ranks' selections equals one
+    process's selection on the full model and the float64 sort on the competing weights."""
+    config = radix.Config(candidate_cap=tie_cap)
+    select._TOPK_BACKENDS["reference"] = functools.partial(reference.topk_keys, config=config)
+    model = _fsdp(_model())
+    _loss(model, _batch()).backward()
+    named = list(model.named_parameters())
+    for _, p in named:  # |sign(g)| is 0 or 1: ties across tensors and ranks everywhere
+        p.grad.to_local().copy_(p.grad.to_local().sign())
+    starts = gdist.shard_starts([p for _, p in named], None)
+    full = _full_copy(named)
+    fnames = [n for n, _ in full.named_parameters()]
+
+    def to_full(sel):  # this rank's shard indices -> the full model's, over all ranks
+        return {f: _union_over_ranks(sel[n] + start) for (n, _), start, f in zip(named, starts, fnames)}
+
+    def mask(idx):
+        return {f: torch.zeros(q.numel(), dtype=torch.bool).index_fill_(0, idx[f], True)
+                for f, q in full.named_parameters()}
+
+    trained = gk.select_mask(model, rho=0.3, criterion="magnitude")
+    other = gk.select_mask(model, rho=0.2, criterion="saft")
+    t_full, o_full = to_full(trained), to_full(other)
+    t_mask, o_mask = mask(t_full), mask(o_full)
+    compact = {n: p.to_local().detach().reshape(-1)[trained[n]] - 1.0 for n, p in named}  # e.g. theta - theta0
+    cases = [  # (select_mask keywords on the shards, on the full model, the competing weights)
+        (dict(among=trained, k=9), dict(among=t_full, k=9), t_mask),
+        (dict(exclude=trained, k=9), dict(exclude=t_full, k=9), {f: ~m for f, m in t_mask.items()}),
+        (dict(among=trained, exclude=other, rho=0.5), dict(among=t_full, exclude=o_full, rho=0.5),
+         {f: m & ~o_mask[f] for f, m in t_mask.items()}),
+        (dict(exclude=other, rho=0.4, scope="per_tensor"), dict(exclude=o_full, rho=0.4, scope="per_tensor"),
+         {f: ~m for f, m in o_mask.items()}),
+    ]
+    for shard_kw, full_kw, allowed in cases:
+        sel = gk.select_mask(model, criterion="saft", **shard_kw)
+        want = gk.select_mask(full, criterion="saft", **full_kw)
+        oracle, thr = oracle_selection(full, full_kw.get("rho"), "saft", full_kw.get("scope", "global"),
+                                       k=full_kw.get("k"), allowed=allowed)
+        got = to_full(sel)
+        for f in fnames:
+            assert torch.equal(got[f], want[f]) and torch.equal(want[f], oracle[f]), (shard_kw.keys(), f)
+        values = [(list(t.values()) if isinstance(t, dict) else t) for t in (sel.threshold, want.threshold, thr)]
+        assert values[0] == values[1] == values[2], shard_kw.keys()  # per_tensor: dicts under each model's names
+    # a compact gradient (one value per index of among) on the shards: drop by |theta - theta0|
+    keep = gk.select_mask(model, compact, k=trained_total(trained) - 5, criterion="saft", among=trained)
+    dense = {f: q.detach() - 1.0 for f, q in full.named_parameters()}
+    want, thr = oracle_selection(full, criterion="saft", k=sum(int(m.sum()) for m in t_mask.values()) - 5,
+                                 grads=dense, allowed=t_mask)
+    got = to_full(keep)
+    assert all(torch.equal(got[f], want[f]) for f in fnames) and keep.threshold == thr
+
+
+def trained_total(sel) -> int:
+    """How many weights ``sel`` holds over all ranks."""
+    return int(gdist.GroupComm().all_sum(torch.tensor([sel.num_selected]))[0])
+
+
+@pytest.mark.parametrize("tie_cap", [radix.DEFAULT.candidate_cap, 3], ids=["candidates", "tie-quotas"])
+def test_fsdp2_restricted_selections_equal_one_process(tmp_path, tie_cap):
+    _spawn(_restricted_worker, tmp_path, tie_cap)
 
 
 def _ddp_selection_worker(rank):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from helpers import (ADVERSARIAL, DTYPES, FLT_MAX, FLT_MAX_PAIRS, OVERFLOW_PAIRS, SELECTION_BACKENDS, SIZES, Bag,
-                     adversarial_bag, bag_of, make_bag, oracle_selection, usable_backend)
+                     adversarial_bag, bag_of, make_bag, on_backend_device, oracle_selection, usable_backend)
 
 import gallop_kernels as gk
 from gallop_kernels import keys, radix, reference, select
@@ -17,7 +17,7 @@ def assert_same_selection(sel, expected, thr):
     assert set(sel) == set(expected)
     for name, idx in expected.items():
         assert sel[name].dtype == torch.int64
-        assert torch.equal(sel[name], idx), f"{name}: {sel[name].tolist()[:10]} != {idx.tolist()[:10]}"
+        assert torch.equal(sel[name].cpu(), idx), f"{name}: {sel[name].tolist()[:10]} != {idx.tolist()[:10]}"
     assert sel.threshold == thr
 
 
@@ -146,6 +146,7 @@ def test_scores_at_flt_max_are_selected(backend, dtype):
         for i, (gv, tv) in enumerate(pairs):
             g[10 * i + 3], t[10 * i + 3] = gv, -tv
     bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    bag = on_backend_device(bag, backend)
     for k in (1, len(pairs), 2 * len(pairs), 40):
         sel = gk.select_mask(bag, rho=k / 3097, backend=backend)
         expected, thr = oracle_selection(bag, k / 3097)
@@ -169,6 +170,7 @@ def test_score_overflowing_to_inf_raises(backend, dtype, pair):
     grads = [torch.randn(3000, generator=gen), torch.randn(97, generator=gen)]
     grads[1][41], thetas[1][41] = -gv, tv
     bag = bag_of([t.to(DTYPES[dtype]) for t in thetas], [g.to(DTYPES[dtype]) for g in grads])
+    bag = on_backend_device(bag, backend)
     assert torch.isfinite(bag.w1.detach()).all() and torch.isfinite(bag.w1.grad).all()
     with pytest.raises(ValueError, match=r"parameter 'w1': gallop score is Inf at flat index 41 "):
         gk.select_mask(bag, rho=0.01, backend=backend)

@@ -4,7 +4,7 @@ recipe (SpIEL); Selection | and -; bad input."""
 
 import pytest
 import torch
-from helpers import SELECTION_BACKENDS, adversarial_bag, make_bag, oracle_selection, usable_backend
+from helpers import SELECTION_BACKENDS, adversarial_bag, make_bag, on_backend_device, oracle_selection, usable_backend
 
 import gallop_kernels as gk
 
@@ -29,7 +29,7 @@ def _mask(bag, idx: dict[str, torch.Tensor], default: bool) -> dict[str, torch.T
     out = {}
     for n, p in bag.named_parameters():
         m = torch.full((p.numel(),), default and n not in idx)
-        m[idx.get(n, torch.empty(0, dtype=torch.int64))] = True
+        m[idx.get(n, torch.empty(0, dtype=torch.int64)).cpu()] = True
         out[n] = m
     return out
 
@@ -50,7 +50,7 @@ def assert_same(sel, expected, thr):
     assert set(sel) == set(expected)
     for name, idx in expected.items():
         assert sel[name].dtype == torch.int64
-        assert torch.equal(sel[name], idx), f"{name}: {sel[name].tolist()[:10]} != {idx.tolist()[:10]}"
+        assert torch.equal(sel[name].cpu(), idx), f"{name}: {sel[name].tolist()[:10]} != {idx.tolist()[:10]}"
     assert sel.threshold == thr
 
 
@@ -60,7 +60,7 @@ def assert_same(sel, expected, thr):
 @pytest.mark.parametrize("criterion", ["gallop", "saft", "pafi"])
 def test_matches_full_sort_on_the_competing_weights(backend, kind, which, criterion):
     backend = usable_backend(backend)
-    bag = _bag(kind)
+    bag = on_backend_device(_bag(kind), backend)
     kw, allowed = _restriction(bag, which)
     n = sum(int(m.sum()) for m in allowed.values())
     for k in (0, 1, 37, n // 2, n):
@@ -75,7 +75,7 @@ def test_matches_full_sort_on_the_competing_weights(backend, kind, which, criter
 @pytest.mark.parametrize("backend", SELECTION_BACKENDS)
 def test_restricted_to_everything_is_unrestricted(backend):
     backend = usable_backend(backend)
-    bag = adversarial_bag("ties", torch.float32, SIZES)
+    bag = on_backend_device(adversarial_bag("ties", torch.float32, SIZES), backend)
     everything = {n: torch.arange(p.numel()) for n, p in bag.named_parameters()}
     nothing = {n: torch.empty(0, dtype=torch.int64) for n, _ in bag.named_parameters()}
     plain = gk.select_mask(bag, rho=0.2, backend=backend)
@@ -88,7 +88,7 @@ def test_compact_gradients_equal_dense_ones(backend):
     """With among, a gradient may hold one value per index of among[name]; a parameter
     among does not name needs no gradient at all."""
     backend = usable_backend(backend)
-    bag = adversarial_bag("ties", torch.float32, SIZES)
+    bag = on_backend_device(adversarial_bag("ties", torch.float32, SIZES), backend)
     among = _subset(bag, 0.4, 3, skip="w1")
     dense = gk.select_mask(bag, k=200, among=among, backend=backend)
     compact = {n: bag.get_parameter(n).grad.reshape(-1)[i] for n, i in among.items()}
@@ -103,14 +103,14 @@ def test_drop_and_regrow(backend):
     """SpIEL's step as README writes it: keep the trained weights whose change |theta - theta0|
     is largest (drop the n smallest), regrow n untrained weights by |g|; ties in both."""
     backend = usable_backend(backend)
-    bag = make_bag(SIZES)
+    bag = on_backend_device(make_bag(SIZES), backend)
     theta0 = {n: p.detach().clone() for n, p in bag.named_parameters()}
     sel = gk.select_mask(bag, rho=0.05, backend=backend)
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():  # training moved the selected weights by one of 3 step sizes: many ties
         for n, p in bag.named_parameters():
-            p.view(-1)[sel[n]] += torch.randint(1, 4, (sel[n].numel(),), generator=gen).float() * 0.125
-            p.grad = torch.randint(0, 5, p.shape, generator=gen).float()
+            p.view(-1)[sel[n]] += torch.randint(1, 4, (sel[n].numel(),), generator=gen).float().to(p.device) * 0.125
+            p.grad = torch.randint(0, 5, p.shape, generator=gen).float().to(p.device)
     n_swap = 20
     delta = {n: p.detach().reshape(-1)[sel[n]] - theta0[n].reshape(-1)[sel[n]] for n, p in bag.named_parameters()}
     keep = gk.select_mask(bag, delta, k=sel.num_selected - n_swap, criterion="saft", among=sel, backend=backend)
@@ -122,8 +122,8 @@ def test_drop_and_regrow(backend):
                                     allowed=trained)
     want_grow, _ = oracle_selection(bag, criterion="saft", k=n_swap, allowed={n: ~m for n, m in trained.items()})
     for name in sel:
-        assert torch.equal(keep[name], want_keep[name]) and torch.equal(grow[name], want_grow[name]), name
-        assert torch.equal(new[name], torch.sort(torch.cat([want_keep[name], want_grow[name]])).values)
+        assert torch.equal(keep[name].cpu(), want_keep[name]) and torch.equal(grow[name].cpu(), want_grow[name]), name
+        assert torch.equal(new[name].cpu(), torch.sort(torch.cat([want_keep[name], want_grow[name]])).values)
     assert new.num_selected == sel.num_selected and (sel - keep).num_selected == n_swap
     assert (new - sel) == grow - sel and (new - sel).num_selected == n_swap
 
@@ -160,12 +160,13 @@ def test_k_is_exact_and_rho_counts_the_competing_weights():
 def test_bad_restrictions_name_themselves():
     bag = make_bag([10, 12])
     cases = [
-        (dict(among="w0"), TypeError, r"^among must be a Selection or a mapping of parameter name -> flat indices, got str"),
+        (dict(among="w0"), TypeError, r"^among must be a Selection or a mapping of parameter name -> flat indices"),
         (dict(exclude={"nope": torch.tensor([1])}), ValueError, r"^exclude names parameters that are not trainable "
                                                                 r"parameters of the model: \['nope'\]"),
         (dict(among={"w0": [1, 2]}), TypeError, r"^among\['w0'\] must be a tensor of flat indices, got list"),
-        (dict(among={"w0": torch.tensor([3, 1])}), ValueError, r"^parameter 'w0': among indices must be sorted and unique"),
-        (dict(exclude={"w1": torch.tensor([12])}), ValueError, r"^parameter 'w1': exclude index out of range \[0, 12\)"),
+        (dict(among={"w0": torch.tensor([3, 1])}), ValueError, r"^parameter 'w0': among indices must be sorted"),
+        (dict(exclude={"w1": torch.tensor([12])}), ValueError,
+         r"^parameter 'w1': exclude index out of range \[0, 12\)"),
         (dict(among={"w0": torch.tensor([1.0])}), ValueError, r"^parameter 'w0': among indices must be a 1-D int64"),
         (dict(among={"w0": torch.tensor([1])}, criterion="random"), ValueError,
          r"^criterion='random' does not take among="),

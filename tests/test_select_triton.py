@@ -6,7 +6,8 @@ A broken Triton fails this module at import: it is not a skip.
 
 import pytest
 import torch
-from helpers import ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_selection, oracle_topk, sources_of
+from helpers import (ADVERSARIAL, DTYPES, Bag, adversarial_bag, bag_of, make_bag, oracle_selection, oracle_topk,
+                     sources_of)
 
 import gallop_kernels as gk
 from gallop_kernels import _env, keys, radix, reference, select
@@ -32,7 +33,7 @@ def assert_same(model, rho, criterion, scope, **kw):
     oracle, thr = oracle_selection(model, rho, criterion, scope, grads=kw.get("grads"))
     for name in want:
         assert got[name].dtype == torch.int64
-        assert torch.equal(got[name].cpu(), oracle[name]), f"{name}: {got[name][:8].tolist()} != {oracle[name][:8].tolist()}"
+        assert torch.equal(got[name].cpu(), oracle[name]), f"{name}: {got[name][:8].tolist()} != {oracle[name][:8]}"
         assert torch.equal(want[name].cpu(), oracle[name])
     assert got.threshold == want.threshold == thr
     return got
