@@ -357,3 +357,13 @@ def test_amp_with_compact_gradients_across_a_reselect():
     for pid, st in opt.state_dict()["state"].items():
         for key, t in st.items():
             assert torch.equal(t, before["state"][pid][key]), key
+
+
+def test_indices_of_a_wrong_dtype_are_refused():
+    bag = make_bag(SIZES)
+    sels = _phases(bag)
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sels[0], **HYPER)
+    bad = dict(sels[1])
+    bad["w1"] = bad["w1"].float()
+    with pytest.raises(ValueError, match=r"reselect: parameter 'w1': selection indices must be a 1-D int64 tensor"):
+        opt.reselect(gk.Selection(bad, sels[1].shapes, rho=0.1, criterion="random", scope="global", threshold=None))

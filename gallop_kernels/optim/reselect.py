@@ -42,7 +42,8 @@ def matches(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.T
     (int64; meaningful only where it does). old, new: sorted unique 1-D int64 indices on one
     device. O(len(new) log len(old)), no host sync."""
     if not old.numel():
-        return torch.zeros_like(new, dtype=torch.bool), torch.zeros_like(new)
+        return torch.zeros_like(new, dtype=torch.bool), torch.zeros_like(new, dtype=torch.int64)
+    new = new.to(old.dtype)  # searchsorted wants one dtype (index lists may be int32 or int64)
     at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
     return old[at] == new, at
 
@@ -66,8 +67,9 @@ def check(opt, selection: Selection) -> None:
         for p, name in opt._names.items():
             selection.check_matches(name, p)
             idx = selection[name]
-            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
-                _check_indices(name, idx, local(p).numel())
+            if not isinstance(idx, torch.Tensor):
+                raise ValueError(f"parameter {name!r}: selection indices must be a tensor, got {type(idx).__name__}")
+            _check_indices(name, idx[:0], local(p).numel())  # dtype and shape only: no entries, no host sync
         for dev, params in _by_device(opt).items():
             idx = [selection[opt._names[p]].to(dev) for p in params]
             numels = [local(p).numel() for p in params]
