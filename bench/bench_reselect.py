@@ -94,7 +94,8 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--scale", type=int, default=None, help="divide every LLaMA-3-8B dimension by this (default 16 CPU, 1 CUDA)")
+    ap.add_argument("--scale", type=int, default=None,
+                    help="divide every LLaMA-3-8B dimension by this (default 16 on the CPU, 1 on CUDA)")
     ap.add_argument("--rho", type=float, default=0.01)
     ap.add_argument("--replace", type=float, default=0.2)
     ap.add_argument("--reps", type=int, default=5)

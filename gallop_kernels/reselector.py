@@ -68,7 +68,8 @@ class Reselector:
         _check_int("accumulate", accumulate, 1, every)
         if method == "spiel":
             _check_int("total_steps", total_steps, 1)
-            if isinstance(initial_rate, bool) or not isinstance(initial_rate, (int, float)) or not 0 <= initial_rate <= 1:
+            rate = initial_rate
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
                 raise ValueError(f"Reselector: initial_rate must be a number in [0, 1], got {initial_rate!r}")
         if opt.compact_grads:
             raise ValueError("Reselector: the optimizer has compact_grads=True, which frees the dense gradients "

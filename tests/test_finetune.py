@@ -136,7 +136,8 @@ def test_gallop_reselection_reports_each_and_its_delta_covers_every_trained_weig
     the base gives the tuned model bit for bit."""
     out = tmp_path / "run"
     assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--lr", "1e-2",
-                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--reselect-every", "1", "--out", str(out), *FEW]) == 0
+                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--reselect-every", "1", "--out", str(out),
+                     *FEW]) == 0
     assert "of the set changed" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert [r["step"] for r in report["reselections"]] == [1, 2, 3]
@@ -552,9 +553,11 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--reselect-every", "2", "--methods", "lora"], "it needs the gallop criterion or method"),
         (["finetune", "--reselect-every", "2", "--compact-grads"], "the dense gradients that --compact-grads frees"),
         (["finetune", "--reselection-steps", "4"], "--reselection-steps is an option of the spiel method"),
-        (["compare", "--methods", "spiel", "--selection-accumulation-steps", "21"], "must be at most --reselection-steps (20)"),
+        (["compare", "--methods", "spiel", "--selection-accumulation-steps", "21"],
+         "must be at most --reselection-steps (20)"),
         (["finetune", "--criterion", "spiel", "--compact-grads"], "spiel needs the dense gradients"),
-        (["finetune", "--criterion", "spiel", "--initial-reselection-rate", "2"], "the rate must be in [0, 1], got 2.0"),
+        (["finetune", "--criterion", "spiel", "--initial-reselection-rate", "2"],
+         "the rate must be in [0, 1], got 2.0"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):

@@ -79,7 +79,8 @@ class _Reference:
             p = getattr(self.bag, name)
             st = opt.state[p]
             with torch.no_grad():
-                c.copy_(st["master_param"].cpu() if "master_param" in st else p.detach().reshape(-1).cpu()[self.sel[name].cpu()].float())
+                now = st["master_param"] if "master_param" in st else p.detach().reshape(-1)[self.sel[name]]
+                c.copy_(now.cpu().float())
             c.grad = grads[name].reshape(-1)[self.sel[name].cpu()].float()
             start[name] = c.detach().clone()
         self.opt.step()
@@ -222,7 +223,8 @@ def test_checkpoint_after_reselect_resumes_exactly(tmp_path, backend):
     _train(bag2, opt2, gen2, 3)
     opt2.reselect(sels2[1])
     _train(bag2, opt2, gen2, 2)
-    torch.save({"model": bag2.state_dict(), "opt": opt2.state_dict(), "sel": opt2.selection.state_dict()}, tmp_path / "c.pt")
+    ckpt = {"model": bag2.state_dict(), "opt": opt2.state_dict(), "sel": opt2.selection.state_dict()}
+    torch.save(ckpt, tmp_path / "c.pt")
     ckpt = torch.load(tmp_path / "c.pt")
     bag3 = make_bag(SIZES, torch.bfloat16)
     bag3.load_state_dict(ckpt["model"])
@@ -248,8 +250,9 @@ def test_selection_of_another_model_is_refused_and_nothing_changes():
     before = copy.deepcopy(opt.state_dict())
     other = make_bag([97, 1024, 7, 0, 33])
     cases = [
-        (gk.select_mask(other, rho=0.1), r"reselect: parameter 'w1' has shape \(1025,\) but was selected with shape \(1024,\).*"
-                                         r"must be of this optimizer's parameters"),
+        (gk.select_mask(other, rho=0.1),
+         r"reselect: parameter 'w1' has shape \(1025,\) but was selected with shape \(1024,\).*"
+         r"must be of this optimizer's parameters"),
         (gk.select_mask(make_bag(SIZES[:3]), rho=0.1), r"reselect: parameter 'w3' is not in the selection"),
         ({"w0": sels[1]["w0"]}, r"reselect: selection must be a gallop_kernels.Selection, got dict"),
     ]

@@ -138,7 +138,8 @@ def test_spiel_drops_the_least_moved_and_regrows_by_summed_gradient(dtype):
             continue
         old = opt.selection
         r = int(0.5 * (1 - step / 10) * k)
-        moved = {n: p.detach().float() - q.detach().float() for (n, p), q in zip(bag.named_parameters(), init.parameters())}
+        moved = {n: p.detach().float() - q.detach().float()
+                 for (n, p), q in zip(bag.named_parameters(), init.parameters())}
         keep, _ = oracle_selection(bag, criterion="saft", k=k - r, grads=moved, allowed=_mask(old, bag))
         outside = {n: ~m for n, m in _mask(old, bag).items()}
         grow, _ = oracle_selection(bag, criterion="saft", k=r, grads=summed, allowed=outside)
@@ -154,7 +155,8 @@ def test_spiel_drops_the_least_moved_and_regrows_by_summed_gradient(dtype):
     assert [h["rate"] for h in resel.history] == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
     assert all(torch.equal(resel.trained[n], opt.selection[n]) for n in opt.selection)
     delta = make_delta(bag, resel.trained, resel.base_values)
-    assert {n: t.indices.tolist() for n, t in delta.tensors.items()} == {n: i.tolist() for n, i in opt.selection.items() if i.numel()}
+    final = {n: i.tolist() for n, i in opt.selection.items() if i.numel()}
+    assert {n: t.indices.tolist() for n, t in delta.tensors.items()} == final
     from gallop_kernels.delta import apply_delta
 
     apply_delta(init, delta)

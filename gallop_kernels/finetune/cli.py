@@ -168,14 +168,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="GaLLoP re-selection (gallop only; off by default): select again every N training steps, "
                         "by the GaLLoP score of the gradient summed over the last --reselect-batches steps")
     p.add_argument("--reselect-batches", type=_positive, default=None,
-                   help="training steps the re-selection's gradient is summed over (default 1, at most --reselect-every)")
+                   help="training steps the re-selection's gradient is summed over (default 1, at most "
+                        "--reselect-every)")
     p.add_argument("--reselection-steps", type=_positive, default=None,
                    help=f"spiel: steps between its re-selections (default {SPIEL_EVERY}, as the public SpIEL)")
     p.add_argument("--selection-accumulation-steps", type=_positive, default=None,
                    help=f"spiel: steps whose gradients its regrowth sums (default {SPIEL_ACCUMULATE}, at most "
                         "--reselection-steps)")
     p.add_argument("--initial-reselection-rate", type=_rate, default=None,
-                   help=f"spiel: share of the set replaced at step 0, falling linearly to 0 (default {SPIEL_INITIAL_RATE})")
+                   help=f"spiel: share of the set replaced at step 0, falling linearly to 0 "
+                        f"(default {SPIEL_INITIAL_RATE})")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")

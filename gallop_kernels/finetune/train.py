@@ -170,7 +170,8 @@ def checkpointing(model, on: bool) -> None:
 
 
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
-               progress: bool = True, desc: str = "train", after_step: Callable[[], object] | None = None) -> list[float]:
+               progress: bool = True, desc: str = "train",
+               after_step: Callable[[], object] | None = None) -> list[float]:
     """Train for one step per batch with the shared schedule; returns the loss of every step.
 
     ``after_step`` runs after every optimizer step, while the step's gradients are still there."""
@@ -342,7 +343,8 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
         raise ValueError(f"spiel needs spiel_every >= 1, 1 <= spiel_accumulate <= spiel_every, spiel_initial_rate in "
                          f"[0, 1] and compact_grads=False; got {cfg.spiel_every}, {cfg.spiel_accumulate}, "
                          f"{cfg.spiel_initial_rate}, {cfg.compact_grads}")
-    if cfg.reselect_every and (method != "gallop" or cfg.compact_grads or not 1 <= cfg.reselect_batches <= cfg.reselect_every):
+    batches_ok = 1 <= cfg.reselect_batches <= cfg.reselect_every
+    if cfg.reselect_every and (method != "gallop" or cfg.compact_grads or not batches_ok):
         raise ValueError(f"reselect_every={cfg.reselect_every} needs method 'gallop', compact_grads=False and "
                          f"1 <= reselect_batches <= reselect_every; got method {method!r}, compact_grads="
                          f"{cfg.compact_grads}, reselect_batches={cfg.reselect_batches}")

@@ -74,8 +74,8 @@ def check(opt, selection: Selection) -> None:
             idx = [selection[opt._names[p]].to(dev) for p in params]
             numels = [local(p).numel() for p in params]
             flat = torch.cat(idx)
-            limit = torch.repeat_interleave(torch.tensor(numels, device=dev), torch.tensor([i.numel() for i in idx], device=dev),
-                                            output_size=flat.numel())
+            counts = torch.tensor([i.numel() for i in idx], device=dev)
+            limit = torch.repeat_interleave(torch.tensor(numels, device=dev), counts, output_size=flat.numel())
             pos = _positions(idx, numels, dev)
             if bool(((flat < 0) | (flat >= limit)).any() | (pos[1:] <= pos[:-1]).any()):
                 for p, i, n in zip(params, idx, numels):
