@@ -86,8 +86,8 @@ def run(args) -> None:
         rows.append({"call": what, "ms": f"{p50:.1f} ({p20:.1f}-{p80:.1f})"})
     print_report(f"reselect, LLaMA-3-8B shapes / {args.scale} ({len(params)} tensors, {n:.3g} weights, "
                  f"k = {k:,}, {args.replace:.0%} replaced)", rows, device,
-                 notes=["reselect moves the state of every tensor (one searchsorted and one index_copy_ per state "
-                        "tensor) and rebuilds the step plan at the next step."])
+                 notes=["reselect moves the state of all tensors of a device at once (one searchsorted, one "
+                        "torch.where per state key); the step after it rebuilds the step plan."])
 
 
 def main(argv=None) -> None:
