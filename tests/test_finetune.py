@@ -196,6 +196,19 @@ def test_compare_runs_spiel_on_the_linear_layers(tiny_dir, tmp_path, capsys):
         assert torch.equal(p, q), n
 
 
+@needs_data
+def test_finetune_criterion_spiel(tiny_dir, tmp_path, capsys):
+    """gallop finetune --criterion spiel: a re-selection per step, the delta of exactly k weights."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--criterion", "spiel", "--rho", "0.05",
+                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--out", str(out), *FEW,
+                     "--reselection-steps", "1", "--selection-accumulation-steps", "1"]) == 0
+    assert "| spiel |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["step"] for r in report["reselections"]] == [1, 2, 3]
+    assert delta.load_delta(out / "delta.safetensors").num_weights == report["trainable"]
+
+
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(dtype)
