@@ -63,6 +63,7 @@ setup(
             "transformers>=4.46",
             "datasets>=3",
             "accelerate>=1.0",  # transformers.Trainer needs it
+            "trl>=1.16",  # tests of gallop_trainer(trl.SFTTrainer) (1.16.0 tested; the library does not need it)
         ],
         # gallop finetune / compare / apply (see README, "Fine-tuning and evaluating")
         "finetune": [

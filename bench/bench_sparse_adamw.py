@@ -47,7 +47,7 @@ import gallop_kernels as gk  # noqa: E402
 from gallop_kernels import backends  # noqa: E402
 from gallop_kernels.ops import sparse_adamw as launcher  # noqa: E402
 
-INDEX_BYTES = 8  # int64 flat indices, as Selection stores them
+INDEX_BYTES = 4  # int32 flat indices, as Selection stores them in tensors of fewer than 2^31 weights
 KERNEL = {"cpu": "host", "cuda": "cuda"}  # SparseAdamW backend that runs the compiled kernel on each device
 STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master
 

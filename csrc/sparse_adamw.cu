@@ -4,8 +4,9 @@
 // Entry space: rows of a segment in offset order, entries of a row
 // consecutive, so compact states (exp_avg, exp_avg_sq, master) are read and
 // written coalesced; only g[idx] and theta[idx] are gathers/scatters. Offsets
-// and indices are int64 throughout (a 2^31-element tensor is still updated;
-// see DeepSpeed#7640 for the int32 version of that bug).
+// and flat indices are int64 in the arithmetic (a 2^31-element tensor is still
+// updated; see DeepSpeed#7640 for the int32 version of that bug); a tensor of
+// fewer than 2^31 weights stores its index list as int32.
 #include <cuda_runtime.h>
 
 #include "gallop/sparse_adamw.h"

@@ -27,18 +27,28 @@ def local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if t is not None and is_dtensor(t) else t
 
 
+INT32_LIMIT = 2**31  # a tensor with this many weights or more needs int64 flat indices
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype of flat indices into a tensor of ``numel`` weights: int32 below 2^31
+    weights (half the memory of int64), else int64."""
+    return torch.int32 if numel < INT32_LIMIT else torch.int64
+
+
 def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """t.reshape(-1)[indices], a new tensor; a DTensor's indices address its local shard."""
     return local(t).reshape(-1)[indices]
 
 
 def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t and DTensor shards."""
+    """t.reshape(-1)[indices] = values, in place, also for non-contiguous t and DTensor shards
+    (int32 or int64 indices)."""
     t = local(t)
     if t.is_contiguous():
-        t.view(-1).index_copy_(0, indices, values.to(t.dtype))
+        t.view(-1)[indices] = values.to(t.dtype)
     else:
-        t[torch.unravel_index(indices, t.shape)] = values.to(t.dtype)
+        t[torch.unravel_index(indices.long(), t.shape)] = values.to(t.dtype)
 
 
 class GroupComm:

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .distributed import index_dtype
 from .markdown import table
 from .reference import num_to_select
 
 # The DoRA / LLM-Adapters commonsense recipe adapts these projections; the trainer uses the same list.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 STATE_BYTES = 4  # fp32 exp_avg / exp_avg_sq / master / gradient-buffer entries
-INDEX_BYTES = 8  # int64 flat indices
 
 
 def preset_config(name: str):
@@ -81,7 +81,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype =
 
 @dataclass
 class MemoryRow:
-    """Bytes held by one method; ``peak`` = weights + activations + the larger of estimation and training."""
+    """Bytes held by one method on one device; ``peak`` = weights + activations + the larger of estimation
+    and training."""
 
     method: str
     trainable: int
@@ -91,8 +92,10 @@ class MemoryRow:
     master_weights: int
     index_lists: int
     estimation: int = 0
-    """Gradients held while the mean gradient of the selection is estimated (sparse methods)."""
+    """Gradients held on the device while the mean gradient of the selection is estimated (sparse methods)."""
     activations: int = 0
+    host_estimation: int = 0
+    """Host memory of offloaded estimation: the gradient sums, theta's copy for selection, a staging buffer."""
 
     @property
     def training(self) -> int:
@@ -102,6 +105,51 @@ class MemoryRow:
     @property
     def peak(self) -> int:
         return self.weights + self.activations + max(self.training, self.estimation)
+
+
+def lora_activation_bytes(config, batch_size: int, seq_len: int, lora_rank: int, dtype: torch.dtype,
+                          gradient_checkpointing: bool = False, lora_targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """What peft's float32 adapters keep for backward beyond :func:`activation_bytes`: each adapter's
+    rank-r output, and on a narrower ``dtype`` each adapted projection's input cast to float32 (one copy
+    per adapter: q, k and v cast the same input three times). One layer's worth with checkpointing."""
+    shapes = _shapes(config)
+    narrow = torch.empty((), dtype=dtype).element_size() < STATE_BYTES
+    adapted = [s for name, s in shapes.items() if len(s) == 2 and name.split(".")[-2] in lora_targets]
+    per_token = sum(lora_rank + (s[1] if narrow else 0) for s in adapted) * STATE_BYTES
+    layers = config.num_hidden_layers
+    return batch_size * seq_len * per_token // (layers if gradient_checkpointing else 1)
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer index in a parameter name (``model.layers.3.mlp...`` -> 3); None outside the layers."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks") and b.isdigit():
+            return int(b)
+    return None
+
+
+def _fsdp(shapes: dict[str, torch.Size], world_size: int) -> tuple[int, int, int]:
+    """(weights per rank, weights all-gathered at once, unsharded gradients at once) under FSDP2
+    ``fully_shard`` per decoder layer plus the root, in numbers of weights.
+
+    Each parameter is split along dim 0 (padded up). The root group (embeddings, final norm, head)
+    stays gathered for the whole step; a layer is gathered with the next one prefetched; backward
+    holds the root's gradients until its reduce-scatter at the end, and one layer's meanwhile.
+    """
+    shard = sum(-(-s[0] // world_size) * (s.numel() // s[0]) if len(s) else s.numel() for s in shapes.values())
+    if world_size == 1:
+        return shard, 0, 0
+    layers: dict[int, int] = {}
+    root = 0
+    for name, s in shapes.items():
+        i = _layer_of(name)
+        if i is None:
+            root += s.numel()
+        else:
+            layers[i] = layers.get(i, 0) + s.numel()
+    layer = max(layers.values(), default=0)
+    return shard, root + 2 * layer, root + layer
 
 
 def memory_plan(
@@ -115,28 +163,42 @@ def memory_plan(
     batch_size: int | None = None,
     seq_len: int | None = None,
     gradient_checkpointing: bool = False,
+    offload_grads: bool = False,
+    world_size: int = 1,
 ) -> list[MemoryRow]:
     """Rows for full fine-tuning (AdamW), LoRA at ``lora_rank`` and GaLLoP at ``rho``
-    (dense and compact gradients), with the weights in ``dtype``, as the ``gallop`` command trains them.
+    (dense and compact gradients), with the weights in ``dtype``, as the ``gallop`` command trains them,
+    in bytes per device.
 
     - Full fine-tuning: ``torch.optim.AdamW`` on the weights as they are, so
       gradients and ``exp_avg`` / ``exp_avg_sq`` are in ``dtype`` (pure bf16
       training, no master copy).
     - LoRA: peft's adapters in float32 (peft's default casts them up on bf16
-      models), so their gradients and AdamW state are float32 too.
+      models), so their gradients and AdamW state are float32 too, and so are the
+      adapters' inputs kept for backward (:func:`lora_activation_bytes`).
     - GaLLoP: k = round(rho * N) weights; SparseAdamW keeps fp32 ``exp_avg`` and
       ``exp_avg_sq`` (8 B each selected weight), a fp32 master copy (4 B) when
-      ``dtype`` is narrower than fp32, and int64 flat indices (8 B). Dense
+      ``dtype`` is narrower than fp32, and flat indices: int32 (4 B) in tensors of
+      fewer than 2^31 weights, int64 (8 B) in larger ones (see :func:`index_bytes`). Dense
       gradients are in ``dtype``; with compact gradients a step holds fp32
       gradients for the k selected weights plus the dense gradient of the
       largest single tensor while backward produces it.
     - Estimation (sparse methods): the mean gradient is accumulated in ``.grad``
       (``dtype``); with ``grad_accum_dtype`` float32 and a narrower ``dtype``, a
-      float32 sum is kept besides it. Compact gradients do not shrink this phase.
-    - Activations: :func:`activation_bytes` when ``batch_size`` and ``seq_len`` are given, else 0.
+      float32 sum is kept besides it. With ``offload_grads`` (estimate_gradients(offload=True))
+      the device holds two tensors' gradients at most (one being copied out, the next one being
+      produced) and the sums, theta's copy and a staging buffer go to ``host``.
+    - ``world_size`` > 1: per rank under FSDP2 (:func:`_fsdp`): weights, gradients and state
+      sharded, k / world_size selected weights per rank on average (the global top-k need not split
+      evenly), plus the gathered weights and unsharded gradients; offloading is then refused.
+    - Activations: :func:`activation_bytes` when ``batch_size`` (per device) and ``seq_len`` are given, else 0.
 
     Per-parameter step counters and the selection's scoring workspace are left out.
     """
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if offload_grads and world_size > 1:
+        raise ValueError("offload_grads needs world_size=1: under FSDP2 each rank holds only its shard's gradient")
     shapes = _shapes(config)
     b = torch.empty((), dtype=dtype).element_size()
     master = STATE_BYTES if b < STATE_BYTES else 0
@@ -144,33 +206,62 @@ def memory_plan(
     lora = sum(
         lora_rank * (s[0] + s[1]) for name, s in shapes.items() if len(s) == 2 and name.split(".")[-2] in lora_targets
     )
+    shard, gathered, unsharded_grads = _fsdp(shapes, world_size)
+    per_rank = lambda x: -(-x // world_size)  # noqa: E731
     k = num_to_select(rho, n)
+    kr = per_rank(k)
     largest = max(s.numel() for s in shapes.values())
     opt = 2 * STATE_BYTES
-    wide_sum = STATE_BYTES * n if grad_accum_dtype == torch.float32 and b < STATE_BYTES else 0
-    estimation = n * b + wide_sum
-    act = activation_bytes(config, batch_size, seq_len, dtype, gradient_checkpointing) if batch_size and seq_len else 0
+    accum = STATE_BYTES if grad_accum_dtype == torch.float32 and b < STATE_BYTES else b
+    weights = (shard + gathered) * b
+    dense_grads = (shard + unsharded_grads) * b
+    wide_sum = STATE_BYTES * shard if accum != b else 0
+    estimation, host = dense_grads + wide_sum, 0
+    if offload_grads:
+        estimation, host = 2 * largest * b, n * accum + n * b + largest * b
+    act = lora_act = 0
+    if batch_size and seq_len:
+        act = activation_bytes(config, batch_size, seq_len, dtype, gradient_checkpointing)
+        lora_act = act + lora_activation_bytes(config, batch_size, seq_len, lora_rank, dtype, gradient_checkpointing,
+                                               lora_targets)
+    compact = STATE_BYTES * kr + (largest * b if world_size == 1 else unsharded_grads * b)
+    index = index_bytes(shapes, kr)
+    lora_r = per_rank(lora)
     return [
-        MemoryRow("full FT (AdamW)", n, n * b, n * b, 2 * b * n, 0, 0, 0, act),
-        MemoryRow(f"LoRA r={lora_rank}", lora, n * b + STATE_BYTES * lora, STATE_BYTES * lora, opt * lora, 0, 0, 0, act),
-        MemoryRow(f"GaLLoP rho={rho:g}", k, n * b, n * b, opt * k, master * k, INDEX_BYTES * k, estimation, act),
-        MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, n * b, STATE_BYTES * k + largest * b, opt * k, master * k,
-                  INDEX_BYTES * k, estimation, act),
+        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act),
+        MemoryRow(f"LoRA r={lora_rank}", lora, weights + STATE_BYTES * lora_r, STATE_BYTES * lora_r, opt * lora_r, 0, 0,
+                  0, lora_act),
+        MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host),
+        MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, weights, compact, opt * kr, master * kr, index, estimation,
+                  act, host),
     ]  # fmt: skip
+
+
+def index_bytes(shapes: dict[str, torch.Size], k: int) -> int:
+    """Bytes of ``k`` selected weights' flat indices as a Selection (and SparseAdamW, which
+    shares its tensors) stores them: 4 each in tensors of fewer than 2^31 weights, 8 in larger
+    ones. Where a tensor has 2^31 weights or more this is an upper bound: how many of the k it
+    holds is known only after selection."""
+    wide = sum(s.numel() for s in shapes.values() if index_dtype(s.numel()) == torch.int64)
+    return 4 * k + 4 * min(k, wide)
 
 
 def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
-    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "estimation", "activations"]
+    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "estimation", "activations",
+            "host_estimation"]
     head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)"]
     return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak)] for r in rows])
 
 
 def main() -> None:
-    """Print the plan of the paper's two models in bf16 (activations excluded); ``gallop plan`` does more."""
+    """Print the plan of the paper's two models in bf16, with the gradient estimated on the device and in
+    host memory (activations excluded); ``gallop plan`` does more."""
     for name in ("llama3-8b", "gemma-2b"):
         print(markdown(memory_plan(preset_config(name)), title=f"{name}, bf16") + "\n")
+        offloaded = memory_plan(preset_config(name), offload_grads=True)[2:]
+        print(markdown(offloaded, title=f"{name}, bf16, offloaded") + "\n")
 
 
 if __name__ == "__main__":

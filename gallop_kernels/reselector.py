@@ -52,14 +52,16 @@ class Reselector:
     ``accumulate`` steps up to a re-selection are summed (float32, one copy of
     the trainable weights, held only during those steps). method: "gallop" or
     "spiel"; total_steps (spiel: the run's length, where the rate reaches 0) and
-    initial_rate (spiel, in [0, 1], default 0.2). eps, backend: as in
-    select_mask. ``history`` lists per re-selection its step, the entries kept,
-    added and dropped, the share of the set that changed and the seconds it took.
+    initial_rate (spiel, in [0, 1], default 0.2). eps, backend, process_group:
+    as in select_mask (under DDP, where every rank holds the same averaged
+    gradients, pass the group: each re-selection checks that the ranks agree).
+    ``history`` lists per re-selection its step, the entries kept, added and
+    dropped, the share of the set that changed and the seconds it took.
     """
 
     def __init__(self, opt: SparseAdamW, model: torch.nn.Module, *, every: int, accumulate: int = 1,
                  method: str = "gallop", total_steps: int | None = None, initial_rate: float = 0.2,
-                 eps: float = 1e-8, backend: str = "auto"):
+                 eps: float = 1e-8, backend: str = "auto", process_group=None):
         if not isinstance(opt, SparseAdamW):
             raise TypeError(f"Reselector: opt must be a gallop_kernels.SparseAdamW, got {type(opt).__name__}")
         if method not in METHODS:
@@ -81,7 +83,7 @@ class Reselector:
                              f"selection: select_mask scores every trainable parameter")
         self.opt, self.model, self.every, self.accumulate = opt, model, every, accumulate
         self.method, self.total_steps, self.initial_rate = method, total_steps, initial_rate
-        self.eps, self.backend = eps, backend
+        self.eps, self.backend, self.process_group = eps, backend, process_group
         self.steps = 0
         self.history: list[dict] = []
         self._params = params
@@ -129,7 +131,7 @@ class Reselector:
         old = self.opt.selection
         if self.method == "gallop":
             sel = select_mask(self.model, self._sum, rho=old.rho, criterion="gallop", eps=self.eps, scope=old.scope,
-                              backend=self.backend)
+                              backend=self.backend, process_group=self.process_group)
             extra = {}
         else:
             sel, extra = self._spiel(old)
@@ -149,8 +151,10 @@ class Reselector:
         if r == 0:
             return old, {"rate": rate}
         moved = {n: gather(p.detach(), old[n]).float() - self._base[n].float() for n, p in self._params.items()}
-        keep = select_mask(self.model, moved, k=k - r, criterion="saft", among=old, backend=self.backend)
-        grow = select_mask(self.model, self._sum, k=r, criterion="saft", exclude=old, backend=self.backend)
+        keep = select_mask(self.model, moved, k=k - r, criterion="saft", among=old, backend=self.backend,
+                           process_group=self.process_group)
+        grow = select_mask(self.model, self._sum, k=r, criterion="saft", exclude=old, backend=self.backend,
+                           process_group=self.process_group)
         dropped = old - keep
         for n, p in self._params.items():  # back to theta0, bit for bit
             _, at = matches(old[n], dropped[n])  # every dropped weight is in old

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _env, _ext, keys, reference
 from ._ext import require_ext
-from .distributed import GroupComm, check_same_selection, dtensor_group, local, shard_starts
+from .distributed import GroupComm, check_same_selection, dtensor_group, index_dtype, is_dtensor, local, shard_starts
 from .ops.select_host import topk_keys_host
 from .keys import Source
 from .restricted import Pool
@@ -21,7 +21,9 @@ from .reference import CRITERIA, GRADIENT_CRITERIA, SCOPES, SUPPORTED_DTYPES, Lo
 
 
 class Selection(Mapping):
-    """The selected weights: parameter name -> sorted int64 flat indices.
+    """The selected weights: parameter name -> sorted flat indices, int32 for a
+    tensor of fewer than 2^31 weights and int64 from 2^31 on (half the memory;
+    :func:`gallop_kernels.distributed.index_dtype`), whatever dtype they are given in.
 
     Flat indices address ``param.reshape(-1)``; for an FSDP2 (DTensor)
     parameter they address this rank's local shard, and ``shapes`` holds the
@@ -39,8 +41,8 @@ class Selection(Mapping):
         scope: str,
         threshold: float | dict[str, float] | None,
     ):
-        self._indices = dict(indices)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
+        self._indices = {n: i.to(index_dtype(math.prod(self.shapes[n]))) for n, i in indices.items()}
         self.rho = rho
         self.criterion = criterion
         self.scope = scope
@@ -186,10 +188,9 @@ class Selection(Mapping):
 
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int, what: str = "selection") -> None:
-    if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(
-            f"parameter {name!r}: {what} indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}"
-        )
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise ValueError(f"parameter {name!r}: {what} indices must be a 1-D int32 or int64 tensor, "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(
             f"parameter {name!r}: {what} index out of range [0, {numel}) "
@@ -270,20 +271,21 @@ def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] 
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"grads[{name!r}] must be a tensor, got {type(g).__name__}")
     if among is not None and g.shape == (among.numel(),) and g.shape != p.shape and not g.is_sparse:
-        check_grad(name, among, g)  # among has the compact shape and the parameter's device
+        check_grad(name, among, g, host_ok=not is_dtensor(p))  # among has the compact shape and p's device
         return g, True
-    check_grad(name, p, g)
+    check_grad(name, p, g, host_ok=True)
     return g, False
 
 
-def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor, *, host_ok: bool = False) -> None:
     """Raise, naming the parameter, unless ``grad`` is a dense gradient of ``param``'s
-    shape and device in a supported dtype (select_mask and SparseAdamW both check this)."""
+    shape and device in a supported dtype (select_mask and SparseAdamW both check this).
+    ``host_ok``: a CPU gradient of a parameter on another device passes too (offloaded estimation)."""
     if grad.is_sparse:
         raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
     if grad.shape != param.shape:
         raise ValueError(f"parameter {name!r}: gradient shape {tuple(grad.shape)} != parameter shape {tuple(param.shape)}")
-    if grad.device != param.device:
+    if grad.device != param.device and not (host_ok and grad.device.type == "cpu" and not is_dtensor(param)):
         raise ValueError(f"parameter {name!r}: gradient on {grad.device} but parameter on {param.device}")
     if grad.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -333,6 +335,17 @@ def _sources(named: list[tuple[str, torch.Tensor]], grads: Mapping[str, torch.Te
     return sources, group, compact
 
 
+def _on_host_if_needed(sources: list[Source], among, exclude):
+    """Host gradients of parameters on another device (``estimate_gradients(offload=True)``) are
+    scored on the host: then every Source's theta is a host copy and ``among`` / ``exclude`` are
+    on the host too (one device for the whole selection); otherwise all three as they are."""
+    if not any(s.grad is not None and s.grad.device != s.param.device for s in sources):
+        return sources, among, exclude
+    on_host = lambda r: None if r is None else {n: i.cpu() for n, i in r.items()}  # noqa: E731
+    sources = [Source(s.name, s.param.cpu(), None if s.grad is None else s.grad.cpu(), s.offset) for s in sources]
+    return sources, on_host(among), on_host(exclude)
+
+
 def _pick_backend(backend: str, sources: list[Source], distributed: bool) -> str:
     if distributed:
         if backend not in ("auto", "reference"):
@@ -372,11 +385,14 @@ def select_mask(
     defaults to 0.01), or exactly ``k`` (scope="global" only).
 
     ``grads`` maps parameter names to gradients (default: each parameter's
-    ``.grad``); criteria pafi, magnitude and random need none. ``scope="global"``
+    ``.grad``); criteria pafi, magnitude and random need none. Gradients on the
+    CPU for parameters on another device (``estimate_gradients(offload=True)``)
+    are scored against a host copy of each parameter, with the same result;
+    the indices are on each parameter's device either way. ``scope="global"``
     uses one threshold over all weights (the paper), ``"per_tensor"`` takes rho of
     each tensor. Ties go to the earlier parameter, then the lower flat index.
 
-    Restricted selections: ``among`` (a Selection, or name -> sorted int64 flat
+    Restricted selections: ``among`` (a Selection, or name -> sorted int32 or int64 flat
     indices) lets only those weights compete, ``exclude`` keeps those out; N then
     counts the competing weights. With ``among``, a gradient may be given compactly,
     one value per index of among[name]. The result is exactly the unrestricted rule
@@ -395,6 +411,7 @@ def select_mask(
     among = _checked_restriction("among", among, named, criterion)
     exclude = _checked_restriction("exclude", exclude, named, criterion)
     sources, shard_group, compact = _sources(named, grads, criterion in GRADIENT_CRITERIA, among)
+    sources, among, exclude = _on_host_if_needed(sources, among, exclude)
     comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)
     pool = Pool(sources, among, exclude, compact, comm, dict((n, p.numel()) for n, p in named))
@@ -418,8 +435,10 @@ def select_mask(
         indices, threshold = {}, {}
         for i, s in enumerate(sources):
             (indices[s.name],), threshold[s.name], _, _ = run([i])
+    home = {n: local(p).device for n, p in named}
+    indices = {n: i.to(home[n]) for n, i in indices.items()}  # on the parameter's device, wherever it was scored
     if process_group is not None and shard_group is None:
-        check_same_selection(indices, process_group, device=sources[0].param.device)
+        check_same_selection(indices, process_group, device=home[sources[0].name])  # NCCL needs the GPU
     shapes = {s.name: s.param.shape for s in sources}
     sel = Selection(indices, shapes, rho=rho, criterion=criterion, scope=scope, threshold=threshold)
     sel.bytes_exchanged = comm.bytes_sent

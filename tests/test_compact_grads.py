@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gallop_kernels as gk
+from gallop_kernels.optim.compact_grads import CompactGrad
 
 BACKENDS = ["auto", "reference"]
 
@@ -27,7 +28,9 @@ def _selection(model, rho, width=48):
     return sel
 
 
-def _train(model, opt, steps, micro_batches, max_norm, width=48, seed=1):
+def _train(model, opt, steps, micro_batches, clip, clear=lambda model, opt: opt.zero_grad(), width=48, seed=1):
+    """transformers.Trainer's order: backward per micro-batch, clip (returns the norm), step,
+    then clear the gradients; returns the norms."""
     gen = torch.Generator().manual_seed(seed)
     norms = []
     for _ in range(steps):
@@ -35,9 +38,9 @@ def _train(model, opt, steps, micro_batches, max_norm, width=48, seed=1):
             x = torch.randn(8, width, generator=gen)
             y = torch.randn(8, width, generator=gen)
             (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
-        norms.append(float(opt.clip_grad_norm_(max_norm)))
+        norms.append(float(clip()))
         opt.step()
-        opt.zero_grad()
+        clear(model, opt)
     return norms
 
 
@@ -50,8 +53,8 @@ def test_compact_equals_dense_with_accumulation_and_clipping(backend):
     kw = dict(selection=sel, lr=1e-2, weight_decay=0.01, backend=backend)
     o_dense = gk.SparseAdamW(dense.named_parameters(), **kw)
     o_compact = gk.SparseAdamW(compact.named_parameters(), compact_grads=True, **kw)
-    n_dense = _train(dense, o_dense, 20, 3, max_norm=0.05)
-    n_compact = _train(compact, o_compact, 20, 3, max_norm=0.05)
+    n_dense = _train(dense, o_dense, 20, 3, clip=lambda: o_dense.clip_grad_norm_(0.05))
+    n_compact = _train(compact, o_compact, 20, 3, clip=lambda: o_compact.clip_grad_norm_(0.05))
     assert n_dense == n_compact
     assert max(n_dense) > 0.05, "clipping never engaged: the test would not see it"
     for (n, p), q in zip(dense.named_parameters(), compact.parameters()):
@@ -69,7 +72,7 @@ def test_backward_leaves_no_dense_grad_and_micro_batches_accumulate():
     for _ in range(2):
         model(x).sum().backward()
         ref(x).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
+    assert all(type(p.grad) is CompactGrad and p.grad.shape == p.shape for p in model.parameters())
     got = {n: opt._compact.grad(p) for n, p in model.named_parameters()}
     for n, p in ref.named_parameters():
         torch.testing.assert_close(got[n], p.grad.reshape(-1)[sel[n]], rtol=0, atol=0)
@@ -205,3 +208,134 @@ def test_hook_costs_at_most_two_ops_per_parameter():
         counts[compact] = c.ops
     params = len(list(model.parameters()))
     assert counts[True] - counts[False] <= 2 * params, counts
+
+
+CLEARS = {
+    "model.zero_grad()": lambda model, opt: model.zero_grad(),
+    "model.zero_grad(set_to_none=False)": lambda model, opt: model.zero_grad(set_to_none=False),
+    "opt.zero_grad()": lambda model, opt: opt.zero_grad(),
+    "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
+    "p.grad = None": lambda model, opt: [setattr(p, "grad", None) for p in model.parameters()],
+}
+
+
+@pytest.mark.parametrize("clear", list(CLEARS), ids=list(CLEARS))
+def test_every_way_of_clearing_clears_compact_grads(clear):
+    """Trainer's loop with compact gradients (torch's clip_grad_norm_ on model.parameters(), any way of
+    clearing) equals the dense loop clipped by the selected entries: float32, same entries in the same
+    order, so equal up to the norm's rounding (per-tensor vector_norm vs foreach norm): rtol 1e-6."""
+    model = _mlp()
+    sel = _selection(model, rho=0.05)
+    dense, compact = model, copy.deepcopy(model)
+    kw = dict(selection=sel, lr=1e-2, weight_decay=0.01)
+    o_dense = gk.SparseAdamW(dense.named_parameters(), **kw)
+    o_compact = gk.SparseAdamW(compact.named_parameters(), compact_grads=True, **kw)
+    n_dense = _train(dense, o_dense, 4, 2, clip=lambda: o_dense.clip_grad_norm_(0.05), clear=CLEARS[clear])
+    n_compact = _train(compact, o_compact, 4, 2, clip=lambda: torch.nn.utils.clip_grad_norm_(compact.parameters(), 0.05),
+                       clear=CLEARS[clear])
+    assert min(n_dense) > 0.05, "clipping never engaged: the test would not see it"
+    torch.testing.assert_close(n_compact, n_dense, rtol=1e-6, atol=0)
+    for (n, p), q in zip(dense.named_parameters(), compact.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False], ids=lambda f: f"foreach={f}")
+def test_torch_clip_grad_norm_clips_the_compact_grads(foreach):
+    """torch.nn.utils.clip_grad_norm_ on the model (what accelerate calls) returns the norm of the selected
+    entries and scales them, as dense clipping of the selected entries does; clip_grad_value_ clamps them."""
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    ref = copy.deepcopy(model)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True)
+    x = torch.randn(4, 48)
+    model(x).sum().backward()
+    ref(x).sum().backward()
+    masks = sel.masks()
+    holders = [nn.Parameter(torch.zeros_like(p)) for p in ref.parameters()]
+    for h, (n, p) in zip(holders, ref.named_parameters()):
+        h.grad = (p.grad * masks[n]).clone()
+    want = torch.nn.utils.clip_grad_norm_(holders, 0.1, foreach=foreach)
+    got = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1, foreach=foreach)
+    assert float(want) > 0.1, "no clipping: the comparison below would be trivial"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for (n, p), h in zip(model.named_parameters(), holders):
+        torch.testing.assert_close(opt._compact.grad(p), h.grad.reshape(-1)[sel[n]], rtol=1e-6, atol=0, msg=n)
+    torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3, foreach=foreach)
+    torch.nn.utils.clip_grad_value_(holders, 1e-3, foreach=foreach)
+    for (n, p), h in zip(model.named_parameters(), holders):
+        assert torch.equal(opt._compact.grad(p), h.grad.reshape(-1)[sel[n]]), n
+
+
+def test_grad_scaler_unscale_and_step_see_compact_grads():
+    """Trainer's fp16 path: scaler.unscale_(opt), torch clip, scaler.step(opt), scaler.update() with
+    compact gradients equals the same calls with dense ones, overflow step skipped in both."""
+    out = {}
+    for compact in (False, True):
+        model = _mlp(layers=2, width=32)
+        sel = _selection(model, rho=0.1, width=32)
+        opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=compact, lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+        gen = torch.Generator().manual_seed(4)
+        norms = []
+        for i in range(6):
+            loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            norms.append(float(opt.clip_grad_norm_(10.0) if not compact else
+                               torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)))
+            scaler.step(opt)
+            scaler.update()
+            model.zero_grad()
+        assert all(float(st["step"]) == 5 for st in opt.state.values()), "the overflow step was not skipped"
+        out[compact] = norms, [p.detach().clone() for p in model.parameters()]
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0, equal_nan=True)  # step 2 overflows
+    for p, q in zip(out[False][1], out[True][1]):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_other_ops_on_a_compact_grad_raise_naming_what_works():
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True)
+    model(torch.randn(4, 48)).sum().backward()
+    g = model[0].weight.grad
+    assert "selected entries" in repr(g)
+    for bad in (lambda: g.sum(), lambda: g * 2, lambda: g.clone(), lambda: g.norm(dim=0)):
+        with pytest.raises(RuntimeError, match="clip_grad_norm_.*remove_hooks"):
+            bad()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        model(torch.randn(4, 48)).sum().backward(create_graph=True)
+    opt.remove_hooks()
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randn(4, 48)).sum().backward()
+    assert all(type(p.grad) is torch.Tensor for p in model.parameters())
+
+
+def test_assigned_grad_replaces_the_compact_one():
+    """A .grad set by hand replaces backward's compact gradient (as it would a dense one) and is stepped."""
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    ref = copy.deepcopy(model)
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True, lr=1e-2)
+    o_ref = gk.SparseAdamW(ref.named_parameters(), selection=sel, lr=1e-2)
+    model(torch.randn(4, 48)).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        p.grad = q.grad = torch.randn_like(p)
+    opt.step()
+    o_ref.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_foreign_compact_grad_is_refused():
+    model = _mlp(layers=2)
+    sel = _selection(model, rho=0.1)
+    first = gk.SparseAdamW(model.named_parameters(), selection=sel, compact_grads=True)
+    model(torch.randn(4, 48)).sum().backward()
+    second = gk.SparseAdamW(model.named_parameters(), selection=sel)
+    with pytest.raises(ValueError, match="compact gradient of another SparseAdamW"):
+        second.step()
+    first.zero_grad()
+    model(torch.randn(4, 48)).sum().backward()
+    assert type(model[0].weight.grad) is CompactGrad  # first's hooks still gather

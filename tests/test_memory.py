@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels.memory import activation_bytes, markdown, memory_plan, preset_config
+from gallop_kernels.distributed import index_dtype
+from gallop_kernels.memory import (
+    activation_bytes, index_bytes, lora_activation_bytes, markdown, memory_plan, preset_config,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,11 +32,12 @@ def test_plan_arithmetic_on_a_small_llama():
     # LoRA: float32 adapters (peft's default on bf16 models), their gradients and state float32
     assert lora.trainable == 3 * lora_per_layer
     assert (lora.weights, lora.gradients, lora.optimizer_state) == (2 * n + 4 * lora.trainable, 4 * lora.trainable, 8 * lora.trainable)
-    assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 8 * k)
+    # int32 indices: every tensor has fewer than 2^31 weights
+    assert (gallop.trainable, gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (k, 8 * k, 4 * k, 4 * k)
     assert compact.gradients == 4 * k + 2 * 101 * 48  # the embedding is the largest tensor
     assert gallop.estimation == compact.estimation == 2 * n and full.estimation == lora.estimation == 0
     assert gallop.activations == 0  # no batch shape given
-    assert gallop.peak == 2 * n + max(2 * n + 8 * k + 4 * k + 8 * k, 2 * n)
+    assert gallop.peak == 2 * n + max(2 * n + 8 * k + 4 * k + 4 * k, 2 * n)
     assert compact.peak == 2 * n + 2 * n  # estimation outweighs a compact training step
     assert "| GaLLoP rho=0.05 |" in markdown([gallop])
 
@@ -52,7 +56,13 @@ def test_plan_counts_a_float32_gradient_sum_and_activations():
     ckpt = activation_bytes(cfg, 2, 16, torch.bfloat16, gradient_checkpointing=True)
     assert ckpt == 3 * tokens * 48 * 2 + tokens * layer * 2 + tokens * 101 * (2 + 8)
     rows = memory_plan(cfg, batch_size=2, seq_len=16, dtype=torch.bfloat16)
-    assert all(r.activations == plain for r in rows)
+    assert all(r.activations == plain for i, r in enumerate(rows) if i != 1)
+    # LoRA (r=16): per token and layer, each adapted projection's input in float32 (q, k and v each cast
+    # their own copy; up: hidden, down: intermediate) and its rank-16 output
+    lora_extra = 3 * tokens * 4 * ((48 + 16) * 3 + (48 + 16) + (80 + 16))
+    assert rows[1].activations == plain + lora_extra
+    assert lora_activation_bytes(cfg, 2, 16, 16, torch.bfloat16, gradient_checkpointing=True) == lora_extra // 3
+    assert lora_activation_bytes(cfg, 2, 16, 16, torch.float32) == 3 * tokens * 4 * 5 * 16  # no cast on fp32
     assert rows[0].peak == rows[0].weights + plain + rows[0].training
 
 
@@ -81,6 +91,8 @@ def test_measured_optimizer_state_equals_the_plan():
         state = sum(t.numel() * t.element_size() for st in opt.state.values() for key, t in st.items() if key in ("exp_avg", "exp_avg_sq"))
         assert state == plan.optimizer_state == 8 * sel.num_selected
         assert sum(i.numel() * i.element_size() for i in sel.values()) == plan.index_lists
+        # the optimizer keeps the selection's own index tensors: no second copy
+        assert all(opt.state[p]["indices"] is sel[n] for n, p in model.named_parameters() if sel[n].numel())
         assert plan.master_weights == 0
 
 
@@ -172,3 +184,145 @@ def test_python_m_memory_prints_without_runpy_warning():
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr
     assert "| llama3-8b, bf16 |" in proc.stdout and "| gemma-2b, bf16 |" in proc.stdout
+
+
+def test_offloaded_estimation_keeps_two_tensors_gradients_on_the_device():
+    cfg = _tiny_config()
+    n = memory_plan(cfg)[0].trainable
+    largest = 101 * 48  # the embedding (and the head: untied)
+    for accum, sum_bytes in ((None, 2), (torch.float32, 4)):
+        _, _, gallop, compact = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, grad_accum_dtype=accum,
+                                            offload_grads=True)
+        assert gallop.estimation == compact.estimation == 2 * largest * 2  # one being copied out, the next one
+        assert gallop.host_estimation == n * sum_bytes + n * 2 + largest * 2  # sums, theta's host copy, staging
+    full, lora, _, _ = memory_plan(cfg, offload_grads=True)
+    assert full.host_estimation == lora.host_estimation == 0
+    with pytest.raises(ValueError, match="offload_grads needs world_size=1"):
+        memory_plan(cfg, offload_grads=True, world_size=2)
+
+
+def test_world_size_shards_state_and_counts_what_fsdp_gathers():
+    cfg = _tiny_config()  # 3 layers; root: embed 101x48, head 101x48, norm 48
+    shapes = dict(transformers.LlamaForCausalLM(cfg).named_parameters())
+    n = sum(p.numel() for p in shapes.values())
+    shard = sum(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in shapes.values())
+    root = 2 * 101 * 48 + 48
+    layer = (n - root) // 3
+    full, lora, gallop, compact = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, world_size=2)
+    one = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16)
+    kr = -(-round(0.05 * n) // 2)
+    assert full.weights == gallop.weights == 2 * (shard + root + 2 * layer)  # the root and two layers gathered
+    assert full.gradients == gallop.gradients == gallop.estimation == 2 * (shard + root + layer)
+    assert full.optimizer_state == 4 * shard
+    assert (gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (8 * kr, 4 * kr, 4 * kr)
+    assert compact.gradients == 4 * kr + 2 * (root + layer)
+    assert lora.optimizer_state == 8 * -(-one[1].trainable // 2)
+    assert [r.activations for r in one] == [r.activations for r in (full, lora, gallop, compact)]
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="world_size must be a positive integer"):
+            memory_plan(cfg, world_size=bad)
+
+
+def _saved_bytes(model, tokens) -> int:
+    """Bytes of the tensors autograd keeps for backward (each storage once; parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=tokens, labels=tokens)
+    return sum(seen.values())
+
+
+def test_lora_keeps_what_the_plan_adds_for_its_float32_adapters():
+    """Per decoder layer (the difference between 6 and 3 layers), what LoRA keeps for backward beyond what
+    training every weight keeps matches lora_activation_bytes within 10% (it counts an adapter input that
+    another op also keeps once more: an upper estimate)."""
+    from gallop_kernels.finetune import train
+
+    tokens = torch.randint(0, 101, (2, 16))
+
+    def per_layer(lora: bool) -> int:
+        out = []
+        for layers in (3, 6):
+            torch.manual_seed(0)
+            cfg = _tiny_config()
+            cfg.num_hidden_layers = layers
+            model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+            out.append(_saved_bytes(train.lora_model(model, 8) if lora else model, tokens))
+        return (out[1] - out[0]) // 3
+
+    measured = per_layer(True) - per_layer(False)
+    planned = lora_activation_bytes(_tiny_config(), 2, 16, 8, torch.bfloat16) // 3
+    assert 0.9 * planned <= measured <= planned, (measured, planned)
+
+
+def test_llama3_8b_whole_run_fits_in_lora_plus_ten_percent():
+    """The issue's target on the planner (gallop plan --model llama3-8b --batch-size 4 --max-len 512
+    --gradient-checkpointing --dtype bfloat16): with the gradient estimated in host memory, GaLLoP's peak,
+    estimation included, is within LoRA's + 10%; with the gradient on the device it is not."""
+    config = preset_config("llama3-8b")
+    shape = dict(dtype=torch.bfloat16, batch_size=4, seq_len=512, gradient_checkpointing=True)
+    _, lora, _, compact = memory_plan(config, offload_grads=True, **shape)
+    assert compact.peak <= 1.10 * lora.peak, (compact.peak / 2**30, lora.peak / 2**30)
+    assert memory_plan(config, **shape)[3].peak > 1.5 * lora.peak
+
+
+def test_plan_command_options_for_offload_and_world_size(capsys):
+    from gallop_kernels.finetune import cli
+
+    base = ["plan", "--model", "llama3-8b", "--dtype", "bfloat16", "--batch-size", "1", "--max-len", "64"]
+    assert cli.main(base) == 0
+    assert "gradient estimated in host memory" in capsys.readouterr().out
+    assert cli.main([*base, "--world-size", "8"]) == 0
+    assert "per GPU of 8 (FSDP2 per decoder layer)" in capsys.readouterr().out
+    for extra, needle in ((["--world-size", "0"], "argument --world-size: expected a number of GPUs"),
+                          (["--world-size", "2", "--measure"], "--measure runs on one device"),
+                          (["--world-size", "2", "--offload-grads", "on"], "--offload-grads on plans one device")):
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_offload_is_chosen_when_the_device_gradient_does_not_fit(monkeypatch):
+    from dataclasses import replace
+
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import plan
+    from gallop_kernels.finetune.train import TrainConfig
+
+    cfg, dtype, cuda = _tiny_config(), torch.bfloat16, torch.device("cuda")  # the budget comes from the variable
+    run = TrainConfig(batch_size=2, max_len=16, rho=0.05, compact_grads=True)
+    on_device = plan.plan_row(cfg, "gallop", run, dtype).peak
+    offloaded = plan.plan_row(cfg, "gallop", replace(run, offload_grads=True), dtype).peak
+    assert offloaded < on_device
+    monkeypatch.setenv(plan.BUDGET_ENV, str(offloaded))
+    assert plan.offload_default(cfg, "gallop", run, dtype, cuda)
+    for method in ("lora", "magnitude"):  # no gradient estimated
+        assert not plan.offload_default(cfg, method, run, dtype, cuda)
+    assert not plan.offload_default(cfg, "gallop", run, dtype, torch.device("cpu"))  # host memory is the device's
+    with pytest.raises(GallopError, match="it would fit with --offload-grads on"):
+        plan.preflight(cfg, "gallop", run, dtype, cuda)
+    monkeypatch.setenv(plan.BUDGET_ENV, str(on_device))
+    assert not plan.offload_default(cfg, "gallop", run, dtype, cuda)
+    # on the CPU the host sums count against the same memory
+    row = plan.plan_row(cfg, "gallop", replace(run, offload_grads=True), dtype)
+    assert plan.needed(row, torch.device("cpu")) == row.peak + row.host_estimation
+    assert plan.needed(row, cuda) == row.peak
+
+
+def test_index_lists_are_int32_below_two_to_the_31_weights():
+    """By arithmetic (no 2^31-weight tensor is allocated): int32 indices up to 2^31 - 1 weights,
+    int64 from 2^31; the plan counts 4 B per index, 8 B where a tensor needs int64 (at most)."""
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    small = {"a": torch.Size([2**16, 2**15 - 1]), "b": torch.Size([7])}  # 2^31 - 2^16 weights
+    big = {"a": torch.Size([2**16, 2**15]), "b": torch.Size([7])}  # exactly 2^31
+    assert index_bytes(small, 1000) == 4 * 1000
+    assert index_bytes(big, 1000) == 8 * 1000  # all 1000 may be in "a"
+    assert index_bytes({"a": torch.Size([2**31]), "b": torch.Size([2**20])}, 2**21) == 4 * 2**21 + 4 * 2**21
+    sel = gk.Selection({"w": torch.tensor([1, 5])}, {"w": (9,)}, rho=0.2, criterion="gallop", scope="global",
+                       threshold=0.0)
+    assert sel["w"].dtype == torch.int32

@@ -1,8 +1,10 @@
 """SparseAdamW against torch.optim.AdamW run on a gathered copy of the selected weights."""
 
+import types
+
 import pytest
 import torch
-from helpers import DTYPES, Bag, make_bag
+from helpers import DTYPES, Bag, assert_adamw_step, make_bag, needs_ext
 
 import gallop_kernels as gk
 
@@ -41,8 +43,12 @@ def _run(bag, opt, sched, steps, gen):
 
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
-def test_equals_torch_adamw_on_gathered_copy(amsgrad, maximize):
-    bag, sel, opt = _setup(amsgrad=amsgrad, maximize=maximize)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("host", marks=needs_ext)])
+def test_equals_torch_adamw_on_gathered_copy(backend, amsgrad, maximize):
+    """Two param groups under an LR schedule, every step from equal states, against
+    torch.optim.AdamW(foreach=False) on the gathered weights: helpers.assert_adamw_step
+    (moments bit-equal, weights within ulp(theta) + 4 ulp(update), NaN fails)."""
+    bag, sel, opt = _setup(amsgrad=amsgrad, maximize=maximize, backend=backend)
     init = {n: p.detach().clone() for n, p in bag.named_parameters()}
     compact = {n: torch.nn.Parameter(p.detach()[sel[n]].clone()) for n, p in bag.named_parameters()}
     ref = torch.optim.AdamW(
@@ -53,21 +59,31 @@ def test_equals_torch_adamw_on_gathered_copy(amsgrad, maximize):
         maximize=maximize,
         foreach=False,
     )
+    group_of = {n: gi for gi, (names, _) in enumerate(GROUPS) for n in names}
     sched, ref_sched = _schedule(opt), _schedule(ref)
     gen = torch.Generator().manual_seed(7)
     for step in range(50):
         grads = _grads(bag, gen)
         opt.zero_grad()
         ref.zero_grad()
+        before = {n: c.detach().clone() for n, c in compact.items()}
         for n, g in grads.items():
             getattr(bag, n).grad = g
             compact[n].grad = g[sel[n]]
         opt.step()
         ref.step()
+        for n, p in bag.named_parameters():
+            if not sel[n].numel():
+                continue
+            group = ref.param_groups[group_of[n]]
+            got = p.detach()[sel[n]]
+            assert_adamw_step(opt.state[p], ref.state[compact[n]], got, compact[n], before[n], lr=group["lr"],
+                              weight_decay=group["weight_decay"], what=f"{n} step {step}")
+            with torch.no_grad():  # the next step starts from equal states again
+                compact[n].copy_(got)
         sched.step()
         ref_sched.step()
-        for n, p in bag.named_parameters():
-            torch.testing.assert_close(p.detach()[sel[n]], compact[n].detach(), msg=lambda m: f"{n} step {step}: {m}")
+    assert opt.param_groups[0]["lr"] < GROUPS[0][1]["lr"], "the schedule never changed the lr"
     masks = sel.masks()
     for n, p in bag.named_parameters():
         assert torch.equal(p.detach()[~masks[n]], init[n][~masks[n]]), f"{n}: unselected weights changed"
@@ -139,10 +155,13 @@ def test_bf16_state_stays_float32_after_load():
     bag2 = make_bag(SIZES, torch.bfloat16)
     opt2 = gk.SparseAdamW(_groups(bag2.named_parameters()), selection=sel, betas=(0.8, 0.99), eps=1e-6)
     opt2.load_state_dict(saved)
-    for p in bag2.parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in opt2.state[p]:
-                assert opt2.state[p][key].dtype == torch.float32
+    for n, p in bag2.named_parameters():
+        st = opt2.state.get(p, {})
+        if not sel[n].numel():
+            assert not st, n
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):  # bf16 weights keep float32 master weights
+            assert st[key].dtype == torch.float32 and st[key].shape == sel[n].shape, (n, key)
 
 
 def test_load_state_from_another_selection_is_refused():
@@ -366,3 +385,83 @@ def test_master_weights_switched_off_mid_run():
         runs.append([p.detach().clone() for p in bag.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_add_param_group_joins_the_step(backend):
+    """A group added after two steps trains from then on exactly as the same group given to the
+    constructor whose parameters had no gradient for those two steps; the first group's step
+    counts survive the re-layout."""
+    (first, second), hp = GROUPS, dict(betas=(0.8, 0.99), eps=1e-6, backend=backend)
+    bags, opts = [], []
+    for late in (True, False):
+        bag = make_bag(SIZES, torch.float32)
+        sel = gk.select_mask(bag, rho=0.1)
+        groups = _groups(bag.named_parameters())
+        opts.append(gk.SparseAdamW(groups[:1] if late else groups, selection=sel, **hp))
+        bags.append(bag)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 2:
+            opts[0].add_param_group(_groups(bags[0].named_parameters())[1])
+        grads = _grads(bags[0], gen)
+        for bag, opt in zip(bags, opts):
+            opt.zero_grad()
+            for n, g in grads.items():
+                getattr(bag, n).grad = g if step >= 2 or n in first[0] else None
+            opt.step()
+    late, early = opts
+    for (n, p), q in zip(bags[0].named_parameters(), bags[1].parameters()):
+        assert torch.equal(p, q), n
+        st_late, st_early = late.state.get(p, {}), early.state.get(q, {})
+        assert st_late.keys() == st_early.keys(), n
+        for key in st_early:
+            assert torch.equal(st_late[key], st_early[key]), (n, key)
+    assert {float(st["step"]) for p, st in late.state.items() if late._names[p] in first[0]} == {5.0}
+    assert {float(st["step"]) for p, st in late.state.items() if late._names[p] in second[0]} == {3.0}
+    assert late.param_groups[1]["lr"] == second[1]["lr"]
+
+
+def test_add_param_group_refusals_change_nothing():
+    bag, sel, opt = _setup()
+    other = make_bag([5], torch.float32)
+    compact_bag = make_bag(SIZES, torch.float32)
+    compact = gk.SparseAdamW(_groups(compact_bag.named_parameters())[:1], selection=sel, compact_grads=True)
+    cases = [
+        (opt, {"params": [bag.w0]}, TypeError, "needs parameter names"),
+        (opt, {"params": [("w0", other.w0)]}, ValueError, "has shape"),
+        (opt, {"params": [("x", other.w0)]}, ValueError, "'x' is not in the selection"),
+        (opt, {"params": [("w0", compact_bag.w0)], "lr": -1.0}, ValueError, "Invalid learning rate"),
+        (compact, _groups(compact_bag.named_parameters())[1], NotImplementedError, "compact gradient buffers"),
+    ]
+    for o, group, exc, match in cases:
+        before = [dict(g) for g in o.param_groups]
+        with pytest.raises(exc, match=match):
+            o.add_param_group(group)
+        assert o.param_groups == before and len(o._names) == sum(len(g["params"]) for g in before)
+
+
+def test_checkpoint_with_int64_indices_loads_as_int32(monkeypatch):
+    """Selections and optimizer states saved when index lists were int64 load into today's int32
+    lists and train on exactly as a run with int32 lists throughout."""
+    from gallop_kernels import distributed
+
+    keep_lr = types.SimpleNamespace(step=lambda: None)
+    monkeypatch.setattr(distributed, "INT32_LIMIT", 0)  # every list int64, as checkpoints before int32 lists
+    bag, sel, opt = _setup(amsgrad=True)
+    _run(bag, opt, _schedule(opt), 3, torch.Generator().manual_seed(2))
+    saved = {"sel": sel.state_dict(), "opt": opt.state_dict(), "bag": bag.state_dict()}
+    assert all(i.dtype == torch.int64 for i in saved["sel"]["indices"].values())
+    monkeypatch.undo()
+    bag2 = make_bag(SIZES)
+    bag2.load_state_dict(saved["bag"])
+    sel2 = gk.Selection.from_state_dict(saved["sel"])
+    opt2 = gk.SparseAdamW(_groups(bag2.named_parameters()), selection=sel2, betas=(0.8, 0.99), eps=1e-6, amsgrad=True)
+    opt2.load_state_dict(saved["opt"])
+    assert all(st["indices"].dtype == torch.int32 for st in opt2.state.values() if st)
+    _run(bag2, opt2, keep_lr, 2, torch.Generator().manual_seed(3))
+    ref_bag, _, ref_opt = _setup(amsgrad=True)  # int32 lists throughout
+    _run(ref_bag, ref_opt, _schedule(ref_opt), 3, torch.Generator().manual_seed(2))
+    _run(ref_bag, ref_opt, keep_lr, 2, torch.Generator().manual_seed(3))
+    for (n, p), q in zip(bag2.named_parameters(), ref_bag.parameters()):
+        assert torch.equal(p, q), n

@@ -110,7 +110,7 @@ def test_bad_arguments():
 
 
 def _mask(sel, bag):
-    return {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, sel[n].cpu(), True)
+    return {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, sel[n].cpu().long(), True)
             for n, p in bag.named_parameters()}
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, UPDATE_ULPS, Bag, make_bag, ulp_excess
+from helpers import DTYPES, Bag, assert_adamw_step, make_bag, needs_ext
 
 import gallop_kernels as gk
-from gallop_kernels import _ext, reference
+from gallop_kernels import _ext, distributed, reference
 from gallop_kernels.optim import sparse_adamw as optim
 from gallop_kernels.ops import sparse_adamw as kernel
+from gallop_kernels.optim.compact_grads import CompactGrad
 
-needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"gallop_kernels._C not importable: {_ext._IMPORT_ERROR}")
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
@@ -52,22 +52,39 @@ def _grads(bag, gen, scale, skip):
     return out
 
 
-def _assert_same_run(bags, opts, step):
+def _weights(bag, opt, sel) -> dict:
+    """name -> the selected weights ``opt`` updates: its float32 master copy (once the state
+    exists), else the parameter's own entries."""
+    out = {}
+    for n, p in bag.named_parameters():
+        st = opt.state.get(p, {})
+        out[n] = st["master_param"] if "master_param" in st else p.detach().reshape(-1)[sel[n]]
+    return out
+
+
+def _assert_same_step(sel, bags, opts, before, step):
+    """The host build's step (bags[0]) against the reference path's (bags[1]) from equal
+    states: helpers.assert_adamw_step on the updated weights and on the parameter entries
+    (master weights round into them); then the reference starts the next step from the
+    host's weights."""
     (b1, b2), (o1, o2) = bags, opts
+    group = o2.param_groups[0]
+    w1, w2 = _weights(b1, o1, sel), _weights(b2, o2, sel)
     for (n, p1), p2 in zip(b1.named_parameters(), b2.parameters()):
-        msg = lambda m: f"{n} step {step}: {m}"  # noqa: E731
-        # bf16/fp16 weights: torch's own tolerance for the dtype (one rounding flip);
-        # float32 states and master weights: float32's
-        torch.testing.assert_close(p1.detach(), p2.detach(), msg=msg)
+        if not sel[n].numel():
+            continue
         s1, s2 = o1.state[p1], o2.state[p2]
         assert s1.keys() == s2.keys(), n
-        for key in s1:
-            if key == "indices":
-                assert s1[key] is s2[key] or torch.equal(s1[key], s2[key])
-            elif key == "step":
-                assert torch.equal(s1[key], s2[key]), msg(f"step {s1[key]} != {s2[key]}")
-            else:
-                torch.testing.assert_close(s1[key], s2[key], msg=lambda m: f"{n} {key} step {step}: {m}")
+        assert torch.equal(s1["indices"], s2["indices"]) and torch.equal(s1["step"], s2["step"]), f"{n} step {step}"
+        check = lambda got, want, what: assert_adamw_step(  # noqa: E731
+            s1, s2, got, want, before[n], lr=group["lr"], weight_decay=group["weight_decay"],
+            what=f"{n} step {step} {what}")
+        check(w1[n], w2[n], "weights")
+        if "master_param" in s1:
+            check(p1.detach().reshape(-1)[sel[n]], p2.detach().reshape(-1)[sel[n]], "params")
+        with torch.no_grad():
+            p2.copy_(p1)
+            w2[n].copy_(w1[n])
 
 
 @needs_ext
@@ -75,7 +92,8 @@ def _assert_same_run(bags, opts, step):
 @pytest.mark.parametrize("master", [False, True], ids=["nomaster", "master"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
 def test_host_build_equals_reference(dtype, master, config):
-    """100 steps under a grad scale with an overflow every 7th step (skipped)."""
+    """100 steps under a grad scale with an overflow every 7th step (skipped), each from equal
+    states: moments bit-equal, weights within ulp(theta) + 4 ulp(update) (helpers.assert_adamw_step)."""
     sel, bags, opts = _pair(DTYPES[dtype], master, **CONFIGS[config])
     init = {n: p.detach().clone() for n, p in bags[0].named_parameters()}
     gen = torch.Generator().manual_seed(5)
@@ -88,9 +106,10 @@ def test_host_build_equals_reference(dtype, master, config):
             for n, p in b.named_parameters():
                 p.grad = grads[n].clone()
         found_inf = torch.tensor([1.0 if skip else 0.0])
+        before = {n: w.float().clone() for n, w in _weights(bags[1], opts[1], sel).items()}
         for o in opts:
             o.step(grad_scale=scale, found_inf=found_inf)
-        _assert_same_run(bags, opts, step)
+        _assert_same_step(sel, bags, opts, before, step)
     for n, p in bags[0].named_parameters():
         assert torch.equal(p.detach()[~masks[n]], init[n][~masks[n]]), f"{n}: unselected weights changed"
     p = bags[0].w1
@@ -170,20 +189,57 @@ def test_threads_split_the_entries_exactly():
     """Enough entries for several host threads: the same bits as one thread."""
     bag = make_bag([300_000, 50_000])
     sel = gk.select_mask(bag, rho=0.9)
+    init = [p.detach().clone() for p in bag.parameters()]
     out = []
     for threads in (1, 4):
-        b = copy.deepcopy(bag)
+        b = copy.deepcopy(bag)  # drops .grad: each step gets its gradients below
         opt = gk.SparseAdamW(b.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend="host")
+        gen = torch.Generator().manual_seed(2)
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             for _ in range(3):
+                for p in b.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen)
                 opt.step()
         finally:
             torch.set_num_threads(old)
         out.append([p.detach() for p in b.parameters()])
-    for p, q in zip(*out):
-        assert torch.equal(p, q)
+    masks = sel.masks()
+    for (n, m), p, q, p0 in zip(masks.items(), *out, init):
+        assert torch.equal(p, q), n
+        assert bool((p[m] != p0[m]).all()), f"{n}: a selected weight never moved"
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+@pytest.mark.parametrize("backend", [pytest.param("host", marks=needs_ext), "reference",
+                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_ext])])
+def test_int32_and_int64_indices_give_the_same_bits(backend, compact, monkeypatch):
+    """Index lists are int32 below 2^31 weights and int64 from 2^31 (distributed.index_dtype).
+    The int64 path, which a test cannot reach by allocating 2^31 weights, runs here by lowering
+    the limit: the same steps (the kernel, the reference path, compact gradients) give the same bits."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    runs = {}
+    for limit in (2**31, 0):
+        monkeypatch.setattr(distributed, "INT32_LIMIT", limit)
+        bag = make_bag(SIZES, torch.bfloat16).to(device)
+        sel = gk.select_mask(bag, rho=0.2)
+        opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, lr=1e-2, weight_decay=0.1, backend=backend,
+                             compact_grads=compact)
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(3):
+            opt.zero_grad()
+            x = {n: torch.randn(p.shape, generator=gen).to(device) for n, p in bag.named_parameters()}
+            sum((p.float() * x[n]).sum() for n, p in bag.named_parameters()).backward()
+            opt.step()
+        want = torch.int32 if limit else torch.int64
+        assert all(st["indices"].dtype == want for st in opt.state.values() if st), limit
+        runs[limit] = [p.detach().clone() for p in bag.parameters()], [dict(st) for st in opt.state.values()]
+    (p32, s32), (p64, s64) = runs[2**31], runs[0]
+    assert all(torch.equal(a, b) for a, b in zip(p32, p64))
+    for a, b in zip(s32, s64):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # equal values, int32 vs int64 indices
+    assert not torch.equal(p32[1], make_bag(SIZES, torch.bfloat16).w1.to(device)), "the weights never moved"
 
 
 @needs_ext
@@ -325,13 +381,16 @@ def test_kernel_issues_the_gathers_before_any_store(tmp_path):
 @pytest.mark.parametrize("master", [False, True], ids=["nomaster", "master"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
 def test_cuda_kernel_equals_host_build(dtype, master):
+    """The CUDA kernel (backend='cuda') and its host build (backend='host') give the same bits:
+    weights and every state tensor, every step, overflow steps included."""
     dt = DTYPES[dtype]
     bag = make_bag(SIZES, dt)
     sel = gk.select_mask(bag, rho=0.2)
     host, dev = bag, copy.deepcopy(bag).cuda()
-    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master, backend="host")
-    o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, **kw)
-    o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, **kw)
+    init = [p.detach().clone() for p in host.parameters()]
+    kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.1, master_weights=master)
+    o_host = gk.SparseAdamW(host.named_parameters(), selection=sel, backend="host", **kw)
+    o_dev = gk.SparseAdamW(dev.named_parameters(), selection=sel, backend="cuda", **kw)
     gen = torch.Generator().manual_seed(9)
     for step in range(30):
         skip = step % 7 == 3
@@ -343,9 +402,13 @@ def test_cuda_kernel_equals_host_build(dtype, master):
         o_host.step(grad_scale=torch.tensor([SCALE]), found_inf=fi)
         o_dev.step(grad_scale=torch.tensor([SCALE]).cuda(), found_inf=fi.cuda())
         for (n, p), q in zip(host.named_parameters(), dev.parameters()):
-            assert torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
-            for key, t in o_host.state[p].items():
-                assert torch.equal(t, o_dev.state[q][key].cpu()), f"{n} {key} step {step}"
+            assert q.is_cuda and torch.equal(p.detach(), q.detach().cpu()), f"{n} step {step}"
+            st_host, st_dev = o_host.state.get(p, {}), o_dev.state.get(q, {})
+            assert st_host.keys() == st_dev.keys() and (bool(st_host) == bool(sel[n].numel())), f"{n} step {step}"
+            for key, t in st_host.items():
+                assert torch.equal(t, st_dev[key].cpu()), f"{n} {key} step {step}"
+    assert o_dev._plan.launches and o_dev._plan.launches[0].plan.device.type == "cuda" and not o_dev._plan.ref
+    assert not torch.equal(host.w1.detach(), init[1]), "the weights never moved"
 
 
 # ----------------------------------------------------------------------------
@@ -353,39 +416,46 @@ def test_cuda_kernel_equals_host_build(dtype, master):
 # ----------------------------------------------------------------------------
 
 
-@needs_ext
+# (dtype, master_weights): the default for each dtype (float32 writes straight into the weights,
+# bf16/fp16 keep float32 master weights) and float32 with master weights.
+WEIGHTS = {"fp32": ("fp32", None), "fp32-master": ("fp32", True), "bf16": ("bf16", None), "fp16": ("fp16", None)}
+
+
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
 @pytest.mark.parametrize("wd", [0.0, 0.1], ids=["wd=0", "wd=0.1"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={d}")
-def test_ulp_budget_against_torch_adamw(dtype, wd, amsgrad, maximize):
-    """Every step from equal states: exp_avg, exp_avg_sq, max_exp_avg_sq bit-equal to
-    torch.optim.AdamW(foreach=False) on the gathered float32 weights; the weights
-    within ulp(theta) + UPDATE_ULPS ulp(update)."""
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("backend", [pytest.param("host", marks=needs_ext), "reference",
+                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_ext])])
+def test_ulp_budget_against_torch_adamw(backend, weights, wd, amsgrad, maximize):
+    """Every step from equal states, against torch.optim.AdamW(foreach=False) on the gathered
+    float32 weights on the CPU: helpers.assert_adamw_step (moments bit-equal, weights within
+    ulp(theta) + 4 ulp(update), NaN fails)."""
+    dtype, master = WEIGHTS[weights]
     dt = DTYPES[dtype]
     bag = make_bag([97, 1025, 4099], dt)
     sel = gk.select_mask(bag, rho=0.2)
+    bag = bag.to("cuda" if backend == "cuda" else "cpu")
     kw = dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
-    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend="host", master_weights=True, **kw)
-    comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n]].float().clone()) for n, p in bag.named_parameters()]
+    opt = gk.SparseAdamW(bag.named_parameters(), selection=sel, backend=backend, master_weights=master, **kw)
+    comp = [torch.nn.Parameter(p.detach().reshape(-1)[sel[n].to(p.device)].float().cpu().clone())
+            for n, p in bag.named_parameters()]
     ref = torch.optim.AdamW(comp, foreach=False, **kw)
     gen = torch.Generator().manual_seed(1)
-    worst = 0.0
     for step in range(100):
         old = [c.detach().clone() for c in comp]
         for (n, p), c in zip(bag.named_parameters(), comp):
             g = torch.randn(p.shape, generator=gen).to(dt)
-            p.grad, c.grad = g, g.reshape(-1)[sel[n]].float()
+            p.grad, c.grad = g.to(p.device), g.reshape(-1)[sel[n]].float()
         opt.step()
         ref.step()
-        for p, c, o in zip(bag.parameters(), comp, old):
-            st, rs = opt.state[p], ref.state[c]
-            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-                assert torch.equal(st[key], rs[key]), f"{key} step {step}"
-            worst = max(worst, ulp_excess(st["master_param"], c.detach(), o, 1e-2 * wd))
+        for (n, p), c, o in zip(bag.named_parameters(), comp, old):
+            st = opt.state[p]
+            assert ("master_param" in st) == (dt != torch.float32 or master is True), n
+            got = (st["master_param"] if "master_param" in st else p.detach().reshape(-1)[sel[n].to(p.device)]).cpu()
+            assert_adamw_step(st, ref.state[c], got, c, o, lr=1e-2, weight_decay=wd, what=f"{n} step {step}")
             with torch.no_grad():  # the next step starts from equal states again
-                c.copy_(st["master_param"])
-    assert worst <= UPDATE_ULPS, f"weights {worst:.2f} ulp of the update from torch's"
+                c.copy_(got)
 
 
 # ----------------------------------------------------------------------------
@@ -435,11 +505,14 @@ def test_custom_op_follows_the_tensors_it_is_given():
     assert torch.equal(clones[2], before[2] + 1)
 
 
-def _twins(device, dtype=torch.bfloat16, **kw):
+def _twins(device, dtype=torch.bfloat16, compact=False, **kw):
+    """Two equal bags and their optimizers (the second with compact_grads=compact)."""
     bag = make_bag(SIZES, dtype).to(device)
     sel = gk.select_mask(bag, rho=0.2)
     bags = [bag, copy.deepcopy(bag)]
-    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend="host" if device == "cpu" else "cuda", weight_decay=0.1, amsgrad=True, **kw) for b in bags]
+    backend = "host" if device == "cpu" else "cuda"
+    opts = [gk.SparseAdamW(b.named_parameters(), selection=sel, backend=backend, weight_decay=0.1, amsgrad=True,
+                           compact_grads=c, **kw) for b, c in zip(bags, (False, compact))]
     return bags, opts
 
 
@@ -481,20 +554,26 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(backend):
 @pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
 def test_cuda_graph_replay_equals_eager(compact):
     """A step captured in a CUDA graph and replayed equals eager steps bit for bit
-    (static gradients, tensor lr changed in place, AMP grad scale with an overflow step)."""
-    bags, opts = _twins("cuda", lr=torch.tensor(1e-2, dtype=torch.float64, device="cuda"))
+    (static gradients, tensor lr changed in place, AMP grad scale with an overflow step).
+    compact: the captured optimizer reads compact gradients (written straight into its
+    buffers, as backward's hooks would) against the eager one's dense bf16 gradients: a
+    bf16 value is exact in float32, so the bits agree."""
+    bags, opts = _twins("cuda", compact=compact, lr=torch.tensor(1e-2, dtype=torch.float64, device="cuda"))
     static = {n: torch.zeros_like(p) for n, p in bags[1].named_parameters()}
     scale, found = torch.tensor([SCALE], device="cuda"), torch.zeros(1, device="cuda")
     for n, p in bags[1].named_parameters():
-        p.grad = static[n]
+        p.grad = CompactGrad(p, opts[1]._compact) if compact else static[n]
     gen = torch.Generator().manual_seed(4)
 
     def feed(step):
         grads = _grads(bags[0], gen, SCALE, step % 5 == 3)
         found.fill_(1.0 if step % 5 == 3 else 0.0)
-        for n, p in bags[0].named_parameters():
+        for (n, p), q in zip(bags[0].named_parameters(), bags[1].parameters()):
             p.grad = grads[n].clone()
-            static[n].copy_(grads[n])
+            if compact:
+                opts[1]._compact.grad(q).copy_(grads[n].reshape(-1)[opts[1]._indices[q]])
+            else:
+                static[n].copy_(grads[n])
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -23,9 +23,11 @@
 // while ATen's AVX2 vector loop returns a result up to 1 ulp away for about
 // 16% of inputs, so denom, and with it the update, can differ by a few ulps.
 // Started from equal states, a step's weights then differ from torch's by at
-// most ulp(theta) + 2 ulp(update), update = lr * m / denom (the test asserts
-// exactly that); over many steps the difference compounds through the weights
-// as any rounding difference does.
+// most ulp(theta) + 4 ulp(update), update = lr * m / denom: 1 ulp from sqrt and
+// up to one more from each separately rounded op after it (/ bias correction,
+// + eps, the addcdiv division); measured worst 4 (tests/helpers.py,
+// assert_adamw_step, asserts exactly that). Over many steps the difference
+// compounds through the weights as any rounding difference does.
 #pragma once
 
 #include <cmath>

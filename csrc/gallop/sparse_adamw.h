@@ -30,7 +30,7 @@ constexpr int32_t kCompactGrad = 3;
 struct SparseAdamWTensor {
   void* param;                // dense weights, dtype param_dtype
   const void* grad;           // dense gradient (grad[idx[i]]) or compact fp32 (grad[i])
-  const int64_t* indices;     // count sorted flat indices into param / grad
+  const void* indices;        // count sorted flat indices into param / grad: int32 or int64 (index_bits)
   float* exp_avg;             // count entries
   float* exp_avg_sq;          // count entries
   float* max_exp_avg_sq;      // count entries when amsgrad, else null
@@ -41,6 +41,7 @@ struct SparseAdamWTensor {
   int64_t offset;             // entries of the earlier rows of its segment (prefix sum of count)
   int32_t param_dtype;        // DType
   int32_t grad_kind;          // DType of a dense gradient, or kCompactGrad
+  int32_t index_bits;         // 32 (a tensor of fewer than 2^31 weights) or 64
   AdamWHyper h;
   AdamWScalars s;             // written by the prepare pass
 };
@@ -88,7 +89,10 @@ struct SparseAdamWEntry {
 template <int32_t P, int32_t G>
 GALLOP_HD SparseAdamWEntry sparse_adamw_load(const SparseAdamWTensor& t, int64_t i, float inv_scale) {
   SparseAdamWEntry x;
-  x.j = t.indices[i];
+  // One branch per row, the same for every entry of it: int32 indices halve the
+  // index memory of a tensor of fewer than 2^31 weights.
+  x.j = t.index_bits == 32 ? static_cast<int64_t>(static_cast<const int32_t*>(t.indices)[i])
+                           : static_cast<const int64_t*>(t.indices)[i];
   float g;
   if constexpr (G == kCompactGrad) {
     g = static_cast<const float*>(t.grad)[i];

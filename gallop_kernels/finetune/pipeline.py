@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import models, tasks
+from . import models, parallel, tasks
 from .metrics import collapse_rate, forget_ratio
 
 if TYPE_CHECKING:  # train imports torch: the command line imports this module before it needs torch
@@ -157,7 +157,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     Pass ``vanilla`` (JobResult.vanilla of an earlier job on the same tests) to reuse the untuned model's results.
     """
     from .choices import BASELINES
-    from .train import finetune
+    from .train import finetune, with_epochs
 
     clock = Clock(log)
     device, dtype = models.resolve_device(cfg.device, cfg.dtype)
@@ -165,8 +165,10 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # "no progress bars" includes transformers' weight loading
-    path = models.resolve(cfg.model, log)
+    parallel.on_main(lambda: models.resolve(cfg.model, log))  # under torchrun rank 0 converts the built-in model
+    path = models.resolve(cfg.model, log)  # first; the other ranks find it converted
     job_data = load_job_data(id_task, data, cfg)
+    train_cfg = with_epochs(train_cfg, len(job_data.train))  # a recipe's epochs, now that the examples are known
     model, tokenizer = models.load(path, dtype, device)
     weights = f"{sum(p.numel() for p in model.parameters()):,} weights, {str(dtype).removeprefix('torch.')} on {device}"
     clock.stage(f"loaded {path} ({weights}) "
@@ -211,20 +213,42 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     return JobResult(report, model, tokenizer, result, vanilla)
 
 
-def sweep(runs: list[Run], cfg: JobConfig, log=print) -> list[dict]:
-    """Every run in order, the vanilla model evaluated once; returns their reports.
+def run_key(task: str, method: str, rho: float | None, seed: int) -> tuple:
+    """What tells the runs of a sweep apart: (task, method, rho, seed)."""
+    return task, method, rho, seed
 
-    Logs, after each run, the time so far and an estimate of what is left (the mean time of a
-    finished run times the runs to go).
+
+def report_key(report: dict) -> tuple:
+    """The run_key of a finished run's report."""
+    return run_key(report["task"], report["method"], report["rho"], report["seed"])
+
+
+def sweep(runs: list[Run], cfg: JobConfig, log=print, done: list[dict] = (), on_run=None) -> list[dict]:
+    """Every run in order, the vanilla model evaluated once; returns their reports, in run order.
+
+    ``done``: the reports of runs an interrupted sweep finished (``compare --resume``); those runs
+    are skipped, their reports and vanilla results reused. ``on_run(reports)`` is called after each
+    run with the reports so far (in run order), so that they can be saved as they come. Logs,
+    after each run, the time so far and an estimate of what is left (the mean time of a run
+    made here times the runs to go).
     """
     clock = Clock(log)
-    reports, vanilla = [], None
-    for i, run in enumerate(runs, 1):
+    earlier = {report_key(r): r for r in done}
+    vanilla = next(iter(earlier.values()))["vanilla"] if earlier else None  # the same tests in every run
+    reports = {i: earlier[k] for i, run in enumerate(runs)
+               if (k := run_key(run.task, run.method, run.rho, run.train_cfg.seed)) in earlier}
+    todo = [i for i in range(len(runs)) if i not in reports]
+    if reports:
+        log(f"{len(reports)} of {len(runs)} runs were finished before: skipped")
+    for n, i in enumerate(todo, 1):
+        run = runs[i]
         rho = "" if run.rho is None else f" rho={run.rho:g}"
-        log(f"run {i} of {len(runs)}: {run.method}{rho} seed {run.train_cfg.seed} on {run.task}")
+        log(f"run {i + 1} of {len(runs)}: {run.method}{rho} seed {run.train_cfg.seed} on {run.task}")
         job = finetune_job(run.task, None, run.method, run.train_cfg, cfg, log, vanilla=vanilla)
         vanilla = job.vanilla
-        reports.append(job.report)
-        per_run = (time.perf_counter() - clock.start) / i
-        clock.stage(f"run {i} of {len(runs)} done", f"about {per_run * (len(runs) - i):.0f} s left" if i < len(runs) else "")
-    return reports
+        reports[i] = job.report
+        if on_run is not None:
+            on_run([reports[j] for j in sorted(reports)])
+        per_run, left = (time.perf_counter() - clock.start) / n, len(todo) - n
+        clock.stage(f"run {i + 1} of {len(runs)} done", f"about {per_run * left:.0f} s left" if left else "")
+    return [reports[j] for j in sorted(reports)]

@@ -17,9 +17,8 @@ import torch
 
 from ..markdown import table
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
-from ..reference import GRADIENT_CRITERIA
 from . import models
-from .choices import BASELINES, RESELECTING
+from .choices import BASELINES, ESTIMATING
 from ..errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
@@ -36,12 +35,17 @@ def model_config(model: str, log=print):
     return models.load_config(models.resolve(model, log))
 
 
-def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> MemoryRow:
-    """The memory_plan row of ``method`` as ``cfg`` trains it (batch, length, checkpointing, gradient options)."""
-    rows = memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
+def plan_rows(config, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1) -> list[MemoryRow]:
+    """memory_plan's rows for the options of ``cfg`` (batch, length, checkpointing, gradient options)."""
+    return memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
                        grad_accum_dtype=accum_dtype(cfg.grad_accum_dtype), batch_size=cfg.batch_size,
-                       seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing)
-    full, lora, dense, compact = rows
+                       seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing,
+                       offload_grads=cfg.offload_grads, world_size=world_size)
+
+
+def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> MemoryRow:
+    """The memory_plan row of ``method`` as ``cfg`` trains it."""
+    full, lora, dense, compact = plan_rows(config, cfg, dtype)
     if method == "fft":
         return full
     if method == "lora":
@@ -49,9 +53,23 @@ def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> Memor
     if method == "dora":  # LoRA's row: DoRA's magnitude vector per adapted projection is left out
         return replace(lora, method=lora.method.replace("LoRA", "DoRA"))
     row = compact if cfg.compact_grads else dense
-    if method not in (*GRADIENT_CRITERIA, *RESELECTING):  # data-free criteria estimate no gradient
-        row = replace(row, estimation=0)
+    if method not in ESTIMATING:  # data-free criteria estimate no gradient
+        row = replace(row, estimation=0, host_estimation=0)
     return replace(row, method=f"{method} rho={cfg.rho:g}" + (", compact grads" if cfg.compact_grads else ""))
+
+
+def needed(row: MemoryRow, device: torch.device) -> int:
+    """Bytes ``row`` needs of ``device``: its peak, plus the host part of offloaded estimation on the CPU."""
+    return row.peak + (row.host_estimation if device.type == "cpu" else 0)
+
+
+def offload_default(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> bool:
+    """``--offload-grads auto``: estimate in host memory when ``method`` estimates a gradient, runs on
+    CUDA, and its plan with the gradient on the device exceeds the device's free memory."""
+    if method not in ESTIMATING or device.type != "cuda":
+        return False
+    budget, _ = device_budget(device)
+    return budget is not None and plan_row(config, method, replace(cfg, offload_grads=False), dtype).peak > budget
 
 
 def _parse_bytes(text: str) -> int:
@@ -81,12 +99,15 @@ def device_budget(device: torch.device) -> tuple[int | None, str]:
     return None, "no /proc/meminfo MemAvailable on this system"
 
 
-def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, budget: int) -> tuple[list[str], list[str]]:
+def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
+           budget: int) -> tuple[list[str], list[str]]:
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
-    fits = lambda c: plan_row(config, method, c, dtype).peak <= budget  # noqa: E731
+    fits = lambda c: needed(plan_row(config, method, c, dtype), device) <= budget  # noqa: E731
     options = []
     if method not in BASELINES and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))
+    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
+        options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     found = [flag for flag, change in options if fits(replace(cfg, **change))]
@@ -111,19 +132,21 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
     if budget is None:
         budget, source = device_budget(device)
     gib = lambda x: f"{x / GIB:.2f} GiB"  # noqa: E731
+    host = f", estimation in host memory {gib(row.host_estimation)}" if row.host_estimation else ""
     parts = f"weights {gib(row.weights)}, estimation {gib(row.estimation)}, training state {gib(row.training)}, " \
-            f"activations ~{gib(row.activations)}"
+            f"activations ~{gib(row.activations)}{host}"
+    need = needed(row, device)
     if budget is None:
-        return f"memory check skipped ({source}); {row.method} plans {gib(row.peak)} ({parts})"
-    if row.peak <= budget:
-        return f"memory plan: {row.method} needs ~{gib(row.peak)} of {gib(budget)} ({source}) on {device.type}"
-    fixes, tried = _fixes(config, method, cfg, dtype, budget)
+        return f"memory check skipped ({source}); {row.method} plans {gib(need)} ({parts})"
+    if need <= budget:
+        return f"memory plan: {row.method} needs ~{gib(need)} of {gib(budget)} ({source}) on {device.type}{host}"
+    fixes, tried = _fixes(config, method, cfg, dtype, device, budget)
     if fixes:
         hint = "it would fit with " + " or ".join(fixes)
     else:
         hint = (f"none of {', '.join(tried)} makes it fit; " if tried else "") + "use a smaller model or a larger device"
-    raise GallopError(f"{row.method} does not fit on {device.type}: it needs ~{gib(row.peak)} ({parts}) but "
-                      f"{gib(budget)} is free ({source}), {gib(row.peak - budget)} short; {hint}")
+    raise GallopError(f"{row.method} does not fit on {device.type}: it needs ~{gib(need)} ({parts}) but "
+                      f"{gib(budget)} is free ({source}), {gib(need - budget)} short; {hint}")
 
 
 MEASURED = ("fft", "lora", "gallop", "gallop compact")
@@ -172,7 +195,7 @@ def measure_method(config, method: str, device: torch.device, dtype: torch.dtype
         trainable = sum(p.numel() for p in params)
     else:
         grads = estimate_gradients(model, [batch], accum_dtype=accum_dtype(cfg.grad_accum_dtype),
-                                   progress=False)
+                                   offload=cfg.offload_grads, progress=False)
         sel = select_mask(model, grads, rho=cfg.rho, eps=cfg.eps, seed=cfg.seed)
         del grads
         opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, compact_grads=method.endswith("compact"))
@@ -220,14 +243,15 @@ def measure_markdown(results: list[dict], title: str) -> str:
 
 
 def report(model: str, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, measure_steps: int = 0,
-           log=print) -> str:
-    """The text ``gallop plan`` prints: the memory plan of ``model`` and, with ``measure_steps``, measurements."""
+           log=print, world_size: int = 1) -> str:
+    """The text ``gallop plan`` prints: the memory plan of ``model`` (per GPU with ``world_size`` > 1) and,
+    with ``measure_steps``, measurements."""
     config = model_config(model, log)
     dname = str(dtype).removeprefix("torch.")
     shape = f"batch {cfg.batch_size} x {cfg.max_len}" + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-    rows = memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
-                       grad_accum_dtype=accum_dtype(cfg.grad_accum_dtype), batch_size=cfg.batch_size,
-                       seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing)
+    shape += ", gradient estimated in host memory" if cfg.offload_grads else ""
+    shape += f", per GPU of {world_size} (FSDP2 per decoder layer)" if world_size > 1 else ""
+    rows = plan_rows(config, cfg, dtype, world_size)
     budget, source = device_budget(device)
     free = f"{budget / GIB:.2f} GiB ({source})" if budget is not None else f"unknown ({source})"
     parts = [f"### memory plan: {model}, {dname}, {shape}\n", markdown(rows, title="method"),

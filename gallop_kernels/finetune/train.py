@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +28,7 @@ from .. import SparseAdamW, select_mask
 from ..reselector import Reselector
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
+from . import parallel
 from .choices import GRAD_ACCUM_DTYPES, METHODS, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE
 from ..delta import selected_values
 from ..estimate import estimate_gradients, model_device, to_device
@@ -44,6 +45,8 @@ class TrainConfig:
     """Hyper-parameters shared by every method."""
 
     steps: int = 20
+    epochs: float | None = None
+    """When set (a preset's recipe), the run takes :func:`with_epochs` steps instead of ``steps``."""
     batch_size: int = 8
     lr: float = 1e-4
     warmup: int = 3
@@ -75,6 +78,11 @@ class TrainConfig:
     """SpIEL: steps whose gradients the regrowth sums (selection_accumulation_steps)."""
     spiel_initial_rate: float = SPIEL_INITIAL_RATE
     """SpIEL: share of the set replaced at step 0, falling linearly to 0 at the last step (initial_reselection_rate)."""
+    offload_grads: bool = False
+    """Estimate the mean gradient in host memory (estimate_gradients(offload=True)): no dense gradient on the device."""
+    parallel: str = "none"
+    """Under torchrun: "ddp" splits each batch and the gradient estimation's batches across the ranks
+    (DistributedDataParallel); "none" trains the same model on every rank."""
 
 
 @dataclass
@@ -140,6 +148,13 @@ def make_batches(tokenizer, examples: list[Example], batch_size: int, n_batches:
     return batches
 
 
+def with_epochs(cfg: TrainConfig, n_examples: int) -> TrainConfig:
+    """``cfg`` with ``steps`` = ceil(epochs * n_examples / batch_size) when ``epochs`` is set, else ``cfg``."""
+    if cfg.epochs is None:
+        return cfg
+    return replace(cfg, steps=max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size)))
+
+
 def accum_dtype(name: str) -> torch.dtype | None:
     """The dtype a TrainConfig.grad_accum_dtype name sums gradients in: None ("param": the weights' own)."""
     return None if name == "param" else getattr(torch, name)
@@ -180,10 +195,15 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
     model.train()
+    ddp = parallel.data_parallel(model) if cfg.parallel == "ddp" else None
     losses = []
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     for step, batch in enumerate(bar):
-        loss = model(**to_device(batch, device)).loss
+        if ddp is None:
+            loss = model(**to_device(batch, device)).loss
+        else:  # this rank's rows; the loss is scaled so that DDP's average is the whole batch's gradient
+            rows, divisor = parallel.my_rows(batch, IGNORE)
+            loss = ddp(**to_device(rows, device), num_items_in_batch=divisor).loss
         opt.zero_grad()
         loss.backward()
         clip()
@@ -191,7 +211,7 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         if after_step is not None:
             after_step()
         sched.step()
-        losses.append(loss.item())
+        losses.append((loss if ddp is None else parallel.average(loss)).item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
@@ -226,20 +246,21 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     criterion = "saft" if method == "spiel" else method
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
-    grads = estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
-                               progress=progress) if grads_used else None
+    grads = _mean_gradient(model, grad_batches, cfg, progress) if grads_used else None
     t1 = time.perf_counter()
-    sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed)
+    group = {"process_group": parallel.group()} if cfg.parallel == "ddp" else {}  # checks that the ranks agree
+    sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed, **group)
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
-    grad_note = f"gradient over {len(grad_batches)} batches {t1 - t0:.1f} s; " if grads_used else ""
+    where = " in host memory" if cfg.offload_grads else ""
+    grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
-    resel = _reselector(opt, model, method, cfg)
+    resel = _reselector(opt, model, method, cfg, group)
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
                         after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
     opt.remove_hooks()
@@ -250,13 +271,15 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     return result
 
 
-def _reselector(opt, model, method: str, cfg: TrainConfig) -> Reselector | None:
-    """SpIEL's schedule for "spiel", GaLLoP re-selection when cfg.reselect_every is set, else None."""
+def _reselector(opt, model, method: str, cfg: TrainConfig, group: dict) -> Reselector | None:
+    """SpIEL's schedule for "spiel", GaLLoP re-selection when cfg.reselect_every is set, else None.
+    ``group``: select_mask's process_group under ddp (the ranks' re-selections are checked to agree)."""
     if method == "spiel":
         return Reselector(opt, model, every=cfg.spiel_every, accumulate=cfg.spiel_accumulate, method="spiel",
-                          total_steps=cfg.steps, initial_rate=cfg.spiel_initial_rate, eps=cfg.eps)
+                          total_steps=cfg.steps, initial_rate=cfg.spiel_initial_rate, eps=cfg.eps, **group)
     if cfg.reselect_every:
-        return Reselector(opt, model, every=cfg.reselect_every, accumulate=cfg.reselect_batches, eps=cfg.eps)
+        return Reselector(opt, model, every=cfg.reselect_every, accumulate=cfg.reselect_batches, eps=cfg.eps,
+                          **group)
     return None
 
 
@@ -279,6 +302,23 @@ def _log_reselection(moved, resel: Reselector, log) -> None:
         h = resel.history[-1]
         log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
             f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
+
+
+def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
+    """estimate_gradients over ``grad_batches``; under ``parallel="ddp"`` each rank takes every world-th
+    batch and the ranks' means are averaged, weighted by their batch counts (equal to one process's
+    mean up to float rounding: the sums are added in another order)."""
+    if cfg.parallel != "ddp":
+        return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
+                                  offload=cfg.offload_grads, progress=progress)
+    if len(grad_batches) < parallel.world():  # the same test on every rank: they all stop
+        raise GallopError(f"--parallel ddp needs at least one gradient batch per rank ({parallel.world()} ranks, "
+                          f"{len(grad_batches)} batches): raise --grad-fraction or --n-train")
+    mine = [grad_batches[i] for i in parallel.mine(len(grad_batches))]
+    grads = estimate_gradients(model, mine, accum_dtype=accum_dtype(cfg.grad_accum_dtype), offload=cfg.offload_grads,
+                               progress=progress)
+    share = len(mine) * parallel.world() / len(grad_batches)
+    return {n: parallel.average(g * share).to(g.dtype) for n, g in grads.items()}
 
 
 def adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -27,10 +27,12 @@ from typing import Optional
 import torch
 
 from .._ext import require_ext
+from ..distributed import index_dtype
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # gallop::DType
 _COMPACT_GRAD = 3  # gallop::kCompactGrad
+_INDEX_BITS = {torch.int32: 32, torch.int64: 64}  # SparseAdamWTensor.index_bits
 
 # Host work done, for tests: plans built, tables written, steps launched.
 STATS: collections.Counter = collections.Counter()
@@ -42,8 +44,8 @@ class Row:
 
     param: the dense (local) weights, contiguous, fp32/bf16/fp16. grad: the dense
     gradient shaped like param (fp32/bf16/fp16), or, with ``grad_compact``, the
-    fp32 gradient of the selected entries only (k,). indices: (k,) int64 flat
-    indices. exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad), master (optional
+    fp32 gradient of the selected entries only (k,). indices: (k,) flat indices,
+    int32 (a tensor of fewer than 2^31 weights) or int64. exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad), master (optional
     fp32 master weights): (k,) float32. step_slot: this parameter's entry in the
     plan's float32 step counters; lr_slot: its group's entry in the float64
     learning rates.
@@ -94,8 +96,10 @@ def check_row(r: Row) -> None:
         raise ValueError(f"parameter {r.name!r}: the sparse AdamW kernel needs a contiguous parameter and gradient")
     k = r.indices.numel()
     dev = r.param.device
-    if r.indices.dtype != torch.int64 or r.indices.dim() != 1 or not r.indices.is_contiguous():
-        raise ValueError(f"parameter {r.name!r}: indices must be a contiguous 1-D int64 tensor")
+    if r.indices.dtype not in _INDEX_BITS or r.indices.dim() != 1 or not r.indices.is_contiguous():
+        raise ValueError(f"parameter {r.name!r}: indices must be a contiguous 1-D int32 or int64 tensor")
+    if r.indices.dtype == torch.int32 and index_dtype(r.param.numel()) != torch.int32:
+        raise ValueError(f"parameter {r.name!r}: {r.param.numel()} weights need int64 indices")
     want = k if r.grad_compact else r.param.numel()
     if r.grad.numel() != want:
         raise ValueError(f"parameter {r.name!r}: gradient has {r.grad.numel()} entries, expected {want}")
@@ -169,7 +173,8 @@ class StepPlan:
             seg = list(seg)
             first, offset = len(layout) // C.SPARSE_ADAMW_LAYOUT_INTS, 0
             for r in seg:
-                layout += [r.indices.numel(), offset, pd, gk, r.step_slot, r.lr_slot, int(r.amsgrad), int(r.maximize), int(r.master is not None)]
+                layout += [r.indices.numel(), offset, pd, gk, r.step_slot, r.lr_slot, int(r.amsgrad), int(r.maximize),
+                           int(r.master is not None), _INDEX_BITS[r.indices.dtype]]
                 hyper += [float(r.beta1), float(r.beta2), float(r.eps), float(r.weight_decay)]
                 offset += r.indices.numel()
             segments += [first, len(seg), offset, pd, gk]
@@ -211,7 +216,7 @@ class StepPlan:
                     f"parameter {name!r} has shape {tuple(p.shape)} but was selected with shape {tuple(shape)}: "
                     "the model changed after selection"
                 )
-            if p.dtype != pdt or g.dtype != gdt or g.numel() != gnumel or i.numel() != r.indices.numel():
+            if p.dtype != pdt or g.dtype != gdt or g.numel() != gnumel or i.numel() != r.indices.numel() or i.dtype != r.indices.dtype:
                 return f"parameter {name!r}: its parameter or gradient changed dtype or size"
             if not (p.is_contiguous() and g.is_contiguous() and i.is_contiguous()):
                 return f"parameter {name!r}: the sparse AdamW kernel needs a contiguous parameter and gradient"

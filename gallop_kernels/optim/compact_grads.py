@@ -2,9 +2,19 @@
 
 :class:`CompactGrads` keeps the selected gradient entries of every parameter in
 one flat float32 buffer per device, filled by post-accumulate-grad hooks as
-backward produces each gradient (the dense ``.grad`` is freed at once). The
-buffers never move, so the optimizer's step table keeps their addresses, and a
-whole-model check (non-finite entries, norms) is one op per device.
+backward produces each gradient. The dense gradient is freed at once and
+``.grad`` becomes a :class:`CompactGrad`: a tensor of the parameter's shape
+with no storage that stands for the buffer. The buffers never move, so the
+optimizer's step table keeps their addresses, and a whole-model check
+(non-finite entries, norms) is one op per device.
+
+Why a stand-in rather than ``.grad = None``: whatever clears gradients
+(``model.zero_grad()``, ``opt.zero_grad()``, ``p.grad = None``) then clears the
+compact gradient too, since a buffer counts only while its stand-in is the
+parameter's ``.grad``; code that reads gradients through ``.grad``
+(``torch.nn.utils.clip_grad_norm_``, which transformers.Trainer calls through
+accelerate, GradScaler's unscale) reaches the buffer; and anything else done to
+it raises instead of quietly seeing no gradient.
 
 :func:`clip_grad_norm_` clips by the norm of the selected entries only, and
 :func:`amp_step` is ``scaler.step(opt); scaler.update()`` for an optimizer whose
@@ -19,17 +29,78 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ..distributed import gather, local
+
+aten = torch.ops.aten
+# Ops that act on each entry alone, or reduce all entries to one number: on a CompactGrad
+# they act on its buffer, which is the selected entries (the others never reach the weights).
+# These are what zero_grad, clip_grad_norm_/clip_grad_value_ (both foreach paths) and
+# GradScaler's unscale_ call on gradients.
+_ON_BUFFER = {
+    aten.zero_.default, aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor, aten.div_.Scalar,
+    aten.clamp_.default, aten.clamp_min_.default, aten.clamp_max_.default,
+    aten._foreach_zero_.default, aten._foreach_mul_.Tensor, aten._foreach_mul_.Scalar,
+    aten._foreach_div_.Tensor, aten._foreach_div_.Scalar, aten._foreach_clamp_min_.Scalar,
+    aten._foreach_clamp_max_.Scalar, aten._foreach_norm.Scalar, aten._amp_foreach_non_finite_check_and_unscale_.default,
+}
+_IN_PLACE = {aten.zero_.default, aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor, aten.div_.Scalar,
+             aten.clamp_.default, aten.clamp_min_.default, aten.clamp_max_.default}
+
+
+class CompactGrad(torch.Tensor):
+    """The ``.grad`` of a parameter whose gradient lives in a compact buffer.
+
+    Shape, dtype and device are the parameter's; it has no storage. Zeroing,
+    scaling, clamping and unscaling act on the buffer, a norm is the buffer's
+    norm (the selected entries'), accumulating a dense gradient (what backward
+    does) adds its selected entries; every other op raises.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results of ops stay plain tensors
+
+    @staticmethod
+    def __new__(cls, param: torch.Tensor, owner: CompactGrads):
+        g = torch.Tensor._make_wrapper_subclass(cls, param.shape, dtype=param.dtype, device=param.device)
+        g.buffer, g.indices, g.owner = owner.buffers[param], owner.indices[param], owner
+        return g
+
+    def __repr__(self) -> str:
+        return f"CompactGrad(shape={tuple(self.shape)}, dtype={self.dtype}, {self.buffer.numel()} selected entries)"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.add_.Tensor and type(args[0]) is cls and type(args[1]) is not cls:
+            args[0]._accumulate(args[1], kwargs.get("alpha", 1))
+            return args[0]
+        if func in (aten.detach_.default, aten.detach.default):
+            return args[0]  # zero_grad(set_to_none=False) detaches before zeroing
+        whole_norm = func is aten.linalg_vector_norm.default and (args[2:3] or [kwargs.get("dim")])[0] is None
+        if not (whole_norm or func in _ON_BUFFER):
+            raise RuntimeError(
+                f"{func} on a compact gradient: with SparseAdamW(compact_grads=True) a parameter's .grad stands "
+                f"for its selected entries only and supports zero_grad, torch.nn.utils.clip_grad_norm_ / "
+                f"clip_grad_value_ and GradScaler; for anything else call opt.remove_hooks() first, or train with "
+                f"compact_grads=False (backward(create_graph=True) is not supported either)")
+        out = func(*tree_map(lambda t: t.buffer if type(t) is cls else t, args), **kwargs)
+        return args[0] if func in _IN_PLACE else out
+
+    def _accumulate(self, grad: torch.Tensor, alpha) -> None:
+        """What backward's ``.grad += new`` does here: add new's selected entries."""
+        if grad.is_sparse or grad.shape != self.shape:
+            raise RuntimeError(f"compact gradient: cannot accumulate a {'sparse' if grad.is_sparse else 'dense'} "
+                               f"gradient of shape {tuple(grad.shape)} into one of shape {tuple(self.shape)}")
+        self.buffer.add_(local(grad).reshape(-1).index_select(0, self.indices), alpha=alpha)
 
 
 class CompactGrads:
     """Selected gradient entries of ``params``, gathered in backward.
 
-    params: (param, indices) pairs; indices are flat int64 indices on the
-    parameter's device. The buffers are views of one float32 tensor per device;
-    :meth:`clear` marks them empty (and zeroes them, so a whole-buffer check sees
-    no stale entries) without freeing them.
+    params: (param, indices) pairs; indices are flat indices (int32 or int64) on
+    the parameter's device. The buffers are views of one float32 tensor per device;
+    a buffer holds p's gradient while ``p.grad`` is its :class:`CompactGrad`.
     """
 
     def __init__(self, params: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -45,7 +116,6 @@ class CompactGrads:
             for (p, idx), view in zip(items, flat.split([idx.numel() for _, idx in items])):
                 self.buffers[p] = view
                 self.indices[p] = idx
-        self.filled: set[torch.Tensor] = set()
         # A weak reference: the parameters must not keep a dropped optimizer's buffers alive.
         me = weakref.ref(self)
 
@@ -57,46 +127,54 @@ class CompactGrads:
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p, _ in params]
 
     def remove_hooks(self) -> None:
-        """Unregister the hooks (backward then leaves dense ``.grad`` again)."""
+        """Unregister the hooks and drop the compact gradients (backward then leaves dense ``.grad`` again)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self.buffers:
+            if self.holds(p):
+                p.grad = None
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether p's gradient is in its buffer: ``p.grad`` is this object's CompactGrad."""
+        g = p.grad
+        return type(g) is CompactGrad and g.owner is self
 
     @torch.no_grad()
     def gather(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: put the selected entries of p.grad into its
-        buffer, or add them, then free the dense gradient: one op for a float32
-        gradient's first micro-batch, else a gather and one cast or add."""
+        """Post-accumulate-grad hook: a dense p.grad (backward's first gradient since
+        .grad was cleared) goes into p's buffer, overwriting it, in one op for a
+        float32 gradient (else a gather and one cast), and becomes p's CompactGrad.
+        Later micro-batches were already added by CompactGrad's accumulate."""
         g = p.grad
         buf = self.buffers.get(p)
+        if type(g) is CompactGrad:
+            if g.owner is not self:
+                raise RuntimeError("a parameter's .grad holds the compact gradient of another SparseAdamW; "
+                                   "call that optimizer's zero_grad() or remove_hooks() first")
+            return
         if g is None or buf is None or g.is_sparse or g.shape != p.shape:
             return  # a malformed gradient stays in .grad for step() to report
-        idx, g = self.indices[p], local(g)
-        if p not in self.filled and g.dtype == torch.float32:
-            torch.take(g, idx, out=buf)  # one op: gathered straight into the buffer
-        elif p not in self.filled:
-            buf.copy_(torch.take(g, idx))  # gather, then one cast into the buffer
+        g = local(g).reshape(-1)
+        if g.dtype == torch.float32:
+            torch.index_select(g, 0, self.indices[p], out=buf)  # one op: gathered straight into the buffer
         else:
-            buf.add_(torch.take(g, idx))  # gather, then one add (with the cast) into the buffer
-        self.filled.add(p)
-        p.grad = None
-
-    def clear(self, set_to_none: bool = True) -> None:
-        """Empty the buffers (set_to_none) or hold zeros in them."""
-        for flat in self.flat.values():
-            flat.zero_()
-        self.filled = set() if set_to_none else set(self.buffers)
+            buf.copy_(g.index_select(0, self.indices[p]))  # gather, then one cast into the buffer
+        p.grad = CompactGrad(p, self)
 
     def grad(self, p: torch.Tensor) -> torch.Tensor | None:
-        """p's compact gradient, or None when backward gave it none since :meth:`clear`."""
-        return self.buffers[p] if p in self.filled else None
+        """p's compact gradient (its buffer), or None when ``p.grad`` is not its CompactGrad."""
+        return self.buffers[p] if self.holds(p) else None
 
     def nbytes(self) -> int:
         """Bytes of the buffers that hold a gradient."""
-        return sum(self.buffers[p].numel() * 4 for p in self.filled)
+        return sum(buf.numel() * 4 for p, buf in self.buffers.items() if self.holds(p))
 
     def found_inf(self, device: torch.device) -> torch.Tensor:
-        """1.0 on ``device`` when any compact entry is Inf/NaN, else 0.0: one check per buffer device."""
+        """1.0 on ``device`` when any compact gradient has an Inf/NaN, else 0.0: one check per buffer device."""
+        stale = [buf for p, buf in self.buffers.items() if not self.holds(p)]
+        if stale:  # a cleared .grad leaves its old entries behind: zero them for the whole-buffer check
+            torch._foreach_zero_(stale)
         bad = [(~torch.isfinite(flat)).any().to(device) for flat in self.flat.values()]
         return torch.stack(bad).any().float() if len(bad) > 1 else bad[0].float().reshape(())
 
@@ -116,16 +194,10 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0, error_if_nonfi
     entries, to_scale = [], []
     for p, idx in opt._indices.items():
         buf = opt._compact.grad(p) if opt._compact is not None else None
-        if not idx.numel() or (buf is None and p.grad is None):
+        if not idx.numel() or p.grad is None:
             continue
-        sel = buf
-        if p.grad is not None:
-            dense = gather(p.grad, idx).float()
-            sel = dense if sel is None else sel + dense
-            to_scale.append(p.grad)
-        if buf is not None:
-            to_scale.append(buf)
-        entries.append(sel)
+        entries.append(buf if buf is not None else gather(p.grad, idx).float())
+        to_scale.append(buf if buf is not None else p.grad)
     if not entries:
         return torch.tensor(0.0)
     dev = entries[0].device
@@ -151,7 +223,7 @@ def amp_step(opt, scaler, growth_tracker: torch.Tensor) -> None:
     """
     scale = scaler.scale(torch.ones((), dtype=torch.float32, device=growth_tracker.device))
     found = opt._compact.found_inf(scale.device)
-    dense = [local(p.grad) for p in opt._indices if p.grad is not None]
+    dense = [local(p.grad) for p in opt._indices if p.grad is not None and not opt._compact.holds(p)]
     if dense:
         found = found + torch.stack([(~torch.isfinite(g)).any().to(scale.device) for g in dense]).any().float()
     found = found.clamp(max=1.0).reshape(1)

@@ -82,9 +82,9 @@ def check(opt, selection: Selection) -> None:
                     _check_indices(opt._names[p], i, n)
     except ValueError as err:
         raise ValueError(f"reselect: {err}; a new selection must be of this optimizer's parameters") from None
-    if opt._compact is not None and opt._compact.filled:
-        raise RuntimeError("reselect: compact gradients of the current selection are pending; call reselect "
-                           "after step() and zero_grad(), not between backward and step")
+    if opt._compact is not None and any(opt._compact.holds(p) for p in opt._compact.buffers):
+        raise RuntimeError("reselect: compact gradients of the current selection are pending (a .grad is its "
+                           "CompactGrad); call reselect after step() and zero_grad(), not between backward and step")
 
 
 def _by_device(opt) -> dict[torch.device, list[torch.Tensor]]:
@@ -144,7 +144,6 @@ def reselect(opt, selection: Selection) -> Moved:
         state["indices"] = opt._indices[p]
         state["step"] = opt._step_views[p] if p in opt._step_views else step.clone()
     opt._plan = None
-    opt._version += 1
     kept = int(sum(k.cpu() for k in kept))  # the one host sync
     new_total = sum(i.numel() for i in opt._indices.values())
     old_total = sum(i.numel() for i in old_indices.values())

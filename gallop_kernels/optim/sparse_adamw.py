@@ -51,16 +51,31 @@ class SparseAdamW(torch.optim.Optimizer):
       float32/float64.
     - ``compact_grads`` (bool, default False): post-accumulate-grad hooks gather
       each parameter's selected gradient entries into a float32 buffer as
-      backward produces them and free the dense ``.grad`` at once, so backward
-      holds one dense gradient at a time (see
-      :class:`gallop_kernels.optim.compact_grads.CompactGrads`). Micro-batches
-      accumulate into the buffers; :meth:`zero_grad` clears them. ``.grad``
-      stays None, so ``torch.nn.utils.clip_grad_norm_`` sees nothing: use
-      :meth:`clip_grad_norm_`, which clips by the norm of the selected entries
-      (in both modes), and :meth:`amp_step` with a GradScaler. Gradients a
-      caller assigns to ``.grad`` directly are still used. Single process only:
-      DDP and FSDP hand gradients over in their own hooks, which this does not
-      coordinate with.
+      backward produces them and free the dense gradient at once, so backward
+      holds one dense gradient at a time. ``.grad`` then is a storage-less
+      :class:`~gallop_kernels.optim.compact_grads.CompactGrad` of the
+      parameter's shape that stands for the buffer, so the usual calls act on
+      the selected entries:
+
+      * micro-batches (backward N times) accumulate into the buffers;
+      * ``model.zero_grad()``, ``opt.zero_grad()`` (``set_to_none`` True or
+        False) and ``p.grad = None`` clear them: the first backward after a
+        clear overwrites the buffer, so no gradient outlives a clear (Trainer's
+        loop: backward N times, clip, step, ``model.zero_grad()``);
+      * ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)`` (and
+        accelerate's, which transformers.Trainer calls) clips by the norm of
+        the selected entries, the same as :meth:`clip_grad_norm_` and as dense
+        clipping of the selected entries; ``clip_grad_value_`` clamps them;
+      * ``torch.amp.GradScaler`` (``unscale_``, its overflow check) sees them;
+        :meth:`amp_step` does ``scaler.step`` and ``scaler.update`` in one call;
+      * a gradient assigned to ``.grad`` replaces the compact one, as it would
+        a dense one, and is used by the next step.
+
+      Any other op on such a ``.grad`` (reading its values, ``backward(
+      create_graph=True)``) raises, naming the calls above, rather than see
+      no gradient; :meth:`remove_hooks` drops the compact gradients and
+      returns to dense ones. Single process only: DDP and FSDP hand gradients
+      over in their own hooks, which this does not coordinate with.
     - ``backend`` ("auto", "reference", "host" or "cuda"; the names of
       :func:`gallop_kernels.backends`): "host" runs the compiled kernel's CPU
       build on CPU params, "cuda" the CUDA kernel on CUDA params (a parameter on
@@ -115,62 +130,115 @@ class SparseAdamW(torch.optim.Optimizer):
         if not isinstance(selection, Selection):
             raise TypeError(f"selection must be a gallop_kernels.Selection, got {type(selection).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, defaults)
-        self._names: dict[torch.Tensor, str] = {}
-        self._group_of: dict[torch.Tensor, int] = {}
-        for gi, group in enumerate(self.param_groups):
-            _check_hyper(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-            names = group.get("param_names")
-            if names is None:
-                raise TypeError(
-                    "SparseAdamW needs parameter names to find each parameter's selection: "
-                    "pass model.named_parameters() or groups of (name, param) pairs"
-                )
-            for name, p in zip(names, group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-                selection.check_matches(name, p)
-                self._names[p] = name
-                self._group_of[p] = gi
+        self.selection = selection
         self.master_weights = master_weights
         self.backend = backend
         self.compact_grads = bool(compact_grads)
-        self._plan: _Plan | None = None
-        self._version = 0  # bumped when the state is replaced: the plan is then rebuilt
-        self._growth_tracker: torch.Tensor | None = None
-        self._compact: _compact.CompactGrads | None = None
-        self._lay_out(selection)
-
-    def _lay_out(self, selection: Selection) -> None:
-        """Index lists, device step counters and compact-gradient buffers for ``selection``
-        (at construction and in :meth:`reselect`); the state is left alone."""
-        self.selection = selection
-        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
-        # The parameters the step can change, in group order.
-        self._params = [p for p in self._names if self._indices[p].numel()]
-        self._dtensor = any(is_dtensor(p) for p in self._params)
+        self._names: dict[torch.Tensor, str] = {}
+        self._group_of: dict[torch.Tensor, int] = {}
+        self._indices: dict[torch.Tensor, torch.Tensor] = {}
+        self._params: list[torch.Tensor] = []  # the parameters the step can change, in group order
+        self._dtensor = False
         # Device-resident step counters (one float32 per parameter: state["step"] is
         # a view) and learning rates (one float64 per group), per device.
         self._slot: dict[torch.Tensor, int] = {}
         self._steps: dict[torch.device, torch.Tensor] = {}
+        self._step_views: dict[torch.Tensor, torch.Tensor] = {}
+        self._lrs: dict[torch.device, torch.Tensor] = {}
+        self._lr_seen: dict[torch.device, list] = {}
+        self._plan: _Plan | None = None
+        self._version = 0  # bumped when the state or the layout changes: the plan is then rebuilt
+        self._growth_tracker: torch.Tensor | None = None
+        self._compact = None
+        super().__init__(params, defaults)  # add_param_group for each group
+        self._lay_out_compact()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group whose ``"params"`` are ``(name, param)`` pairs of parameters the
+        selection covers (with its own ``lr``, ``weight_decay``, ...); they join the next
+        step. Checked before anything changes. Not with ``compact_grads`` after
+        construction: the hooks and gradient buffers are laid out then."""
+        if self._compact is not None:
+            raise NotImplementedError(
+                "SparseAdamW(compact_grads=True).add_param_group: the compact gradient buffers are laid out when "
+                "the optimizer is created; pass every param group to the constructor instead"
+            )
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)  # a generator, once
+        if not all(isinstance(p, tuple) for p in param_group["params"]):
+            raise TypeError(
+                "SparseAdamW needs parameter names to find each parameter's selection: "
+                "pass model.named_parameters() or groups of (name, param) pairs"
+            )
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # nothing half-added
+            raise
+        self._register(len(self.param_groups) - 1)
+
+    def _check_group(self, group: dict) -> None:
+        """Raise, naming the problem, unless ``group`` has valid hyper-parameters and
+        parameters of a supported dtype that the selection was made for."""
+        _check_hyper(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"parameter {name!r}: dtype {p.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+            self.selection.check_matches(name, p)
+
+    def _register(self, gi: int) -> None:
+        """Take param group ``gi`` (checked) into the step: names, indices, counters."""
+        group = self.param_groups[gi]
+        for name, p in zip(group["param_names"], group["params"]):
+            self._names[p] = name
+            self._group_of[p] = gi
+            self._indices[p] = self.selection[name].to(p.device)
+            if self._indices[p].numel():
+                self._params.append(p)
+                self._dtensor = self._dtensor or is_dtensor(p)
+        self._layout_counters()
+
+    def _layout_counters(self) -> None:
+        """Lay out each device's step counters (a slot per parameter of ``_params``) and
+        learning rates (one per group). A new group's parameters come last, so the others
+        keep their slots and counts; their ``state["step"]`` moves to the new buffer."""
         per_device: dict[torch.device, int] = {}
         for p in self._params:
             dev = local(p).device
             self._slot[p] = per_device.get(dev, 0)
             per_device[dev] = self._slot[p] + 1
-        self._step_views: dict[torch.Tensor, torch.Tensor] = {}
-        self._lrs: dict[torch.device, torch.Tensor] = {}
-        self._lr_seen: dict[torch.device, list] = {}
         for dev, n in per_device.items():
-            self._steps[dev] = torch.zeros(n, dtype=torch.float32, device=dev)
+            old = self._steps.get(dev, torch.zeros(0, dtype=torch.float32, device=dev))
+            self._steps[dev] = torch.cat([old, old.new_zeros(n - old.numel())])
             self._lrs[dev] = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
             self._lr_seen[dev] = [None] * len(self.param_groups)
         views = {dev: buf.unbind(0) for dev, buf in self._steps.items()}
         for p in self._params:
             self._step_views[p] = views[local(p).device][self._slot[p]]
+            if "step" in self.state.get(p, {}):
+                self.state[p]["step"] = self._step_views[p]
+        self._version += 1
+
+    def _lay_out_compact(self) -> None:
+        """(Re)build the ``compact_grads`` hooks and buffers for the current index lists: every
+        trainable parameter, also those with nothing selected (their gradient is then empty),
+        so torch's clip_grad_norm_ over the model sees the optimizer's norm."""
         if self._compact is not None:
             self._compact.remove_hooks()
-        self._compact = _compact.CompactGrads([(p, self._indices[p]) for p in self._params]) if self.compact_grads else None
+        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
+                         if self.compact_grads else None)
+
+    def _lay_out(self, selection: Selection) -> None:
+        """Index lists, step counters (zero) and compact-gradient buffers of every parameter,
+        all groups, for ``selection`` (in :meth:`reselect`); the state is left alone."""
+        self.selection = selection
+        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
+        self._params = [p for p in self._names if self._indices[p].numel()]
+        self._dtensor = any(is_dtensor(p) for p in self._params)
+        self._slot, self._steps, self._step_views = {}, {}, {}
+        self._layout_counters()
+        self._lay_out_compact()
 
     def reselect(self, selection: Selection) -> _reselect.Moved:
         """Move the optimizer in place to ``selection``, a new Selection of the same parameters.
@@ -196,7 +264,8 @@ class SparseAdamW(torch.optim.Optimizer):
         return _reselect.reselect(self, selection)
 
     def remove_hooks(self) -> None:
-        """Unregister the ``compact_grads`` hooks (backward then leaves dense ``.grad`` again)."""
+        """Unregister the ``compact_grads`` hooks and drop the compact gradients
+        (backward then leaves dense ``.grad`` again)."""
         if self._compact is not None:
             self._compact.remove_hooks()
 
@@ -204,12 +273,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if self.master_weights is None:
             return p.dtype in (torch.bfloat16, torch.float16)
         return self.master_weights
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset gradients, the compact buffers of ``compact_grads`` included."""
-        super().zero_grad(set_to_none)
-        if self._compact is not None:
-            self._compact.clear(set_to_none)
 
     def amp_step(self, scaler, closure=None):
         """``scaler.step(self)`` followed by ``scaler.update()``, also with ``compact_grads``.
@@ -241,7 +304,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def grad_bytes(self) -> int:
         """Bytes held right now by this optimizer's gradients: dense ``.grad`` tensors
         plus the compact buffers of ``compact_grads`` that hold a gradient."""
-        dense = sum(local(p.grad).numel() * p.grad.element_size() for p in self._names if p.grad is not None)
+        dense = sum(local(p.grad).numel() * p.grad.element_size() for p in self._names
+                    if p.grad is not None and not (self._compact is not None and self._compact.holds(p)))
         return dense + (self._compact.nbytes() if self._compact is not None else 0)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -317,10 +381,8 @@ class SparseAdamW(torch.optim.Optimizer):
             return ([local(g) for g in grads] if self._dtensor else grads), None
         grads, compact = [], []
         for p in self._params:
-            buf, g = self._compact.grad(p), p.grad
-            if g is not None and buf is not None:  # a .grad assigned by hand on top of backward's
-                buf = buf + gather(g, self._indices[p]).float()
-            grads.append(buf if buf is not None else local(g))
+            buf = self._compact.grad(p)
+            grads.append(buf if buf is not None else local(p.grad))
             compact.append(buf is not None)
         return grads, compact
 
@@ -345,6 +407,9 @@ class SparseAdamW(torch.optim.Optimizer):
             if g is None:
                 continue
             name, is_compact = self._names[p], bool(compact and compact[i])
+            if type(g) is _compact.CompactGrad:  # not ours: it has no storage for the kernel to read
+                raise ValueError(f"parameter {name!r}: .grad is the compact gradient of another SparseAdamW; call "
+                                 f"that optimizer's zero_grad() or remove_hooks() first")
             if not is_compact:
                 check_grad(name, local(p), g)
             work.append((i, p, g, is_compact, self._use_kernel(name, p, g, is_compact)))

@@ -22,7 +22,9 @@ T* ptr(std::uintptr_t p) {
 }
 
 // Layout ints per row, in this order (see SparseAdamWTensor).
-enum Layout { kCount, kOffset, kParamDType, kGradKind, kStepSlot, kLrSlot, kAmsgrad, kMaximize, kHasMaster, kLayoutInts };
+enum Layout {
+  kCount, kOffset, kParamDType, kGradKind, kStepSlot, kLrSlot, kAmsgrad, kMaximize, kHasMaster, kIndexBits, kLayoutInts
+};
 constexpr int kHyperFloats = 4;  // beta1, beta2, eps, weight_decay
 
 // Writes rows 0..n-1 of a host table. params, grads, indices: one pointer per
@@ -43,11 +45,12 @@ void fill_table(std::uintptr_t table, const Ptrs& params, const Ptrs& grads, con
     const double* h = hyper.data() + r * kHyperFloats;
     size_t need = 2 + (l[kAmsgrad] ? 1 : 0) + (l[kHasMaster] ? 1 : 0);
     if (s + need > states.size()) throw std::invalid_argument("sparse_adamw_fill_table: too few state pointers");
+    if (l[kIndexBits] != 32 && l[kIndexBits] != 64) throw std::invalid_argument("sparse_adamw_fill_table: index bits not 32 or 64");
     gallop::SparseAdamWTensor& t = rows[r];
     t = gallop::SparseAdamWTensor{};
     t.param = ptr<void>(params[r]);
     t.grad = ptr<const void>(grads[r]);
-    t.indices = ptr<const int64_t>(indices[r]);
+    t.indices = ptr<const void>(indices[r]);
     t.exp_avg = ptr<float>(states[s++]);
     t.exp_avg_sq = ptr<float>(states[s++]);
     t.max_exp_avg_sq = l[kAmsgrad] ? ptr<float>(states[s++]) : nullptr;
@@ -58,6 +61,7 @@ void fill_table(std::uintptr_t table, const Ptrs& params, const Ptrs& grads, con
     t.offset = l[kOffset];
     t.param_dtype = static_cast<int32_t>(l[kParamDType]);
     t.grad_kind = static_cast<int32_t>(l[kGradKind]);
+    t.index_bits = static_cast<int32_t>(l[kIndexBits]);
     t.h = gallop::AdamWHyper{h[0], h[1], h[2], h[3], l[kAmsgrad] ? 1 : 0, l[kMaximize] ? 1 : 0};
     t.s.amsgrad = t.h.amsgrad;  // read by the loads before the prepare pass has run on a fresh row
   }

@@ -1,0 +1,179 @@
+"""The ``gallop`` command under ``torchrun``: one process group, rank-0 output, evaluation split across ranks.
+
+Under torchrun (``WORLD_SIZE`` > 1) ``finetune`` and ``compare`` join a process group (gloo on
+the CPU, NCCL with one GPU per rank). Every rank loads the model and trains it the same way
+(training is replicated, not yet sharded); the evaluation, the slowest stage, gives each rank
+every world-th batch of questions and gathers the answers, so the accuracies are those of one
+process. Only rank 0 prints and writes the output folder. Torch is imported only on use, so the
+command line stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import TypeVar
+
+from ..errors import GallopError
+
+T = TypeVar("T")
+TIMEOUT = timedelta(minutes=30)
+"""How long a rank waits for the others at a collective before failing instead of hanging."""
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def init() -> None:
+    """Join torchrun's process group (gloo on the CPU, NCCL on this rank's GPU); no-op outside torchrun."""
+    if not launched() or _dist() is not None:
+        return
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def joined(wanted: bool = True) -> Iterator[bool]:
+    """Under torchrun (and ``wanted``): the process group joined for the block, and stdout silenced on the
+    ranks other than 0. Yields whether this rank is the one that reports (always True in one process)."""
+    if not (wanted and launched()):
+        yield True
+        return
+    init()
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not is_main():
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            yield is_main()
+    finally:
+        close()
+
+
+def close() -> None:
+    """Leave the process group, if one was joined."""
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def world() -> int:
+    """The number of ranks (1 outside a process group)."""
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def is_main() -> bool:
+    """Whether this rank prints and writes (rank 0)."""
+    return rank() == 0
+
+
+def mine(n: int) -> list[int]:
+    """The items of ``range(n)`` this rank handles: every world-th, from its rank."""
+    return list(range(rank(), n, world()))
+
+
+def merge(part: dict[int, T]) -> dict[int, T]:
+    """The union of every rank's ``part`` ({item: result} for the items of :func:`mine`), on every rank."""
+    dist = _dist()
+    if dist is None:
+        return dict(part)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def on_all(action: Callable[[], T]) -> T:
+    """Run ``action`` on every rank; when it raises GallopError on any rank, raise the first such
+    rank's message on every rank, so that no rank goes on to wait for one that stopped."""
+    result, message = None, None
+    try:
+        result = action()
+    except GallopError as e:
+        message = str(e) or type(e).__name__
+    dist = _dist()
+    if dist is not None:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m is not None), None)
+    if message is not None:
+        raise GallopError(message)
+    return result
+
+
+def on_main(action: Callable[[], T]) -> T | None:
+    """Run ``action`` on rank 0 only (see :func:`on_all`: its GallopError stops every rank)."""
+    return on_all(action if is_main() else lambda: None)
+
+
+def from_main(action: Callable[[], T]) -> T:
+    """``action``'s result on rank 0, sent to every rank (see :func:`on_main`: its GallopError stops every rank)."""
+    result = on_main(action)
+    dist = _dist()
+    if dist is None:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel(model):
+    """``model`` wrapped in DistributedDataParallel for training (on this rank's GPU, or the CPU); the
+    model itself, whose parameters DDP shares, stays what optimizers and evaluation use."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def my_rows(batch: dict, ignore: int) -> tuple[dict, object]:
+    """(this rank's rows of ``batch``, the loss divisor that makes DDP's gradient average equal the
+    single-process gradient): each rank's loss is its sum over the labelled tokens divided by
+    (the whole batch's labelled tokens / world size); DDP then averages over the ranks."""
+    import torch
+
+    n = world()
+    labelled = int((batch["labels"][:, 1:] != ignore).sum())  # the tokens the causal-LM loss counts (labels shift by 1)
+    if batch["labels"].shape[0] < n:  # the same test on every rank: they all stop
+        raise GallopError(f"--parallel ddp needs --batch-size >= the number of ranks ({n})")
+    return {k: v[rank()::n] for k, v in batch.items()}, torch.tensor(max(labelled, 1) / n)
+
+
+def group():
+    """The process group of all ranks (None outside one)."""
+    dist = _dist()
+    return dist.group.WORLD if dist is not None else None
+
+
+def average(t):
+    """The mean of ``t`` over the ranks in float32, on every rank and on ``t``'s device (``t`` itself
+    outside a process group). NCCL reduces on this rank's GPU: a host tensor goes there and back."""
+    import torch
+
+    dist = _dist()
+    if dist is None:
+        return t
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.detach().to(where, torch.float32, copy=True)
+    dist.all_reduce(out)
+    return (out / dist.get_world_size()).to(t.device)
