@@ -18,7 +18,7 @@ import torch
 from ..markdown import table
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
 from . import models
-from .choices import BASELINES, ESTIMATING
+from .choices import BASELINES, ESTIMATING, RESELECTING
 from ..errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
@@ -104,8 +104,8 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
     fits = lambda c: needed(plan_row(config, method, c, dtype), device) <= budget  # noqa: E731
     options = []
-    if method not in BASELINES and not cfg.compact_grads:
-        options.append(("--compact-grads", {"compact_grads": True}))
+    if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
+        options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
     if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
         options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
