@@ -42,6 +42,10 @@ run() {  # run a step under min(its limit, the time left); remember a failure, k
   run 90 python3 -m pytest -q -x tests/test_sparse_adamw_ext.py -k "cuda or gpu or graph or compiled"
   run 60 python3 bench/bench_sparse_adamw.py --sizes 28 30 --rhos 0.01 --tensors 1 104 --llama3-8b
   run 50 python3 bench/bench_sparse_adamw.py --skip-step --host-tensors 1 --train tinyllama
+  # reselect: the CUDA kernel against AdamW with carried state across reselects; then its cost on
+  # the 291 LLaMA-3-8B shapes against one step and one select_mask (goal: <= their sum).
+  run 60 python3 -m pytest -q -x tests/test_reselect.py -k cuda
+  run 60 python3 bench/bench_reselect.py --reps 3
   # The application: finetune in bf16 on a tiny random Llama, the same selection on cpu and cuda,
   # gallop plan --measure on the TinyLlama-1.1B shape (batch 1 x 512; the table is printed).
   run 80 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # package, as the `gallop` command does for --help and argument errors, does not import torch.
 _PUBLIC = {
     "CRITERIA": ".criteria",
+    "Reselector": ".reselector",
     "SCOPES": ".reference",
     "Selection": ".select",
     "SparseAdamW": ".optim",

@@ -195,12 +195,12 @@ def test_ddp_ranks_hold_the_same_selection(tmp_path):
     _spawn(_ddp_selection_worker, tmp_path)
 
 
-def _train(model, params_of, batches_of, sel_rho, steps, opt_state=None):
-    """Estimate g on the first batch, select, and run SparseAdamW for ``steps`` steps."""
+def _train(model, params_of, batches_of, sel_rho, steps, **opt_kw):
+    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps."""
     _loss(model, batches_of(0)).backward()
     sel = gk.select_mask(model, rho=sel_rho)
     model.zero_grad(set_to_none=True)
-    opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1)
+    opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1, **opt_kw)
     for step in range(steps):
         _loss(model, batches_of(step)).backward()
         opt.step()
@@ -239,6 +239,73 @@ def _fsdp_training_worker(rank):
 
 def test_fsdp2_training_equals_one_process(tmp_path):
     _spawn(_fsdp_training_worker, tmp_path)
+
+
+def _reselect_and_train(model, batches_of, first, then):
+    """_train for ``first`` steps (with master weights: their copy follows too), reselect to a
+    seeded random selection, train ``then`` steps."""
+    _, opt = _train(model, lambda m: m.named_parameters(), batches_of, 0.2, first, master_weights=True)
+    sel = gk.select_mask(model, rho=0.2, criterion="random", seed=3)
+    moved = opt.reselect(sel)
+    for step in range(first, first + then):
+        _loss(model, batches_of(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return sel, opt, moved
+
+
+def _fsdp_reselect_worker(rank):
+    single = _model()
+    _, _, want = _reselect_and_train(single, lambda s: _batch(seed=100 + s), 4, 6)
+    sharded = _fsdp(_model())
+    sel, opt, moved = _reselect_and_train(sharded, lambda s: _rank_batch(s, rank), 4, 6)
+    for (n, p), q in zip(single.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.full_tensor().detach(), p.detach(), msg=lambda m: f"{n}: {m}")
+    assert sum(st["exp_avg"].numel() for st in opt.state.values()) == sel.num_selected  # local shards only
+    total = torch.tensor(list(moved))
+    dist.all_reduce(total)
+    assert tuple(total.tolist()) == tuple(want) and want.kept and want.added
+
+
+def test_fsdp2_reselect_each_rank_moves_its_shards(tmp_path):
+    _spawn(_fsdp_reselect_worker, tmp_path)
+
+
+def _spiel(model, batches_of, steps):
+    """SpIEL on ``model``: magnitude selection at rho 0.3, a re-selection every 2 steps."""
+    sel = gk.select_mask(model, rho=0.3, criterion="magnitude")
+    opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=1e-2)
+    resel = gk.Reselector(opt, model, every=2, method="spiel", total_steps=steps, initial_rate=0.5)
+    for step in range(steps):
+        _loss(model, batches_of(step)).backward()
+        opt.step()
+        resel.step()
+        opt.zero_grad()
+    return opt, resel
+
+
+def _fsdp_spiel_worker(rank):
+    """SpIEL on 2 ranks (not bit-equal to one process: near-ties in |theta - theta0| after a few
+    Adam steps flip with the gradients' reduction order): each re-selection replaces
+    floor(rate * k) of the whole set, k stays, weights outside the final set are at theta0."""
+    sharded = _fsdp(_model())
+    init = [p.full_tensor().detach().clone() for p in sharded.parameters()]
+    opt, resel = _spiel(sharded, lambda s: _rank_batch(s, rank), 6)
+    k = gdist.GroupComm().all_sum(torch.tensor([opt.selection.num_selected]))
+    counts = torch.tensor([[h["added"], h["dropped"]] for h in resel.history])
+    dist.all_reduce(counts)
+    want = [int(0.5 * (1 - s / 6) * int(k)) for s in (2, 4, 6)]
+    assert counts.tolist() == [[r, r] for r in want] and want[0] > 0
+    named = list(sharded.named_parameters())
+    starts = gdist.shard_starts([p for _, p in named], None)
+    for (n, p), p0, start in zip(named, init, starts):
+        final = gdist.GroupComm().all_cat(opt.selection[n] + start)
+        outside = torch.ones(p0.numel(), dtype=torch.bool).index_fill_(0, final.long(), False)
+        assert torch.equal(p.full_tensor().detach().reshape(-1)[outside], p0.reshape(-1)[outside]), n
+
+
+def test_fsdp2_spiel_counts_the_whole_set(tmp_path):
+    _spawn(_fsdp_spiel_worker, tmp_path)
 
 
 def _fsdp_resume_worker(rank, ckpt):

@@ -130,6 +130,86 @@ def test_finetune_command_end_to_end_and_delta_is_exact(dtype, ood, tiny_dir, tm
         assert torch.equal(p, b), n
 
 
+@needs_data
+def test_gallop_reselection_reports_each_and_its_delta_covers_every_trained_weight(tiny_dir, tmp_path, capsys):
+    """--reselect-every 1: a re-selection after every step, each in the report (share changed,
+    seconds); the delta (every weight ever trained, dropped ones keep their training) applied to
+    the base gives the tuned model bit for bit."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--lr", "1e-2",
+                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--reselect-every", "1", "--out", str(out),
+                     *FEW]) == 0
+    assert "of the set changed" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["step"] for r in report["reselections"]] == [1, 2, 3]
+    assert all(0 <= r["changed"] <= 1 and r["seconds"] >= 0 for r in report["reselections"])
+    assert any(r["changed"] > 0 for r in report["reselections"])
+
+    train_cfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, rho=0.05, max_len=128, reselect_every=1)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             modes=("loglik",))
+    run = pipeline.finetune_job("piqa", None, "gallop", train_cfg, job, log=lambda *_: None)
+    d = delta.make_delta(run.model, run.train.selection, run.train.base_values)
+    assert d.num_weights > run.train.trainable  # the union of the sets
+    base, _ = models.load(tiny_dir)
+    delta.apply_delta(base, d)
+    for (n, p), (_, q) in zip(run.model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@needs_data
+def test_compare_runs_spiel_on_the_linear_layers(tiny_dir, tmp_path, capsys):
+    """gallop compare --methods spiel: SpIEL's schedule (rate 0.5 at step 0 falling to 0 at step 4,
+    a re-selection every 2 steps) on the q, k, v, o, gate, up, down projections only; the run
+    through the API trains exactly those weights, its delta holds exactly the final set, and base +
+    delta is the tuned model bit for bit."""
+    out = tmp_path / "cmp"
+    spiel = ["--reselection-steps", "2", "--selection-accumulation-steps", "1", "--initial-reselection-rate", "0.5"]
+    args = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "spiel,gallop", "--rhos", "0.05",
+            "--eval-tasks", "piqa", "--out", str(out), *FEW, "--steps", "4", "--eval-mode", "loglik", *spiel]
+    assert cli.main(args) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["spiel", "gallop"]
+    model = models.load(tiny_dir)[0]
+    names = [n for n, _ in model.named_parameters() if n.split(".")[-2] in train.SPIEL_TARGETS]
+    targets = sum(model.get_parameter(n).numel() for n in names)
+    k = round(0.05 * targets)
+    assert runs[0]["trainable"] == k and runs[1]["reselections"] is None
+    assert [(r["step"], r["rate"], r["added"], r["dropped"]) for r in runs[0]["reselections"]] == [
+        (2, 0.25, int(0.25 * k), int(0.25 * k)), (4, 0.0, 0, 0)]
+    assert "| spiel | 0.05 | piqa |" in (out / "compare.md").read_text()
+
+    train_cfg = train.TrainConfig(steps=4, batch_size=4, lr=1e-2, rho=0.05, max_len=128, spiel_every=2,
+                                  spiel_accumulate=1, spiel_initial_rate=0.5)
+    job = pipeline.JobConfig(model=str(tiny_dir), n_train=8, n_eval=2, eval_tasks=["piqa"], progress=False,
+                             modes=("loglik",))
+    run = pipeline.finetune_job("piqa", None, "spiel", train_cfg, job, log=lambda *_: None)
+    sel = run.train.selection
+    assert sel.num_selected == k and set(run.train.base_values) <= set(names)
+    assert all(p.requires_grad for p in run.model.parameters())  # the freezing is undone
+    d = delta.make_delta(run.model, sel, run.train.base_values)
+    assert d.num_weights == k
+    base = models.load(tiny_dir)[0]
+    moved = {n for (n, p), q in zip(run.model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
+    assert moved and moved <= set(names)
+    delta.apply_delta(base, d)
+    for (n, p), (_, q) in zip(run.model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@needs_data
+def test_finetune_criterion_spiel(tiny_dir, tmp_path, capsys):
+    """gallop finetune --criterion spiel: a re-selection per step, the delta of exactly k weights."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--task", "piqa", "--criterion", "spiel", "--rho", "0.05",
+                     "--eval-mode", "loglik", "--eval-tasks", "piqa", "--out", str(out), *FEW,
+                     "--reselection-steps", "1", "--selection-accumulation-steps", "1"]) == 0
+    assert "| spiel |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["step"] for r in report["reselections"]] == [1, 2, 3]
+    assert delta.load_delta(out / "delta.safetensors").num_weights == report["trainable"]
+
+
 def _two_layers(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(dtype)
@@ -510,6 +590,8 @@ def test_killed_compare_keeps_its_finished_runs_and_resume_runs_the_rest(tiny_di
     assert "or add --resume to continue the compare it holds" in _error_line(capsys)
     assert cli.main([*args, "--resume", "--steps", "4"]) == 2
     assert f"--resume: {out} was made with other options (steps 3 there, 4 here)" in _error_line(capsys)
+    assert cli.main([*args, "--resume", "--reselect-every", "1"]) == 2  # re-selection settings are run settings
+    assert f"--resume: {out} was made with other options (reselect_every 0 there, 1 here)" in _error_line(capsys)
     assert cli.main([*args[:-len(FEW)], "--methods", "fft", "--resume", *FEW]) == 2
     assert "holds a run this command would not make (gallop rho=0.01 seed 0 on winogrande)" in _error_line(capsys)
     assert json.loads((out / "compare.json").read_text()) == saved  # refusals change nothing
@@ -567,20 +649,26 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
 
 
 @needs_data
+@pytest.mark.parametrize("method, extra", [("gallop", {}), ("gallop", {"reselect_every": 1}),
+                                           ("spiel", {"spiel_every": 1, "spiel_accumulate": 1})],
+                         ids=["gallop", "gallop-reselect", "spiel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_offloaded_estimation_trains_the_same_run(dtype, tiny_dir, monkeypatch):
+def test_offloaded_estimation_trains_the_same_run(dtype, method, extra, tiny_dir, monkeypatch):
     """train.finetune with the gradient estimated in host memory selects the same weights and trains to the
-    same losses, exactly, as with the gradient in .grad."""
+    same losses, exactly, as with the gradient in .grad; also with re-selections (GaLLoP's, SpIEL's), which
+    sum the training steps' own gradients."""
     data = tasks.load_task("piqa", 16, 0).train
     asked, real = [], train.estimate_gradients
     monkeypatch.setattr(train, "estimate_gradients", lambda *a, **k: asked.append(k["offload"]) or real(*a, **k))
     results = []
     for offload in (False, True):
         model, tok = models.load(tiny_dir, dtype)
-        cfg = train.TrainConfig(steps=2, batch_size=4, rho=0.05, max_len=128, log_every=0, offload_grads=offload)
-        results.append(train.finetune(model, tok, data, "gallop", cfg, log=lambda *_: None, progress=False)[1])
+        cfg = train.TrainConfig(steps=2, batch_size=4, rho=0.05, max_len=128, log_every=0, offload_grads=offload,
+                                **extra)
+        results.append(train.finetune(model, tok, data, method, cfg, log=lambda *_: None, progress=False)[1])
     on_device, offloaded = results
     assert asked == [False, True]
+    assert len(offloaded.extra.get("reselections") or []) == (2 if extra else 0)
     assert list(offloaded.selection) == list(on_device.selection)
     assert all(torch.equal(offloaded.selection[n], i) for n, i in on_device.selection.items())
     assert offloaded.losses == on_device.losses
@@ -756,6 +844,17 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
         (["compare", "--methods", "lora,dora,nope"], "unknown method 'nope'"),
         (["compare", "--resume"], "--resume needs --out: the folder of the compare to continue"),
         (["apply", "--delta", "x"], "the following arguments are required: --out"),
+        (["finetune", "--reselect-batches", "2"], "--reselect-batches needs --reselect-every"),
+        (["finetune", "--reselect-every", "2", "--reselect-batches", "3"], "--reselect-batches (3) must be at most"),
+        (["finetune", "--reselect-every", "2", "--criterion", "saft"], "it needs the gallop criterion or method"),
+        (["compare", "--reselect-every", "2", "--methods", "lora"], "it needs the gallop criterion or method"),
+        (["finetune", "--reselect-every", "2", "--compact-grads"], "the dense gradients that --compact-grads frees"),
+        (["finetune", "--reselection-steps", "4"], "--reselection-steps is an option of the spiel method"),
+        (["compare", "--methods", "spiel", "--selection-accumulation-steps", "21"],
+         "must be at most --reselection-steps (20)"),
+        (["finetune", "--criterion", "spiel", "--compact-grads"], "spiel needs the dense gradients"),
+        (["finetune", "--criterion", "spiel", "--initial-reselection-rate", "2"],
+         "the rate must be in [0, 1], got 2.0"),
         (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
         (["finetune", "--parallel", "ddp"], "--parallel ddp runs under torchrun"),
     ],
@@ -1267,6 +1366,31 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     accs = lambda r: {m: (s["id_acc"], s["ood_acc"]) for m, s in r["summary"].items()}  # noqa: E731
     assert accs(ddp) == accs(one)
     assert ddp["train_config"]["parallel"] == "ddp" and one["train_config"]["parallel"] == "none"
+
+
+@needs_data
+@pytest.mark.parametrize("reselecting", [["--reselect-every", "1"], ["--criterion", "spiel", "--reselection-steps",
+                                         "1", "--selection-accumulation-steps", "1"]], ids=["gallop-reselect", "spiel"])
+def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
+    """2 gloo ranks, --parallel ddp: every rank re-selects from DDP's averaged gradients (select_mask checks
+    that the ranks agree, so a disagreement would stop the run) on one process's schedule: the same steps,
+    SpIEL's counts, k and the delta's size rule."""
+    common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa",
+              "--eval-mode", "loglik", "--eval-batch-size", "1", "--n-train", "8", "--n-eval", "2", "--steps", "2",
+              "--batch-size", "4", "--max-len", "128", "--grad-fraction", "1", "--no-progress", "--device", "cpu",
+              *reselecting]
+    reports = {}
+    for ranks, extra in ((1, []), (2, ["--parallel", "ddp"])):
+        out = tmp_path / f"ranks{ranks}"
+        proc = _gallop([*common, *extra, "--out", str(out)], ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("re-selection:") == 2  # rank 0's log only
+        reports[ranks] = json.loads((out / "report.json").read_text())
+        assert delta.load_delta(out / "delta.safetensors").num_weights >= reports[ranks]["trainable"]
+    one, ddp = reports[1], reports[2]
+    assert ddp["train_config"]["parallel"] == "ddp" and ddp["trainable"] == one["trainable"]
+    counts = lambda r: [(h["step"], h["added"] if "rate" in h else None) for h in r["reselections"]]  # noqa: E731
+    assert counts(ddp) == counts(one) and [h["step"] for h in one["reselections"]] == [1, 2]
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -1,5 +1,7 @@
 """The memory planner against arithmetic and against a real SparseAdamW's state."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -141,6 +143,10 @@ def test_preflight_refuses_what_does_not_fit_and_names_the_fix(monkeypatch):
     assert "--gradient-checkpointing" in msg and "--batch-size" in msg
     with pytest.raises(GallopError, match="none of --compact-grads"):
         plan.preflight(cfg, "gallop", run, dtype, cpu, budget=1000)
+    for method, reselecting in (("spiel", run), ("gallop", replace(run, reselect_every=2))):  # need dense grads
+        with pytest.raises(GallopError) as e:
+            plan.preflight(cfg, method, reselecting, dtype, cpu, budget=1000)
+        assert "--compact-grads" not in str(e.value) and "--gradient-checkpointing" in str(e.value)
     monkeypatch.setenv(plan.BUDGET_ENV, "1KiB")
     assert plan.device_budget(cpu) == (1024, f"${plan.BUDGET_ENV}")
     with pytest.raises(GallopError, match="short"):

@@ -4,10 +4,16 @@ Torch-free, so ``gallop --help`` and argument errors need no heavy import;
 train.py and evaluate.py take their names from here.
 """
 
-from ..criteria import CRITERIA
+from ..criteria import CRITERIA, GRADIENT_CRITERIA
 
 BASELINES = ("fft", "lora", "dora")  # dense methods: full fine-tuning and peft's LoRA and DoRA
-METHODS = CRITERIA + BASELINES  # the criteria train sparsely through select_mask and SparseAdamW
+RESELECTING = ("spiel",)  # sparse methods whose set changes during training (Reselector)
+# SpIEL's schedule, the public implementation's defaults: reselection_steps, selection_accumulation_steps,
+# initial_reselection_rate
+SPIEL_EVERY, SPIEL_ACCUMULATE, SPIEL_INITIAL_RATE = 20, 5, 0.2
+# the criteria and spiel train sparsely through select_mask and SparseAdamW
+METHODS = CRITERIA + RESELECTING + BASELINES
+ESTIMATING = GRADIENT_CRITERIA + RESELECTING  # the methods that estimate a mean gradient (spiel: saft's) to select
 MODES = ("generate", "loglik")
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU, else the CPU
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA, float32 on the CPU

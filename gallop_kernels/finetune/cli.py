@@ -29,7 +29,8 @@ from pathlib import Path
 from . import models, tasks
 from ..criteria import CRITERIA
 from .choices import (
-    BASELINES, DECODES, DEVICES, DTYPES, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS, TARGETS,
+    BASELINES, DECODES, DEVICES, DTYPES, ESTIMATING, EXTRACTS, GRAD_ACCUM_DTYPES, METHODS, MODES, OFFLOADS, PARALLELS,
+    RESELECTING, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE, TARGETS,
 )
 from ..errors import GallopError
 from .output import GrowingFolder, OutputFolder, main_rank_folder
@@ -71,6 +72,13 @@ def _fraction(text: str) -> float:
     v = _number(text, "the fraction")
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _rate(text: str) -> float:
+    v = _number(text, "the rate")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"the rate must be in [0, 1], got {v}")
     return v
 
 
@@ -163,6 +171,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="sparse methods: keep float32 gradients of the selected weights only (SparseAdamW)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of keeping them")
+    p.add_argument("--reselect-every", type=_positive, default=None,
+                   help="GaLLoP re-selection (gallop only; off by default): select again every N training steps, "
+                        "by the GaLLoP score of the gradient summed over the last --reselect-batches steps")
+    p.add_argument("--reselect-batches", type=_positive, default=None,
+                   help="training steps the re-selection's gradient is summed over (default 1, at most "
+                        "--reselect-every)")
+    p.add_argument("--reselection-steps", type=_positive, default=None,
+                   help=f"spiel: steps between its re-selections (default {SPIEL_EVERY}, as the public SpIEL)")
+    p.add_argument("--selection-accumulation-steps", type=_positive, default=None,
+                   help=f"spiel: steps whose gradients its regrowth sums (default {SPIEL_ACCUMULATE}, at most "
+                        "--reselection-steps)")
+    p.add_argument("--initial-reselection-rate", type=_rate, default=None,
+                   help=f"spiel: share of the set replaced at step 0, falling linearly to 0 "
+                        f"(default {SPIEL_INITIAL_RATE})")
     _add_offload(p)
     p.add_argument("--parallel", choices=PARALLELS, default=None,
                    help="under torchrun: ddp (the default there) splits every batch across the ranks; none trains "
@@ -219,7 +241,8 @@ def build_parser() -> Parser:
     src = ft.add_mutually_exclusive_group()
     src.add_argument("--task", default="arc_easy", help=f"one of {', '.join(tasks.TASKS)}")
     src.add_argument("--data", default=None, help="JSONL file of {question, choices, answer} records")
-    ft.add_argument("--criterion", choices=CRITERIA, default="gallop")
+    ft.add_argument("--criterion", choices=(*CRITERIA, *RESELECTING), default="gallop",
+                    help="how the weights are chosen; spiel: the SpIEL baseline (see --reselection-steps)")
     ft.add_argument("--rho", type=_rho, default=None, help="share of the weights trained, in (0, 1] (default 0.01)")
     ft.add_argument("--seed", type=_seed, default=0, help="seed of the batches, the selection and LoRA's init")
     _add_common(ft)
@@ -290,6 +313,11 @@ def _train_config(args, method: str, rho: float | None, seed: int):
         preset.pop("epochs", None)
     preset_lr = preset.pop("lr", None)  # popped even when --lr is given: lr is passed on its own below
     lr = args.lr or preset_lr or default_lr(method)
+    if method == "gallop" and args.reselect_every:
+        given.update(reselect_every=args.reselect_every, reselect_batches=args.reselect_batches or 1)
+    if method == "spiel":
+        given.update(_given(spiel_every=args.reselection_steps, spiel_accumulate=args.selection_accumulation_steps,
+                            spiel_initial_rate=args.initial_reselection_rate))
     return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
                        gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
                        parallel=_parallel_mode(args))
@@ -334,7 +362,6 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     """
     from dataclasses import replace
 
-    from ..reference import GRADIENT_CRITERIA
     from . import parallel, plan
 
     device, dtype = models.resolve_device(args.device, args.dtype)
@@ -343,7 +370,7 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     def check() -> dict:
         offload = {}
         for method, cfg in train_cfgs.items():
-            offload[method] = method in GRADIENT_CRITERIA and (args.offload_grads == "on" or (
+            offload[method] = method in ESTIMATING and (args.offload_grads == "on" or (
                 args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
             print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
         return offload
@@ -351,8 +378,36 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
 
 
+def _check_reselect(args) -> None:
+    """UsageError for re-selection options (--reselect-*, SpIEL's) that cannot apply."""
+    every, batches = args.reselect_every, args.reselect_batches
+    methods = getattr(args, "methods", None) or [args.criterion]
+    spiel = {"--reselection-steps": args.reselection_steps, "--selection-accumulation-steps":
+             args.selection_accumulation_steps, "--initial-reselection-rate": args.initial_reselection_rate}
+    given = [k for k, v in spiel.items() if v is not None]
+    if given and "spiel" not in methods:
+        raise UsageError(f"{given[0]} is an option of the spiel method, which this run does not train")
+    if "spiel" in methods and args.compact_grads:
+        raise UsageError("spiel needs the dense gradients that --compact-grads frees: drop one of them")
+    spiel_every = args.reselection_steps or SPIEL_EVERY
+    if (args.selection_accumulation_steps or 0) > spiel_every:
+        raise UsageError(f"--selection-accumulation-steps ({args.selection_accumulation_steps}) must be at most "
+                         f"--reselection-steps ({spiel_every})")
+    if batches is not None and every is None:
+        raise UsageError("--reselect-batches needs --reselect-every")
+    if every is None:
+        return
+    if batches is not None and batches > every:
+        raise UsageError(f"--reselect-batches ({batches}) must be at most --reselect-every ({every})")
+    if "gallop" not in methods:
+        raise UsageError("--reselect-every re-selects by the GaLLoP score: it needs the gallop criterion or method")
+    if args.compact_grads:
+        raise UsageError("--reselect-every needs the dense gradients that --compact-grads frees: drop one of them")
+
+
 def _check_inputs(args) -> None:
     """Fail on bad input before the slow part (model conversion, data loading)."""
+    _check_reselect(args)
     require_finetune_extra()
     models.resolve_device(args.device, args.dtype)
     _check_model(_model(args))

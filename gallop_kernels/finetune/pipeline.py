@@ -203,6 +203,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         "trainable": result.trainable,
         "selected_zero_in_base": result.selected_zero,
         "losses": result.losses,
+        "reselections": result.extra.get("reselections"),
         "train_seconds": result.seconds,
         "summary": {m: summarize(vanilla[m], tuned[m], job_data.name, m, questions) for m in cfg.modes},
         "vanilla": strip_replies(vanilla),

@@ -17,9 +17,8 @@ import torch
 
 from ..markdown import table
 from ..memory import MemoryRow, markdown, memory_plan, preset_config
-from ..reference import GRADIENT_CRITERIA
 from . import models
-from .choices import BASELINES
+from .choices import BASELINES, ESTIMATING, RESELECTING
 from ..errors import GallopError
 from .presets import PRESETS
 from .train import TrainConfig, accum_dtype
@@ -54,7 +53,7 @@ def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> Memor
     if method == "dora":  # LoRA's row: DoRA's magnitude vector per adapted projection is left out
         return replace(lora, method=lora.method.replace("LoRA", "DoRA"))
     row = compact if cfg.compact_grads else dense
-    if method not in GRADIENT_CRITERIA:  # data-free criteria estimate no gradient
+    if method not in ESTIMATING:  # data-free criteria estimate no gradient
         row = replace(row, estimation=0, host_estimation=0)
     return replace(row, method=f"{method} rho={cfg.rho:g}" + (", compact grads" if cfg.compact_grads else ""))
 
@@ -67,7 +66,7 @@ def needed(row: MemoryRow, device: torch.device) -> int:
 def offload_default(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> bool:
     """``--offload-grads auto``: estimate in host memory when ``method`` estimates a gradient, runs on
     CUDA, and its plan with the gradient on the device exceeds the device's free memory."""
-    if method not in GRADIENT_CRITERIA or device.type != "cuda":
+    if method not in ESTIMATING or device.type != "cuda":
         return False
     budget, _ = device_budget(device)
     return budget is not None and plan_row(config, method, replace(cfg, offload_grads=False), dtype).peak > budget
@@ -105,9 +104,9 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
     fits = lambda c: needed(plan_row(config, method, c, dtype), device) <= budget  # noqa: E731
     options = []
-    if method not in BASELINES and not cfg.compact_grads:
-        options.append(("--compact-grads", {"compact_grads": True}))
-    if method in GRADIENT_CRITERIA and device.type == "cuda" and not cfg.offload_grads:
+    if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
+        options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
+    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
         options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

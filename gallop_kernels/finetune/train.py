@@ -25,16 +25,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
+from ..reselector import Reselector
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
 from . import parallel
-from .choices import GRAD_ACCUM_DTYPES, METHODS
+from .choices import GRAD_ACCUM_DTYPES, METHODS, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE
 from ..delta import selected_values
 from ..estimate import estimate_gradients, model_device, to_device
 from ..errors import GallopError
 from .tasks import TARGETS, Example
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
+# SpIEL's targets (the public implementation's default for LLaMA-style models): every linear layer of the blocks.
+SPIEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -65,6 +68,16 @@ class TrainConfig:
     """SparseAdamW(compact_grads=True): the sparse methods keep fp32 gradients of the selected weights only."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (Hugging Face models)."""
+    reselect_every: int = 0
+    """GaLLoP re-selection (criterion gallop): every this many steps, select again (0: never; see Reselector)."""
+    reselect_batches: int = 1
+    """The re-selection's gradient is summed over the last this many training steps (<= reselect_every)."""
+    spiel_every: int = SPIEL_EVERY
+    """SpIEL (method "spiel"): steps between re-selections (the public implementation's reselection_steps)."""
+    spiel_accumulate: int = SPIEL_ACCUMULATE
+    """SpIEL: steps whose gradients the regrowth sums (selection_accumulation_steps)."""
+    spiel_initial_rate: float = SPIEL_INITIAL_RATE
+    """SpIEL: share of the set replaced at step 0, falling linearly to 0 at the last step (initial_reselection_rate)."""
     offload_grads: bool = False
     """Estimate the mean gradient in host memory (estimate_gradients(offload=True)): no dense gradient on the device."""
     parallel: str = "none"
@@ -172,8 +185,11 @@ def checkpointing(model, on: bool) -> None:
 
 
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
-               progress: bool = True, desc: str = "train") -> list[float]:
-    """Train for one step per batch with the shared schedule; returns the loss of every step."""
+               progress: bool = True, desc: str = "train",
+               after_step: Callable[[], object] | None = None) -> list[float]:
+    """Train for one step per batch with the shared schedule; returns the loss of every step.
+
+    ``after_step`` runs after every optimizer step, while the step's gradients are still there."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, len(batches)))
     device = model_device(model)
     if cfg.gradient_checkpointing:
@@ -192,6 +208,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         loss.backward()
         clip()
         opt.step()
+        if after_step is not None:
+            after_step()
         sched.step()
         losses.append((loss if ddp is None else parallel.average(loss)).item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -209,9 +227,23 @@ def count_selected_zeros(model, selection) -> int:
     return sum(int((params[n].detach().reshape(-1)[idx] == 0).sum()) for n, idx in selection.items())
 
 
-def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion: str, cfg: TrainConfig, log=print,
+def train_sparse(model, batches: list[dict], grad_batches: list[dict], method: str, cfg: TrainConfig, log=print,
                  progress: bool = True) -> TrainResult:
-    """Estimate the mean gradient (criteria that need one), select rho of the weights, train them."""
+    """Estimate the mean gradient (criteria that need one), select rho of the weights, train them.
+
+    ``method``: a select_mask criterion, or "spiel": rho of the weights of the linear layers
+    SPIEL_TARGETS by |g| (saft), re-selected on SpIEL's schedule (:class:`Reselector`)."""
+    frozen = _freeze_all_but(model, SPIEL_TARGETS) if method == "spiel" else []
+    try:
+        return _train_selected(model, batches, grad_batches, method, cfg, log, progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train_selected(model, batches, grad_batches, method, cfg, log, progress) -> TrainResult:
+    """train_sparse on ``model``'s trainable parameters."""
+    criterion = "saft" if method == "spiel" else method
     t0 = time.perf_counter()
     grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
     grads = _mean_gradient(model, grad_batches, cfg, progress) if grads_used else None
@@ -226,11 +258,50 @@ def train_sparse(model, batches: list[dict], grad_batches: list[dict], criterion
     log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
-    opt = SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      compact_grads=cfg.compact_grads)
-    losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, criterion)
+    opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
+    resel = _reselector(opt, model, method, cfg, group)
+    losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
+                        after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
     opt.remove_hooks()
-    return TrainResult(criterion, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+    result = TrainResult(method, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+    if resel is not None:  # what the delta covers: every weight trained (gallop), the final set (spiel)
+        result.selection, result.base_values = resel.trained, resel.base_values
+        result.extra["reselections"] = resel.history
+    return result
+
+
+def _reselector(opt, model, method: str, cfg: TrainConfig, group: dict) -> Reselector | None:
+    """SpIEL's schedule for "spiel", GaLLoP re-selection when cfg.reselect_every is set, else None.
+    ``group``: select_mask's process_group under ddp (the ranks' re-selections are checked to agree)."""
+    if method == "spiel":
+        return Reselector(opt, model, every=cfg.spiel_every, accumulate=cfg.spiel_accumulate, method="spiel",
+                          total_steps=cfg.steps, initial_rate=cfg.spiel_initial_rate, eps=cfg.eps, **group)
+    if cfg.reselect_every:
+        return Reselector(opt, model, every=cfg.reselect_every, accumulate=cfg.reselect_batches, eps=cfg.eps,
+                          **group)
+    return None
+
+
+def _freeze_all_but(model, targets: tuple[str, ...]) -> list[torch.Tensor]:
+    """Stop training every parameter but the weights of the nn.Linear modules named ``targets``
+    (the last part of the module name); returns the parameters frozen."""
+    keep = {id(m.weight) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+    if not keep:
+        raise GallopError(f"SpIEL trains the linear layers {', '.join(targets)}; {type(model).__name__} has none")
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _log_reselection(moved, resel: Reselector, log) -> None:
+    """One line per re-selection: the share of the set it changed and its time."""
+    if moved is not None:
+        h = resel.history[-1]
+        log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
+            f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
 
 
 def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
@@ -307,6 +378,16 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
         raise ValueError(f"unknown target {cfg.target!r}; expected one of {', '.join(TARGETS)}")
     if cfg.grad_accum_dtype not in GRAD_ACCUM_DTYPES:
         raise ValueError(f"unknown grad_accum_dtype {cfg.grad_accum_dtype!r}; expected one of {', '.join(GRAD_ACCUM_DTYPES)}")
+    if method == "spiel" and not (cfg.spiel_every >= 1 and 1 <= cfg.spiel_accumulate <= cfg.spiel_every
+                                  and 0 <= cfg.spiel_initial_rate <= 1 and not cfg.compact_grads):
+        raise ValueError(f"spiel needs spiel_every >= 1, 1 <= spiel_accumulate <= spiel_every, spiel_initial_rate in "
+                         f"[0, 1] and compact_grads=False; got {cfg.spiel_every}, {cfg.spiel_accumulate}, "
+                         f"{cfg.spiel_initial_rate}, {cfg.compact_grads}")
+    batches_ok = 1 <= cfg.reselect_batches <= cfg.reselect_every
+    if cfg.reselect_every and (method != "gallop" or cfg.compact_grads or not batches_ok):
+        raise ValueError(f"reselect_every={cfg.reselect_every} needs method 'gallop', compact_grads=False and "
+                         f"1 <= reselect_batches <= reselect_every; got method {method!r}, compact_grads="
+                         f"{cfg.compact_grads}, reselect_batches={cfg.reselect_batches}")
     torch.manual_seed(cfg.seed)  # LoRA's adapter init; the data order has its own seeded RNG
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
     if method == "fft":

@@ -116,6 +116,18 @@ def check_row(r: Row) -> None:
 
 _PLANS: weakref.WeakValueDictionary[int, StepPlan] = weakref.WeakValueDictionary()
 _PLAN_IDS = itertools.count(1)
+# Ids of the plans SparseAdamW.reselect replaced (a few ints per reselect): a compiled or
+# captured step still holding one would update the old selection's freed state.
+_RETIRED: set[int] = set()
+
+
+def _check_live(plan_id: int) -> None:
+    """Raise if the plan was retired by SparseAdamW.reselect."""
+    if plan_id in _RETIRED:
+        raise RuntimeError(
+            f"sparse_adamw_step: StepPlan {plan_id} belongs to a selection that SparseAdamW.reselect replaced; "
+            "a step compiled or captured in a CUDA graph before the reselect is stale: recompile or recapture it"
+        )
 
 
 class StepPlan:
@@ -178,6 +190,10 @@ class StepPlan:
         self.id = next(_PLAN_IDS)
         _PLANS[self.id] = self
         STATS["plans"] += 1
+
+    def retire(self) -> None:
+        """Mark this plan replaced by SparseAdamW.reselect: running it raises from now on."""
+        _RETIRED.add(self.id)
 
     def tensors(self):
         """(params, grads, indices, states) of the rows as built, in table order."""
@@ -247,6 +263,7 @@ class StepPlan:
         refresh=False: the caller has just compared the addresses (SparseAdamW's
         eager step); True: compare here (inside a compiled graph).
         """
+        _check_live(self.id)
         C = require_ext("the sparse AdamW kernel")
         table = self.table
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -333,6 +350,7 @@ def sparse_adamw_step(
     gradients are multiplied by float32(1 / double(scale)); found_inf: nonzero
     skips the whole step on the device. Mutates params, states and steps.
     """
+    _check_live(plan)
     target = _PLANS.get(plan)
     if target is None:
         raise ValueError(f"sparse_adamw_step: no StepPlan with id {plan} (it was garbage collected)")

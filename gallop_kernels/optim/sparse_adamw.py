@@ -27,6 +27,7 @@ from ..ops import sparse_adamw as _kernel
 from ..reference import SUPPORTED_DTYPES
 from ..select import Selection, check_grad
 from . import compact_grads as _compact
+from . import reselect as _reselect
 
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 BACKENDS = ("auto", "reference", "host", "cuda")
@@ -150,10 +151,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._growth_tracker: torch.Tensor | None = None
         self._compact = None
         super().__init__(params, defaults)  # add_param_group for each group
-        # Every trainable parameter, also those with nothing selected (their gradient is
-        # then empty), so torch's clip_grad_norm_ over the model sees the optimizer's norm.
-        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
-                         if self.compact_grads else None)
+        self._lay_out_compact()
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group whose ``"params"`` are ``(name, param)`` pairs of parameters the
@@ -221,6 +219,49 @@ class SparseAdamW(torch.optim.Optimizer):
             if "step" in self.state.get(p, {}):
                 self.state[p]["step"] = self._step_views[p]
         self._version += 1
+
+    def _lay_out_compact(self) -> None:
+        """(Re)build the ``compact_grads`` hooks and buffers for the current index lists: every
+        trainable parameter, also those with nothing selected (their gradient is then empty),
+        so torch's clip_grad_norm_ over the model sees the optimizer's norm."""
+        if self._compact is not None:
+            self._compact.remove_hooks()
+        self._compact = (_compact.CompactGrads([(p, self._indices[p]) for p in self._names if p.requires_grad])
+                         if self.compact_grads else None)
+
+    def _lay_out(self, selection: Selection) -> None:
+        """Index lists, step counters (zero) and compact-gradient buffers of every parameter,
+        all groups, for ``selection`` (in :meth:`reselect`); the state is left alone."""
+        self.selection = selection
+        self._indices = {p: selection[n].to(p.device) for p, n in self._names.items()}
+        self._params = [p for p in self._names if self._indices[p].numel()]
+        self._dtensor = any(is_dtensor(p) for p in self._params)
+        self._slot, self._steps, self._step_views = {}, {}, {}
+        self._layout_counters()
+        self._lay_out_compact()
+
+    def reselect(self, selection: Selection) -> _reselect.Moved:
+        """Move the optimizer in place to ``selection``, a new Selection of the same parameters.
+
+        Entries in both selections keep their state bit for bit (``exp_avg``,
+        ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``); entries that join
+        start as AdamW starts a weight (zero moments, master copy from the current
+        weight) but with their parameter's ``step`` count, which goes on; dropped
+        entries' state is freed. The weights are not touched: what a dropped weight
+        becomes is the caller's choice. O(k log k) work (per device, all parameters at once), the step is
+        re-planned once (at the next step), and compact-gradient buffers, step
+        counters and ``state_dict`` follow the new selection (save
+        ``opt.selection.state_dict()`` with it). Under FSDP2 each rank moves its own
+        shards: call it on every rank with that rank's selection.
+
+        A step captured in a CUDA graph or compiled before the reselect is invalid
+        (its table points at the freed state): recapture it; running a stale plan
+        through the op raises. Call it after ``step()``/``zero_grad()``, not between
+        backward and step. Returns :class:`~gallop_kernels.optim.reselect.Moved`
+        (entries kept, added, dropped). A selection of another model is refused
+        before anything changes.
+        """
+        return _reselect.reselect(self, selection)
 
     def remove_hooks(self) -> None:
         """Unregister the ``compact_grads`` hooks and drop the compact gradients
