@@ -77,7 +77,7 @@ setup(
             "matplotlib>=3.7",  # the Pareto plot of gallop compare
         ],
     },
-    entry_points={"console_scripts": ["gallop=gallop_kernels.finetune.cli:main"]},
+    entry_points={"console_scripts": ["gallop=gallop_kernels.finetune.cli:entry"]},
     ext_modules=[CMakeExtension("gallop_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

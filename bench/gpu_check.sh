@@ -46,9 +46,10 @@ run() {  # run a step under min(its limit, the time left); remember a failure, k
   # the 291 LLaMA-3-8B shapes against one step and one select_mask (goal: <= their sum).
   run 60 python3 -m pytest -q -x tests/test_reselect.py -k cuda
   run 60 python3 bench/bench_reselect.py --reps 3
-  # The application: finetune in bf16 on a tiny random Llama, the same selection on cpu and cuda,
-  # gallop plan --measure on the TinyLlama-1.1B shape (batch 1 x 512; the table is printed).
-  run 80 python3 -m pytest -q -x -s tests/test_finetune.py -k "test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
+  # The application: offloaded estimation on CUDA equals on-device estimation, finetune in bf16 on a
+  # tiny random Llama, the same selection on cpu and cuda, gallop plan --measure on the
+  # TinyLlama-1.1B shape (batch 1 x 512; the table is printed).
+  run 90 python3 -m pytest -q -x -s tests/test_estimate.py tests/test_finetune.py -k "test_offloaded_estimation_on_cuda or test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
   exit "$status"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
