@@ -12,6 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+GRAD_FRACTION = 0.25
+"""The default d_s: the share of the training data the mean gradient is estimated on (the ``gallop``
+command's share of examples, GallopTrainer's share of the first batches)."""
+
 
 def _bar(batches: Iterable, progress: bool, desc: str) -> Iterable:
     """``batches`` under a tqdm progress bar when ``progress`` is set (tqdm must be installed)."""

@@ -25,14 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
-from ..reselector import Reselector
+from ..delta import selected_values
+from ..errors import GallopError
+from ..estimate import GRAD_FRACTION, estimate_gradients, model_device, to_device
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
+from ..reselector import Reselector
 from . import parallel
 from .choices import GRAD_ACCUM_DTYPES, METHODS, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE
-from ..delta import selected_values
-from ..estimate import estimate_gradients, model_device, to_device
-from ..errors import GallopError
 from .tasks import TARGETS, Example
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
@@ -54,7 +54,7 @@ class TrainConfig:
     clip: float = 1.0
     max_len: int = 256
     seed: int = 0
-    grad_fraction: float = 0.25
+    grad_fraction: float = GRAD_FRACTION
     """d_s: the share of the training examples the mean gradient is estimated on."""
     rho: float = 0.01
     eps: float = 1e-8

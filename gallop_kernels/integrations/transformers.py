@@ -37,7 +37,7 @@ except ImportError as e:  # the library itself needs neither; say what to instal
 
 from ..criteria import GRADIENT_CRITERIA
 from ..delta import make_delta, save_delta, selected_values
-from ..estimate import estimate_gradients, model_device
+from ..estimate import GRAD_FRACTION, estimate_gradients, model_device
 from ..optim import SparseAdamW
 from ..select import Selection, _validate_args, select_mask
 
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 SELECTION_FILE = "gallop_selection.pt"  # in every checkpoint folder: the Selection and the base values
 DELTA_FILE = "delta.safetensors"  # what save_model writes
-DEFAULT_GRAD_FRACTION = 0.25  # the `gallop` command's d_s (TrainConfig.grad_fraction)
 
 
 @dataclass
@@ -187,7 +186,7 @@ class GallopMixin:
         grads, n = None, 0
         if cfg.criterion in GRADIENT_CRITERIA:
             loader = self.get_train_dataloader()
-            n = cfg.grad_batches or math.ceil((cfg.grad_fraction or DEFAULT_GRAD_FRACTION) * len(loader))
+            n = cfg.grad_batches or math.ceil((cfg.grad_fraction or GRAD_FRACTION) * len(loader))
             n = min(n, len(loader)) if has_length(loader) else n
             # A fresh train dataloader gives the training's first batches (its sampler is seeded, or draws from the
             # RNG state that fork_rng restores afterwards), so the estimate leaves data order and dropout as they were.
