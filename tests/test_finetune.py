@@ -1449,3 +1449,69 @@ def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkey
     for rank, want in ((0, [[5, 3], [1, 2]]), (1, [[0, 6], [4]])):
         monkeypatch.setattr(parallel, "rank", lambda rank=rank: rank)
         assert evaluate._my_batches(order, 2) == want
+
+
+class _Stop(Exception):
+    """Raised by a patched checkpoint save: the run is interrupted right after a complete checkpoint."""
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["gallop", "fft", "lora"])
+def test_interrupted_training_resumes_bit_for_bit(method, tiny_dir, tmp_path, monkeypatch):
+    """One process, through the library: a run stopped after its step-2 checkpoint and resumed from it ends with
+    the weights, losses and (gallop) selection of an uninterrupted run, bit for bit; the checkpoint holds only
+    what training changes (gallop: no model weights; lora: the adapters; fft: the model)."""
+    from gallop_kernels.finetune import checkpoint
+    from gallop_kernels.memory import LORA_TARGETS
+
+    model0, tokenizer = models.load(tiny_dir)
+    examples = tasks.load_task("piqa", 8, 0).train
+    cfg = train.TrainConfig(steps=4, batch_size=4, max_len=128, rho=0.05, grad_fraction=1.0, log_every=0)
+
+    def run(saving):
+        model = models.load(tiny_dir)[0]
+        with checkpoint.active(saving):
+            model, result = train.finetune(model, tokenizer, examples, method, cfg, log=lambda _: None, progress=False)
+        return {n: p.detach().clone() for n, p in model.state_dict().items()}, result
+
+    want, want_result = run(None)
+    settings = {"method": method}
+    real = checkpoint.Checkpoints.after_step
+
+    def stop_after_2(self, step, *rest):
+        real(self, step, *rest)
+        if step == 2:
+            raise _Stop
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", stop_after_2)
+    with pytest.raises(_Stop):
+        run(checkpoint.Checkpoints(tmp_path, 1, settings))
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", real)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0000002"]  # the step-1 one removed
+    saved = checkpoint.newest(tmp_path, settings)
+    assert saved["step"] == 2 and saved["losses"] == want_result.losses[:2]
+    parts = {"gallop": ["base", "optim", "selection", "values"], "fft": ["model", "optim"], "lora": ["model", "optim"]}
+    assert saved["parts"] == parts[method]
+    weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
+    if method == "fft":
+        assert weights == {n for n, _ in model0.named_parameters()}  # the tied lm_head once, as embed_tokens
+    else:  # gallop: none (the selected values only); lora: A and B of each adapted projection in 2 layers
+        assert len(weights) == {"gallop": 0, "lora": 2 * len(LORA_TARGETS) * 2}[method]
+        assert all("lora_" in k for k in weights)
+    steps, estimated = [], []  # the resumed run makes steps 3 and 4 only, and estimates no gradient
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", lambda self, step, *rest: steps.append(step))
+    monkeypatch.setattr(train, "_mean_gradient", lambda *a: estimated.append(1))
+    got, result = run(checkpoint.Checkpoints(tmp_path, 100, settings, saved))
+    assert steps == [3, 4] and estimated == []
+    assert result.losses == want_result.losses
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    if method == "gallop":
+        assert result.selection == want_result.selection
+        assert all(torch.equal(result.base_values[n], want_result.base_values[n]) for n in want_result.base_values)
+
+
+def _stored_keys(path: str) -> list[str]:
+    """The keys a DCP checkpoint holds."""
+    import torch.distributed.checkpoint as dcp
+
+    return list(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
