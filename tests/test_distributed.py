@@ -339,6 +339,14 @@ def _fsdp_resume_worker(rank, ckpt):
         assert torch.equal(p.full_tensor(), want)
 
 
+def test_per_rank_without_a_process_group_is_rank_0():
+    """One process (no process group) files its state as rank 0's, so one code path serves both cases."""
+    state = {"step": torch.tensor(3)}
+    assert gdist.per_rank(state) == {"rank0": state} and gdist.this_rank({"rank0": state}) is state
+    with pytest.raises(ValueError, match=r"no state saved for rank0: the checkpoint holds \['rank1'\]"):
+        gdist.this_rank({"rank1": state})
+
+
 def test_fsdp2_distributed_checkpoint_resume(tmp_path):
     _spawn(_fsdp_resume_worker, tmp_path, str(tmp_path / "ckpt"))
 

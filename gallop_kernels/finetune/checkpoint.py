@@ -98,7 +98,7 @@ class Checkpoints:
             opt.init_state()  # every state tensor in place: the template dcp.load fills
         state = _trainable_state(model, opt)
         if self._base is not None:
-            state["base"] = per_rank(self._base)
+            state["base"] = per_rank({n: v.clone() for n, v in self._base.items()})  # dcp.load fills in place
         _dcp(dcp.load, state, self.saved["path"])
         _load_trainable(model, opt, state)
         if self._base is not None:
