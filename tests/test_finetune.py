@@ -1471,6 +1471,8 @@ def test_interrupted_training_resumes_bit_for_bit(method, tiny_dir, tmp_path, mo
 
     def run(saving, change=lambda model: None):
         model = models.load(tiny_dir)[0]
+        for layer in model.model.layers:  # dropout: the random generator must be restored too
+            layer.self_attn.attention_dropout = 0.3
         change(model)
         with checkpoint.active(saving):
             model, result = train.finetune(model, tokenizer, examples, method, cfg, log=lambda _: None, progress=False)
@@ -1492,7 +1494,8 @@ def test_interrupted_training_resumes_bit_for_bit(method, tiny_dir, tmp_path, mo
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0000002"]  # the step-1 one removed
     saved = checkpoint.newest(tmp_path, settings)
     assert saved["step"] == 2 and saved["losses"] == want_result.losses[:2]
-    parts = {"gallop": ["base", "optim", "selection", "values"], "fft": ["model", "optim"], "lora": ["model", "optim"]}
+    parts = {"gallop": ["base", "optim", "rng", "selection", "values"], "fft": ["model", "optim", "rng"],
+             "lora": ["model", "optim", "rng"]}
     assert saved["parts"] == parts[method]
     weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
     if method == "fft":

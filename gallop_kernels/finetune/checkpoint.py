@@ -12,6 +12,7 @@ values, the optimizer state, the Selection and the base values, each rank under 
 the rest of the model is the base model, loaded again on resume. fft and lora/dora: the
 trainable parameters (the whole model, the adapters) and the torch optimizer through
 ``torch.distributed.checkpoint.state_dict`` (plain, DDP's shared and FSDP2's DTensor parameters).
+Every rank's random generators are saved too (dropout).
 
 The training code finds the run's :class:`Checkpoints` through :func:`current` (set by
 :func:`active` around the job), so its functions keep their signatures: ``train_loop`` resumes
@@ -96,11 +97,12 @@ class Checkpoints:
             return 0, []
         if isinstance(opt, SparseAdamW):
             opt.init_state()  # every state tensor in place: the template dcp.load fills
-        state = _trainable_state(model, opt)
+        state = {**_trainable_state(model, opt), "rng": per_rank(_rng_state())}
         if self._base is not None:
             state["base"] = per_rank({n: v.clone() for n, v in self._base.items()})  # dcp.load fills in place
         _dcp(dcp.load, state, self.saved["path"])
         _load_trainable(model, opt, state)
+        _set_rng_state(this_rank(state["rng"]))
         if self._base is not None:
             _check_base(this_rank(state["base"]), self._base, self.folder)
         sched.load_state_dict(self.saved["scheduler"])
@@ -112,7 +114,7 @@ class Checkpoints:
         """Save a checkpoint when ``step`` (steps made so far) is a multiple of ``every``."""
         if step % self.every:
             return
-        state = _trainable_state(model, opt)
+        state = {**_trainable_state(model, opt), "rng": per_rank(_rng_state())}
         if isinstance(opt, SparseAdamW):
             buffer = io.BytesIO()
             torch.save(opt.selection.state_dict(), buffer)
@@ -194,6 +196,21 @@ def _load_trainable(model, opt, state: dict) -> None:
     params = dict(model.named_parameters())
     for name, values in this_rank(state["values"]).items():
         scatter_(params[name].detach(), opt.selection[name].to(values.device), values)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This rank's random generators (CPU, and its current GPU): dropout draws from them."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`_rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _check_base(saved: dict, here: dict, folder: Path) -> None:
