@@ -89,8 +89,8 @@ class Checkpoints:
         return Selection.from_state_dict(torch.load(io.BytesIO(this_rank(state["selection"])), weights_only=True))
 
     def start(self, model, opt, sched, log=print) -> tuple[int, list[float]]:
-        """Before the first step: (steps already made, their losses); a resumed run's model, optimizer and
-        scheduler are loaded from the checkpoint. Sparse runs note the base values (nothing trained yet)."""
+        """Before the first step: (steps already made, their losses: rank 0's, which it reports); a resumed
+        run's model, optimizer and scheduler are loaded from the checkpoint. Sparse runs note the base values (nothing trained yet)."""
         if isinstance(opt, SparseAdamW):
             self._base = selected_values(model, opt.selection)
         if self.saved is None:
