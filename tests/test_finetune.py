@@ -1640,7 +1640,8 @@ def test_killed_ddp_finetune_resumes_under_torchrun(tiny_dir, tmp_path):
     assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5) and len(ddp["losses"]) == 4
     assert ddp["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
     want, got = _tensors(tmp_path / "one" / "delta.safetensors"), _tensors(out / "delta.safetensors")
-    assert {k for k in got if k.endswith((".indices", ".diff"))} == {k for k in want if k.endswith((".indices", ".diff"))}
+    main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
+    assert main(got) == main(want)
     assert all(torch.equal(got[k], want[k]) for k in want if k.endswith(".indices"))
     for k in (k for k in want if k.endswith(".diff")):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)

@@ -42,6 +42,7 @@ from ..errors import GallopError
 from ..optim import SparseAdamW
 from ..select import Selection
 from . import parallel
+from .settings import check_same_options
 
 PREFIX = "checkpoint-"
 META = "meta.json"
@@ -89,8 +90,9 @@ class Checkpoints:
         return Selection.from_state_dict(torch.load(io.BytesIO(this_rank(state["selection"])), weights_only=True))
 
     def start(self, model, opt, sched, log=print) -> tuple[int, list[float]]:
-        """Before the first step: (steps already made, their losses: rank 0's, which it reports); a resumed
-        run's model, optimizer and scheduler are loaded from the checkpoint. Sparse runs note the base values (nothing trained yet)."""
+        """Before the first step: (steps already made, their losses: rank 0's, which it reports). A resumed
+        run's model, optimizer, scheduler and random generators are loaded from the checkpoint; sparse runs
+        note the base values first (nothing is trained yet) and refuse a model whose values differ."""
         if isinstance(opt, SparseAdamW):
             self._base = selected_values(model, opt.selection)
         if self.saved is None:
@@ -154,8 +156,6 @@ def complete(folder: Path) -> list[Path]:
 def newest(folder: Path, settings: dict) -> dict:
     """meta.json of the newest complete checkpoint in ``folder`` (with "path"), after checking that it was made
     with ``settings``; GallopError in one line when there is none or the settings differ."""
-    from .compare_files import check_same_options
-
     found = complete(folder)
     if not found:
         raise GallopError(f"--resume: {folder} holds no complete checkpoint (a run started with --save-every "

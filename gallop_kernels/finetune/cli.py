@@ -446,7 +446,8 @@ def _check_checkpoints(args) -> None:
 
 
 def _finetune_folder(args) -> OutputFolder:
-    """A run that checkpoints writes its folder in place (kept once a checkpoint is saved); others rename it at the end."""
+    """A run that checkpoints writes its folder in place (kept once a checkpoint is saved); others rename it
+    at the end."""
     if args.save_every or args.resume:
         return GrowingFolder(_out_path(args), resume=args.resume, what="run")
     return OutputFolder(_out_path(args))
@@ -458,7 +459,7 @@ def _checkpoints(args, out, train_cfg, job_cfg):
     if not (args.save_every or args.resume):
         return None
     from . import checkpoint, parallel
-    from .compare_files import plain
+    from .settings import plain
 
     settings = {"task": None if args.data else args.task, "data": args.data, "criterion": args.criterion,
                 "ranks": parallel.world(), **plain(train_cfg), **plain(job_cfg)}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GallopError
 from .pipeline import report_key, run_key
 from .report import aggregate, compare_table, pareto_plot
+from .settings import check_same_options, plain
 
 
 def tables(reports: list[dict], job, how: dict[str, str], seeds: list[int]) -> list[str]:
@@ -50,22 +50,3 @@ def finished_runs(folder: Path, runs: list, job) -> list[dict]:
                               f"seed {seed} on {task}); give its options")
         check_same_options(folder, {**train_config, **job_config}, {**plain(run.train_cfg), **plain(job)})
     return saved
-
-
-SAME_RESULTS = ("progress", "offload_grads")
-"""Options a resumed run may change: they change no result (the offloaded gradient is the same bit for bit)."""
-
-
-def plain(config) -> dict:
-    """A dataclass as a saved report holds it: JSON types (tuples are lists)."""
-    return json.loads(json.dumps(asdict(config)))
-
-
-def check_same_options(folder: Path, there: dict, here: dict) -> None:
-    """GallopError naming the first option (in name order, aside from SAME_RESULTS) whose saved value
-    ``there`` differs from this command's ``here``: resuming must not mix two experiments."""
-    differ = sorted(k for k in set(there) | set(here) if k not in SAME_RESULTS and there.get(k) != here.get(k))
-    if differ:
-        k = differ[0]
-        raise GallopError(f"--resume: {folder} was made with other options ({k} {there.get(k)!r} there, "
-                          f"{here.get(k)!r} here); give the same options")
