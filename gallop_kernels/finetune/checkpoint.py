@@ -162,9 +162,10 @@ def newest(folder: Path, settings: dict) -> dict:
                           f"writes them; a finished run removes them)")
     try:
         meta = json.loads((found[-1] / META).read_text())
-    except (OSError, ValueError) as e:
+        made_with = dict(meta["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise GallopError(f"--resume: cannot read {found[-1] / META} ({type(e).__name__}: {e})") from None
-    check_same_options(folder, meta["settings"], settings)
+    check_same_options(folder, made_with, settings)
     return {**meta, "path": str(found[-1])}
 
 
