@@ -614,10 +614,13 @@ def test_killed_compare_keeps_its_finished_runs_and_resume_runs_the_rest(tiny_di
 
 
 @needs_data
-def test_killed_finetune_removes_its_folder(tiny_dir, tmp_path):
-    """SIGTERM as Ctrl-C: the hidden .NAME.tmp-PID folder and the parents the run made are removed."""
+@pytest.mark.parametrize("saving", [[], ["--save-every", "100"]], ids=["plain", "save-every"])
+def test_killed_finetune_removes_its_folder(saving, tiny_dir, tmp_path):
+    """SIGTERM as Ctrl-C: the hidden .NAME.tmp-PID folder (with --save-every: --out itself, no checkpoint
+    saved yet) and the parents the run made are removed."""
     out, ready = tmp_path / "runs" / "run", tmp_path / "ready"
-    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out), *FEW]
+    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out), *FEW,
+            *saving]
     proc = _start_and_wait(_stopping(args, ready, stop_at=1), ready)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # the temporary folder exists while the run works
     proc.send_signal(signal.SIGTERM)
