@@ -1461,11 +1461,13 @@ class _Stop(Exception):
 
 
 @needs_data
-@pytest.mark.parametrize("method", ["gallop", "fft", "lora"])
-def test_interrupted_training_resumes_bit_for_bit(method, tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, dtype", [("gallop", "float32"), ("gallop", "bfloat16"), ("fft", "float32"),
+                                           ("lora", "float32")])
+def test_interrupted_training_resumes_bit_for_bit(method, dtype, tiny_dir, tmp_path, monkeypatch):
     """One process, through the library: a run stopped after its step-2 checkpoint and resumed from it ends with
-    the weights, losses and (gallop) selection of an uninterrupted run, bit for bit; the checkpoint holds only
-    what training changes (gallop: no model weights; lora: the adapters; fft: the model)."""
+    the weights, losses and (gallop) selection of an uninterrupted run, bit for bit (bf16: SparseAdamW's float32
+    master copy is saved); the checkpoint holds only what training changes (gallop: no model weights; lora: the
+    adapters; fft: the model)."""
     from gallop_kernels.finetune import checkpoint
     from gallop_kernels.memory import LORA_TARGETS
 
@@ -1474,7 +1476,7 @@ def test_interrupted_training_resumes_bit_for_bit(method, tiny_dir, tmp_path, mo
     cfg = train.TrainConfig(steps=4, batch_size=4, max_len=128, rho=0.05, grad_fraction=1.0, log_every=0)
 
     def run(saving, change=lambda model: None):
-        model = models.load(tiny_dir)[0]
+        model = models.load(tiny_dir, getattr(torch, dtype))[0]
         for layer in model.model.layers:  # dropout: the random generator must be restored too
             layer.self_attn.attention_dropout = 0.3
         change(model)
