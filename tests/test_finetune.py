@@ -1402,12 +1402,13 @@ def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
     (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--resume", "--out", "TMP"], "holds no complete checkpoint"),  # found by rank 0, raised on every rank
 ])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
     transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                              num_attention_heads=4).save_pretrained(tmp_path / "m")  # a folder that needs no conversion
     args = ["finetune", "--model", str(tmp_path / "m"), "--no-progress",
-            *[str(readonly_dir) if a == "READONLY" else a for a in bad]]
+            *[{"READONLY": str(readonly_dir), "TMP": str(tmp_path)}.get(a, a) for a in bad]]
     proc = _gallop(args, ranks=2, timeout=300)  # a hang fails the test by its timeout
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("gallop: error:")]
