@@ -112,6 +112,22 @@ class Reselector:
             self._add_grads()
         return self._reselect() if phase == 0 else None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the optimizer (``opt.state_dict()`` and ``opt.selection``): the step
+        count, :attr:`history`, :attr:`trained`, its base values and the gradient sum in progress (a dense
+        float32 copy of the trainable weights, only within ``accumulate`` steps of a re-selection); on the CPU."""
+        cpu = lambda d: None if d is None else {n: t.cpu() for n, t in d.items()}  # noqa: E731
+        return {"steps": self.steps, "history": [dict(h) for h in self.history], "trained": self.trained.state_dict(),
+                "base": cpu(self._base), "sum": cpu(self._sum)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` output; build this Reselector on the resumed optimizer (its
+        selection and state loaded) and the same model."""
+        on = lambda d: None if d is None else {n: t.to(self._params[n].device) for n, t in d.items()}  # noqa: E731
+        self.steps, self.history = state["steps"], [dict(h) for h in state["history"]]
+        self.trained = Selection.from_state_dict(state["trained"])
+        self._base, self._sum = on(state["base"]), on(state["sum"])
+
     def rate(self, step: int) -> float:
         """SpIEL's share of the set replaced at ``step``: initial_rate falling linearly to 0 at total_steps."""
         return self.initial_rate * max(0.0, 1.0 - step / self.total_steps)

@@ -1462,19 +1462,23 @@ class _Stop(Exception):
 
 
 @needs_data
-@pytest.mark.parametrize("method, dtype", [("gallop", "float32"), ("gallop", "bfloat16"), ("fft", "float32"),
-                                           ("lora", "float32")])
-def test_interrupted_training_resumes_bit_for_bit(method, dtype, tiny_dir, tmp_path, monkeypatch):
-    """One process, through the library: a run stopped after its step-2 checkpoint and resumed from it ends with
-    the weights, losses and (gallop) selection of an uninterrupted run, bit for bit (bf16: SparseAdamW's float32
-    master copy is saved); the checkpoint holds only what training changes (gallop: no model weights; lora: the
-    adapters; fft: the model)."""
+@pytest.mark.parametrize("method, dtype, reselect", [
+    ("gallop", "float32", 0), ("gallop", "bfloat16", 0), ("fft", "float32", 0), ("lora", "float32", 0),
+    ("gallop", "float32", 2), ("spiel", "float32", 2)])  # re-selections at steps 2, 4, 6, summing 2 steps each
+def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_dir, tmp_path, monkeypatch):
+    """One process, through the library: a run stopped after its step-3 checkpoint and resumed from it ends with
+    the weights, losses and (sparse) selection of an uninterrupted run, bit for bit (bf16: SparseAdamW's float32
+    master copy is saved; re-selection: the Reselector's trained set after the step-2 re-selection, its base
+    values and the gradient sum the step-4 one adds to); the checkpoint holds only what training changes (sparse:
+    no model weights; lora: the adapters; fft: the model)."""
     from gallop_kernels.finetune import checkpoint
     from gallop_kernels.memory import LORA_TARGETS
 
     model0, tokenizer = models.load(tiny_dir)
     examples = tasks.load_task("piqa", 8, 0).train
-    cfg = train.TrainConfig(steps=4, batch_size=4, max_len=128, rho=0.05, grad_fraction=1.0, log_every=0)
+    cfg = train.TrainConfig(steps=6, batch_size=4, max_len=128, rho=0.05, grad_fraction=1.0, log_every=0,
+                            reselect_every=reselect if method == "gallop" else 0, reselect_batches=2,
+                            spiel_every=2, spiel_accumulate=2, spiel_initial_rate=0.5)
 
     def run(saving, change=lambda model: None):
         model = models.load(tiny_dir, getattr(torch, dtype))[0]
@@ -1489,41 +1493,48 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, tiny_dir, tmp_p
     settings = {"method": method}
     real = checkpoint.Checkpoints.after_step
 
-    def stop_after_2(self, step, *rest):
+    def stop_after_3(self, step, *rest):
         real(self, step, *rest)
-        if step == 2:
+        if step == 3:
             raise _Stop
 
-    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", stop_after_2)
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", stop_after_3)
     with pytest.raises(_Stop):
         run(checkpoint.Checkpoints(tmp_path, 1, settings))
     monkeypatch.setattr(checkpoint.Checkpoints, "after_step", real)
-    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0000002"]  # the step-1 one removed
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0000003"]  # the older ones removed
     saved = checkpoint.newest(tmp_path, settings)
-    assert saved["step"] == 2 and saved["losses"] == want_result.losses[:2]
-    parts = {"gallop": ["base", "optim", "rng", "selection", "values"], "fft": ["model", "optim", "rng"],
-             "lora": ["model", "optim", "rng"]}
-    assert saved["parts"] == parts[method]
+    assert saved["step"] == 3 and saved["losses"] == want_result.losses[:3]
+    sparse = method in ("gallop", "spiel")
+    parts = ["base", "optim", "rng", "selection", "values", *(["reselector"] if reselect else [])] if sparse \
+        else ["model", "optim", "rng"]
+    assert saved["parts"] == sorted(parts)
     weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
     if method == "fft":
         assert weights == {n for n, _ in model0.named_parameters()}  # the tied lm_head once, as embed_tokens
-    else:  # gallop: none (the selected values only); lora: A and B of each adapted projection in 2 layers
-        assert len(weights) == {"gallop": 0, "lora": 2 * len(LORA_TARGETS) * 2}[method]
+    else:  # sparse: none (the selected values only); lora: A and B of each adapted projection in 2 layers
+        assert len(weights) == (0 if sparse else 2 * len(LORA_TARGETS) * 2)
         assert all("lora_" in k for k in weights)
-    if method == "gallop":  # another base model at a selected weight is refused
+    if sparse:  # another base model at a selected weight is refused
         bump = lambda model: [p.data.add_(1) for p in model.parameters()]  # noqa: E731
         with pytest.raises(GallopError, match="the model's weight .* differs from the one the run in .*; give the"):
             run(checkpoint.Checkpoints(tmp_path, 100, settings, saved), bump)
-    steps, estimated = [], []  # the resumed run makes steps 3 and 4 only, and estimates no gradient
+    steps, estimated = [], []  # the resumed run makes steps 4 to 6 only, and estimates no gradient
     monkeypatch.setattr(checkpoint.Checkpoints, "after_step", lambda self, step, *rest: steps.append(step))
     monkeypatch.setattr(train, "_mean_gradient", lambda *a: estimated.append(1))
     got, result = run(checkpoint.Checkpoints(tmp_path, 100, settings, saved))
-    assert steps == [3, 4] and estimated == []
+    assert steps == [4, 5, 6] and estimated == []
     assert result.losses == want_result.losses
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
-    if method == "gallop":
+    if sparse:
         assert result.selection == want_result.selection
+        assert result.base_values.keys() == want_result.base_values.keys()
         assert all(torch.equal(result.base_values[n], want_result.base_values[n]) for n in want_result.base_values)
+    if reselect:
+        untimed = lambda h: {k: v for k, v in h.items() if k != "seconds"}  # noqa: E731
+        moves = lambda r: [untimed(h) for h in r.extra["reselections"]]  # noqa: E731
+        assert moves(result) == moves(want_result) and [h["step"] for h in moves(result)] == [2, 4, 6]
+        assert moves(result)[0]["changed"] > 0
 
 
 def _stored_keys(path: str) -> list[str]:
@@ -1595,10 +1606,6 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path,
         f"gallop: the run is saved in {out}; the same command with --resume continues it", "gallop: terminated"]
     assert [p.name for p in out.iterdir()] == ["checkpoint-0000002"]
 
-    assert cli.main([*args, "--reselect-every", "1"]) == 2
-    assert "--save-every and --resume do not checkpoint re-selection" in _error_line(capsys)
-    assert cli.main([*args, "--resume", "--criterion", "spiel"]) == 2
-    assert "--save-every and --resume do not checkpoint re-selection" in _error_line(capsys)
     assert cli.main([*common, "--resume"]) == 2  # no --out
     assert "--resume needs --out" in _error_line(capsys)
     assert cli.main(args) == 2  # a new run may not reuse the folder

@@ -79,33 +79,49 @@ class Checkpoints:
         """Called on rank 0 after each checkpoint is complete (GrowingFolder.keep: the folder stays)."""
         self.vanilla = saved["vanilla"] if saved else None
         """The vanilla evaluation: a resumed run's, else set by the pipeline once it has run."""
+        self.reselector = None
+        """The run's Reselector (re-selection: gallop's, SpIEL's), set by the training code; its state is saved."""
         self._base: dict[str, torch.Tensor] | None = None
 
     def selection(self) -> Selection | None:
         """A resumed sparse run's Selection (this rank's), so that the gradient is not estimated again; else None."""
-        if self.saved is None or "selection" not in self.saved["parts"]:
-            return None
-        state = {"selection": per_rank(b"")}
+        return None if self.saved is None or "selection" not in self.saved["parts"] else _unpack(
+            self._load_bytes("selection"), Selection.from_state_dict)
+
+    def _load_bytes(self, part: str) -> bytes:
+        """This rank's bytes saved as ``part`` (a Selection, a Reselector: their sizes are known only once read)."""
+        state = {part: per_rank(b"")}
         _dcp(dcp.load, state, self.saved["path"])
-        return Selection.from_state_dict(torch.load(io.BytesIO(this_rank(state["selection"])), weights_only=True))
+        return this_rank(state[part])
+
+    def _covered(self, opt) -> Selection:
+        """The weights training changed: a Reselector's trained set (it outlives re-selections), else the selection."""
+        return self.reselector.trained if self.reselector is not None else opt.selection
+
+    def _base_values(self) -> dict[str, torch.Tensor]:
+        """The covered weights' values before training."""
+        return self.reselector.base_values if self.reselector is not None else self._base
 
     def start(self, model, opt, sched, log=print) -> tuple[int, list[float]]:
         """Before the first step: (steps already made, their losses: rank 0's, which it reports). A resumed
-        run's model, optimizer, scheduler and random generators are loaded from the checkpoint; sparse runs
-        note the base values first (nothing is trained yet) and refuse a model whose values differ."""
-        if isinstance(opt, SparseAdamW):
-            self._base = selected_values(model, opt.selection)
+        run's model, optimizer, Reselector, scheduler and random generators are loaded from the checkpoint;
+        sparse runs note the base values first (nothing is trained yet) and refuse a model whose values differ."""
+        if self.saved is not None and self.reselector is not None:
+            self.reselector.load_state_dict(_unpack(self._load_bytes("reselector"), dict))
+        sparse = isinstance(opt, SparseAdamW)
+        if sparse:
+            self._base = selected_values(model, self._covered(opt))
         if self.saved is None:
             return 0, []
-        if isinstance(opt, SparseAdamW):
+        if sparse:
             opt.init_state()  # every state tensor in place: the template dcp.load fills
-        state = {**_trainable_state(model, opt), "rng": per_rank(_rng_state())}
-        if self._base is not None:
+        state = {**self._trainable_state(model, opt), "rng": per_rank(_rng_state())}
+        if sparse:
             state["base"] = per_rank({n: v.clone() for n, v in self._base.items()})  # dcp.load fills in place
         _dcp(dcp.load, state, self.saved["path"])
-        _load_trainable(model, opt, state)
+        self._load_trainable(model, opt, state)
         _set_rng_state(this_rank(state["rng"]))
-        if self._base is not None:
+        if sparse:
             _check_base(this_rank(state["base"]), self._base, self.folder)
         sched.load_state_dict(self.saved["scheduler"])
         step = self.saved["step"]
@@ -116,17 +132,40 @@ class Checkpoints:
         """Save a checkpoint when ``step`` (steps made so far) is a multiple of ``every``."""
         if step % self.every:
             return
-        state = {**_trainable_state(model, opt), "rng": per_rank(_rng_state())}
+        state = {**self._trainable_state(model, opt), "rng": per_rank(_rng_state())}
         if isinstance(opt, SparseAdamW):
-            buffer = io.BytesIO()
-            torch.save(opt.selection.state_dict(), buffer)
-            state.update(selection=per_rank(buffer.getvalue()), base=per_rank(self._base))
+            state.update(selection=per_rank(_pack(opt.selection.state_dict())), base=per_rank(self._base_values()))
+        if self.reselector is not None:
+            state["reselector"] = per_rank(_pack(self.reselector.state_dict()))
         tmp = self.folder / f".{PREFIX}{step:07d}.tmp"
         meta = {"step": step, "losses": losses, "scheduler": sched.state_dict(), "vanilla": self.vanilla,
                 "settings": self.settings, "save_every": self.every, "parts": sorted(state)}
         parallel.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))  # a killed save's leftovers
         _dcp(dcp.save, state, tmp)  # returns once every rank's part and the metadata are written
         parallel.on_main(lambda: self._publish(tmp, step, meta))
+
+    def _trainable_state(self, model, opt) -> dict:
+        """What training changed (the template to load into, on resume): the covered weights' values and
+        SparseAdamW's state per rank, else the trainable parameters and the optimizer (torch's distributed
+        state_dict)."""
+        if isinstance(opt, SparseAdamW):
+            return {"values": per_rank(selected_values(model, self._covered(opt))), "optim": per_rank(opt.state_dict())}
+        model_state, optim_state = get_state_dict(model, opt, options=_OPTIONS)
+        # torch keeps a frozen weight tied to another (lm_head) under its second name: keep named_parameters' names
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {"model": {k: v for k, v in model_state.items() if k in trained}, "optim": optim_state}
+
+    @torch.no_grad()
+    def _load_trainable(self, model, opt, state: dict) -> None:
+        """Put a loaded :meth:`_trainable_state` into ``model`` and ``opt``."""
+        if not isinstance(opt, SparseAdamW):
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_OPTIONS)
+            return
+        opt.load_state_dict(this_rank(state["optim"]))
+        params, covered = dict(model.named_parameters()), self._covered(opt)
+        for name, values in this_rank(state["values"]).items():
+            scatter_(params[name].detach(), covered[name].to(values.device), values)
 
     def _publish(self, tmp: Path, step: int, meta: dict) -> None:
         """Rank 0: meta.json, the rename that makes the checkpoint complete, then the older ones removed."""
@@ -176,27 +215,16 @@ def _dcp(action, state: dict, path) -> None:
         action(state, checkpoint_id=path)
 
 
-def _trainable_state(model, opt) -> dict:
-    """What training changed (the template to load into, on resume): SparseAdamW's selected values and
-    state per rank, else the trainable parameters and the optimizer (torch's distributed state_dict)."""
-    if isinstance(opt, SparseAdamW):
-        return {"values": per_rank(selected_values(model, opt.selection)), "optim": per_rank(opt.state_dict())}
-    model_state, optim_state = get_state_dict(model, opt, options=_OPTIONS)
-    # torch keeps a frozen weight tied to another (lm_head) under its second name: keep named_parameters' names
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {"model": {k: v for k, v in model_state.items() if k in trained}, "optim": optim_state}
+def _pack(state: dict) -> bytes:
+    """``state`` (tensors, numbers, strings) as bytes: DCP stores them as one item, whatever their sizes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
-@torch.no_grad()
-def _load_trainable(model, opt, state: dict) -> None:
-    """Put a loaded :func:`_trainable_state` into ``model`` and ``opt``."""
-    if not isinstance(opt, SparseAdamW):
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTIONS)
-        return
-    opt.load_state_dict(this_rank(state["optim"]))
-    params = dict(model.named_parameters())
-    for name, values in this_rank(state["values"]).items():
-        scatter_(params[name].detach(), opt.selection[name].to(values.device), values)
+def _unpack(data: bytes, make):
+    """``make`` of what :func:`_pack` stored."""
+    return make(torch.load(io.BytesIO(data), weights_only=True))
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

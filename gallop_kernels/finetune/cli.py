@@ -440,9 +440,6 @@ def _check_checkpoints(args) -> None:
     """UsageError for --save-every / --resume that cannot apply."""
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out: the folder of the run to continue")
-    if (args.save_every or args.resume) and (args.reselect_every or args.criterion == "spiel"):
-        raise UsageError("--save-every and --resume do not checkpoint re-selection (--reselect-every, spiel) yet: "
-                         "drop one of them")
 
 
 def _finetune_folder(args) -> OutputFolder:

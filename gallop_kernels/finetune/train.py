@@ -267,6 +267,8 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
+    if saving is not None:
+        saving.reselector = resel  # its state goes into the checkpoints too
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
                         after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
     opt.remove_hooks()
