@@ -57,6 +57,7 @@ class Reselector:
     gradients, pass the group: each re-selection checks that the ranks agree).
     ``history`` lists per re-selection its step, the entries kept, added and
     dropped, the share of the set that changed and the seconds it took.
+    :meth:`state_dict` and :meth:`load_state_dict` resume a run.
     """
 
     def __init__(self, opt: SparseAdamW, model: torch.nn.Module, *, every: int, accumulate: int = 1,
