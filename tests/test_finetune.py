@@ -1627,6 +1627,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {out / 'checkpoint-0000002'} (step 2)" in proc.stdout
     assert "evaluated the vanilla model" not in proc.stdout and "gradient over" not in proc.stdout
+    assert "the checkpoint's selection" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "report.json", "report.md"]
     want, got = (json.loads((d / "report.json").read_text()) for d in (whole, out))
     assert len(got["losses"]) == 4 and got["losses"] == want["losses"]

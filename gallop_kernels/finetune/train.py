@@ -250,6 +250,7 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     t0 = time.perf_counter()
     saving = checkpoint.current()
     sel = saving.selection() if saving is not None else None  # a resumed run's: no estimation
+    made = "the checkpoint's selection" if sel is not None else "select_mask"
     grads_used = sel is None and criterion in GRADIENT_CRITERIA  # the other criteria are data-free
     grads = _mean_gradient(model, grad_batches, cfg, progress) if grads_used else None
     t1 = time.perf_counter()
@@ -261,7 +262,7 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     base = selected_values(model, sel)
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
-    log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
+    log(f"  {grad_note}{made} {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
