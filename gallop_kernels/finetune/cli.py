@@ -6,8 +6,9 @@ and keeps its traceback. Every option is checked and the output folder probed be
 work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
 ``--help`` and argument errors answer at once. Outputs go through output.OutputFolder: a
 temporary folder next to ``--out``, renamed at the end, removed when the run fails; compare's
-through output.GrowingFolder, saved run by run. SIGTERM is handled as Ctrl-C (exit status 143,
-130 for Ctrl-C), so a killed command cleans up as an interrupted one does.
+through output.GrowingFolder, saved run by run, and so are those of a finetune that checkpoints
+(``--save-every``, checkpoint.py), kept once a checkpoint is saved. SIGTERM is handled as Ctrl-C
+(exit status 143, 130 for Ctrl-C), so a killed command cleans up as an interrupted one does.
 
 Over 400 lines because it is the argparse definition of four commands and their option checks;
 the work each command does lives in pipeline.py, delta.py and plan.py.
