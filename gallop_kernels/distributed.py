@@ -141,6 +141,11 @@ def check_same_selection(indices: dict[str, torch.Tensor], group=None, device=No
         )
 
 
+def _rank_key(group) -> str:
+    """"rank<r>" for this rank of ``group``; "rank0" when no process group is initialized."""
+    return f"rank{dist.get_rank(group) if dist.is_initialized() else 0}"
+
+
 def per_rank(state_dict: dict, group=None) -> dict:
     """``{"rank<r>": state_dict}``: one rank's own state for torch.distributed.checkpoint.
 
@@ -149,14 +154,15 @@ def per_rank(state_dict: dict, group=None) -> dict:
     differ per rank under FSDP2, so each rank files them under its own key.
     Restore with :func:`this_rank` at the same world size. For the optimizer, call
     ``opt.init_state()`` on the fresh optimizer first, so that its state_dict is
-    a complete template for ``dcp.load``.
+    a complete template for ``dcp.load``. Without a process group (one process)
+    the state is rank 0's, so the same code saves and loads in both cases.
     """
-    return {f"rank{dist.get_rank(group)}": state_dict}
+    return {_rank_key(group): state_dict}
 
 
 def this_rank(per_rank_state: dict, group=None) -> dict:
     """This rank's entry of a :func:`per_rank` dict."""
-    key = f"rank{dist.get_rank(group)}"
+    key = _rank_key(group)
     if key not in per_rank_state:
         raise ValueError(f"no state saved for {key}: the checkpoint holds {sorted(per_rank_state)}")
     return per_rank_state[key]

@@ -57,6 +57,7 @@ class Reselector:
     gradients, pass the group: each re-selection checks that the ranks agree).
     ``history`` lists per re-selection its step, the entries kept, added and
     dropped, the share of the set that changed and the seconds it took.
+    :meth:`state_dict` and :meth:`load_state_dict` resume a run.
     """
 
     def __init__(self, opt: SparseAdamW, model: torch.nn.Module, *, every: int, accumulate: int = 1,
@@ -111,6 +112,22 @@ class Reselector:
         if phase == 0 or phase > self.every - self.accumulate:
             self._add_grads()
         return self._reselect() if phase == 0 else None
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the optimizer (``opt.state_dict()`` and ``opt.selection``): the step
+        count, :attr:`history`, :attr:`trained`, its base values and the gradient sum in progress (a dense
+        float32 copy of the trainable weights, only within ``accumulate`` steps of a re-selection); on the CPU."""
+        cpu = lambda d: None if d is None else {n: t.cpu() for n, t in d.items()}  # noqa: E731
+        return {"steps": self.steps, "history": [dict(h) for h in self.history], "trained": self.trained.state_dict(),
+                "base": cpu(self._base), "sum": cpu(self._sum)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` output; build this Reselector on the resumed optimizer (its
+        selection and state loaded) and the same model."""
+        on = lambda d: None if d is None else {n: t.to(self._params[n].device) for n, t in d.items()}  # noqa: E731
+        self.steps, self.history = state["steps"], [dict(h) for h in state["history"]]
+        self.trained = Selection.from_state_dict(state["trained"])
+        self._base, self._sum = on(state["base"]), on(state["sum"])
 
     def rate(self, step: int) -> float:
         """SpIEL's share of the set replaced at ``step``: initial_rate falling linearly to 0 at total_steps."""

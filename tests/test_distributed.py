@@ -3,6 +3,7 @@
 import functools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,8 +340,82 @@ def _fsdp_resume_worker(rank, ckpt):
         assert torch.equal(p.full_tensor(), want)
 
 
+def test_per_rank_without_a_process_group_is_rank_0():
+    """One process (no process group) files its state as rank 0's, so one code path serves both cases."""
+    state = {"step": torch.tensor(3)}
+    assert gdist.per_rank(state) == {"rank0": state} and gdist.this_rank({"rank0": state}) is state
+    with pytest.raises(ValueError, match=r"no state saved for rank0: the checkpoint holds \['rank1'\]"):
+        gdist.this_rank({"rank1": state})
+
+
 def test_fsdp2_distributed_checkpoint_resume(tmp_path):
     _spawn(_fsdp_resume_worker, tmp_path, str(tmp_path / "ckpt"))
+
+
+def _finetune_checkpoint_worker(rank, folder, method):
+    """gallop finetune's checkpoints (train_loop under checkpoint.active) on an FSDP2 model: stopped after the
+    step-2 checkpoint and resumed (the Selection and SparseAdamW state per rank, or the DTensor model and torch
+    AdamW through torch's distributed state_dict), the weights equal an uninterrupted run's, bit for bit."""
+    from gallop_kernels.finetune import checkpoint, train
+
+    batches = _token_batches(rank, WORLD, n=4)  # this rank's 4 batches of its data
+    cfg = train.TrainConfig(steps=4, warmup=1, lr=1e-2, log_every=0)
+
+    def run(saving, stop_at=None):
+        model = _fsdp_llama()
+        if method == "gallop":
+            sel = saving.selection() if saving is not None and saving.saved else None
+            if sel is None:
+                _token_loss(model, batches[0]).backward()
+                sel = gk.select_mask(model, rho=0.05)
+                model.zero_grad(set_to_none=True)
+            opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr)
+            clip = lambda: opt.clip_grad_norm_(cfg.clip)  # noqa: E731
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            clip = lambda: torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.clip)  # noqa: E731
+        real = checkpoint.Checkpoints.after_step
+
+        def after_step(self, step, *rest):
+            real(self, step, *rest)
+            if step == stop_at:
+                raise InterruptedError
+
+        checkpoint.Checkpoints.after_step = after_step
+        try:
+            with checkpoint.active(saving):
+                losses = train.train_loop(model, opt, clip, batches, cfg, log=lambda _: None, progress=False)
+        finally:
+            checkpoint.Checkpoints.after_step = real
+        return [p.full_tensor() for p in model.parameters()], losses
+
+    want, want_losses = run(None)
+    with pytest.raises(InterruptedError):
+        run(checkpoint.Checkpoints(folder, 2, {}), stop_at=2)
+    dist.barrier()  # rank 0 has published the checkpoint
+    got, losses = run(checkpoint.Checkpoints(folder, 100, {}, checkpoint.newest(Path(folder), {})))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert losses[2:] == want_losses[2:] and (rank != 0 or losses == want_losses)  # the saved losses: rank 0's
+
+
+def _fsdp_llama():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_llama()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _token_loss(model, batch):
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("method", ["gallop", "fft"])
+def test_finetune_checkpoints_resume_under_fsdp2(tmp_path, method):
+    _spawn(_finetune_checkpoint_worker, tmp_path, str(tmp_path / "run"), method)
 
 
 def _tiny_llama():

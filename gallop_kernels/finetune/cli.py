@@ -6,8 +6,9 @@ and keeps its traceback. Every option is checked and the output folder probed be
 work, and the heavy modules (torch, transformers, ...) are imported only inside the commands, so
 ``--help`` and argument errors answer at once. Outputs go through output.OutputFolder: a
 temporary folder next to ``--out``, renamed at the end, removed when the run fails; compare's
-through output.GrowingFolder, saved run by run. SIGTERM is handled as Ctrl-C (exit status 143,
-130 for Ctrl-C), so a killed command cleans up as an interrupted one does.
+through output.GrowingFolder, saved run by run, and so are those of a finetune that checkpoints
+(``--save-every``, checkpoint.py), kept once a checkpoint is saved. SIGTERM is handled as Ctrl-C
+(exit status 143, 130 for Ctrl-C), so a killed command cleans up as an interrupted one does.
 
 Over 400 lines because it is the argparse definition of four commands and their option checks;
 the work each command does lives in pipeline.py, delta.py and plan.py.
@@ -245,6 +246,12 @@ def build_parser() -> Parser:
                     help="how the weights are chosen; spiel: the SpIEL baseline (see --reselection-steps)")
     ft.add_argument("--rho", type=_rho, default=None, help="share of the weights trained, in (0, 1] (default 0.01)")
     ft.add_argument("--seed", type=_seed, default=0, help="seed of the batches, the selection and LoRA's init")
+    ft.add_argument("--save-every", type=_positive, default=None,
+                    help="checkpoint every N training steps into --out (torch.distributed.checkpoint; only what "
+                         "training changes): a killed run keeps them and --resume continues from the newest")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue a killed run from its newest checkpoint: --out is its folder and every other "
+                         "option the same (--save-every may change)")
     _add_common(ft)
     cp = sub.add_parser("compare", help="several methods, densities and seeds on several tasks: tables and a plot")
     cp.add_argument("--tasks", type=_task_list, default=["arc_easy"])
@@ -430,18 +437,58 @@ def _out_path(args) -> Path:
     return Path(args.out or f"gallop-runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _check_checkpoints(args) -> None:
+    """UsageError for --save-every / --resume that cannot apply."""
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out: the folder of the run to continue")
+
+
+def _finetune_folder(args) -> OutputFolder:
+    """A run that checkpoints writes its folder in place (kept once a checkpoint is saved); others rename it
+    at the end."""
+    if args.save_every or args.resume:
+        return GrowingFolder(_out_path(args), resume=args.resume, what="run")
+    return OutputFolder(_out_path(args))
+
+
+def _checkpoints(args, out, train_cfg, job_cfg):
+    """The run's checkpoint.Checkpoints (None without --save-every or --resume); with --resume, rank 0 finds
+    the newest complete checkpoint and checks its settings, and every rank gets it."""
+    if not (args.save_every or args.resume):
+        return None
+    from . import checkpoint, parallel
+    from .settings import plain
+
+    settings = {"task": None if args.data else args.task, "data": args.data, "criterion": args.criterion,
+                "ranks": parallel.world(), **plain(train_cfg), **plain(job_cfg)}
+    folder = Path(parallel.from_main(lambda: str(out.final)))  # a default --out names the time: rank 0's
+    saved = parallel.from_main(lambda: checkpoint.newest(folder, settings)) if args.resume else None
+    every = args.save_every or saved["save_every"]
+    return checkpoint.Checkpoints(folder, every, settings, saved, on_saved=None if out is None else out.keep)
+
+
 def cmd_finetune(args) -> None:
-    """gallop finetune: the table, report.json and delta.safetensors."""
+    """gallop finetune: the table, report.json and delta.safetensors; with --save-every, checkpoints while training."""
     _check_inputs(args)
-    train_cfg = _train_config(args, args.criterion, args.rho, args.seed)
-    with main_rank_folder(lambda: OutputFolder(_out_path(args))) as out:
+    _check_checkpoints(args)
+    train_cfg, job_cfg = _train_config(args, args.criterion, args.rho, args.seed), _job_config(args)
+    with main_rank_folder(lambda: _finetune_folder(args)) as out:
         # the folder is probed first; a refusal removes it
+        saving = _checkpoints(args, out, train_cfg, job_cfg)
         train_cfg.offload_grads = _check_memory(args, {args.criterion: train_cfg})[args.criterion]
         from ..delta import make_delta, save_delta
+        from . import checkpoint
         from .pipeline import finetune_job
         from .report import finetune_table, noise_note
 
-        job = finetune_job(args.task, args.data, args.criterion, train_cfg, _job_config(args))
+        try:
+            with checkpoint.active(saving):
+                job = finetune_job(args.task, args.data, args.criterion, train_cfg, job_cfg)
+        except BaseException:
+            if saving is not None and out is not None and checkpoint.complete(saving.folder):
+                print(f"gallop: the run is saved in {out.final}; the same command with --resume continues it",
+                      file=sys.stderr)
+            raise
         report, result = job.report, job.train
         if out is None:  # another rank of a torchrun job: rank 0 writes
             return
@@ -458,6 +505,8 @@ def cmd_finetune(args) -> None:
                           f"({report['evaluation'][mode]}; accuracy %)\n\n"
                           + finetune_table(summary, args.criterion) + "\n\n" + noise_note(summary))
         out.write_text("report.md", "\n\n".join(tables) + "\n")
+        if saving is not None:
+            saving.remove()  # the run is done: its results replace the checkpoints
     print("\n" + "\n\n".join(tables) + "\n")
     print(f"training loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
           f"{result.selected_zero:,} of {result.trainable:,} selected weights were exactly 0 in the base model")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GallopError
 from .pipeline import report_key, run_key
 from .report import aggregate, compare_table, pareto_plot
+from .settings import check_same_options, plain
 
 
 def tables(reports: list[dict], job, how: dict[str, str], seeds: list[int]) -> list[str]:
@@ -34,8 +34,7 @@ def finished_runs(folder: Path, runs: list, job) -> list[dict]:
     """The reports in ``folder``/compare.json, after checking that this command would have made each of them.
 
     GallopError when the file is missing or unreadable, or a saved run differs from the planned
-    one in any option (aside from --no-progress and --offload-grads, which change no result; the
-    offloaded gradient is the same bit for bit): resuming must not mix two experiments in one table.
+    one in any option (:func:`check_same_options`): resuming must not mix two experiments in one table.
     """
     path = folder / "compare.json"
     try:
@@ -43,20 +42,11 @@ def finished_runs(folder: Path, runs: list, job) -> list[dict]:
         options = [(report_key(r), dict(r["train_config"]), dict(r["job_config"])) for r in saved]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GallopError(f"--resume: cannot read the runs in {path} ({type(e).__name__}: {e})") from None
-    plain = lambda x: json.loads(json.dumps(x))  # noqa: E731 - as the saved report holds it (tuples are lists)
     planned = {run_key(r.task, r.method, r.rho, r.train_cfg.seed): r for r in runs}
-    this_job = {k: v for k, v in plain(asdict(job)).items() if k != "progress"}
-    same_results = lambda train: {k: v for k, v in train.items() if k != "offload_grads"}  # noqa: E731
     for (task, method, rho, seed), train_config, job_config in options:
         run = planned.get((task, method, rho, seed))
         if run is None:
             raise GallopError(f"--resume: {folder} holds a run this command would not make ({method} rho={rho} "
                               f"seed {seed} on {task}); give its options")
-        for there, here in ((same_results(train_config), same_results(plain(asdict(run.train_cfg)))),
-                            ({k: v for k, v in job_config.items() if k != "progress"}, this_job)):
-            differ = sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
-            if differ:
-                k = differ[0]
-                raise GallopError(f"--resume: {folder} was made with other options ({k} {there.get(k)!r} there, "
-                                  f"{here.get(k)!r} here); give the same options")
+        check_same_options(folder, {**train_config, **job_config}, {**plain(run.train_cfg), **plain(job)})
     return saved

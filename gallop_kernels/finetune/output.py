@@ -1,6 +1,6 @@
 """The output folder of a ``gallop`` run: written under a temporary name and renamed when the run succeeds
-(OutputFolder), or, for ``compare``, written in place as results come in and kept once one is saved
-(GrowingFolder)."""
+(OutputFolder), or, for ``compare`` and a ``finetune`` that checkpoints, written in place as results or
+checkpoints come in and kept once one is saved (GrowingFolder)."""
 
 from __future__ import annotations
 
@@ -100,23 +100,26 @@ class GrowingFolder(OutputFolder):
     """An output folder written in place while results come in (``gallop compare``).
 
     Each file is written beside its name and renamed over it, so neither a reader nor an
-    interruption ever sees half a file. Until :meth:`keep` is called (the first result saved) a
+    interruption ever sees half a file. Until :meth:`keep` is called (the first result or checkpoint saved) a
     failure removes the folder and the parents it created, as OutputFolder does; after it the
     folder stays with what was saved. ``resume=True`` reopens a folder an earlier run kept.
     """
 
-    def __init__(self, final: str | Path, resume: bool = False):
+    def __init__(self, final: str | Path, resume: bool = False, what: str = "compare"):
         super().__init__(final)
         self.path = self.final
         self.resume = resume
         self.kept = resume
+        self.what = what
+        """What the folder holds, for messages: "compare", "run"."""
 
     def __enter__(self) -> GrowingFolder:
         if self.resume:
             if not self.final.is_dir():
-                raise GallopError(f"--resume: {self.final} is not a folder; give the --out of the compare to continue")
+                raise GallopError(f"--resume: {self.final} is not a folder; give the --out of the {self.what} "
+                                  f"to continue")
         else:
-            self._check_new("choose a new one, or add --resume to continue the compare it holds")
+            self._check_new(f"choose a new one, or add --resume to continue the {self.what} it holds")
             try:
                 self._mkdirs(self.final)
             except OSError as e:

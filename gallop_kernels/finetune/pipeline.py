@@ -156,6 +156,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
 
     Pass ``vanilla`` (JobResult.vanilla of an earlier job on the same tests) to reuse the untuned model's results.
     """
+    from . import checkpoint
     from .choices import BASELINES
     from .train import finetune, with_epochs
 
@@ -177,10 +178,15 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
                 f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
                 if vanilla is None else f"next: fine-tune ({train_cfg.steps} steps), evaluate")
     eval_seconds = None
+    saving = checkpoint.current()  # gallop finetune --save-every / --resume: a resumed run's results are saved
+    if vanilla is None and saving is not None:
+        vanilla = saving.vanilla
     if vanilla is None:
         vanilla = run_eval(model, tokenizer, job_data.tests, cfg, train_cfg.target)
         eval_seconds = clock.stage("evaluated the vanilla model",
                                    f"next: fine-tune ({train_cfg.steps} steps), then about the same time to evaluate")
+    if saving is not None:
+        saving.vanilla = vanilla
     log(f"fine-tuning with {method}: {train_cfg.steps} steps of {train_cfg.batch_size}")
     model, result = finetune(model, tokenizer, job_data.train, method, train_cfg, log, cfg.progress)
     result.seconds = clock.stage(f"fine-tuned with {method}",

@@ -31,7 +31,7 @@ from ..estimate import GRAD_FRACTION, estimate_gradients, model_device, to_devic
 from ..memory import LORA_TARGETS
 from ..reference import GRADIENT_CRITERIA
 from ..reselector import Reselector
-from . import parallel
+from . import checkpoint, parallel
 from .choices import GRAD_ACCUM_DTYPES, METHODS, SPIEL_ACCUMULATE, SPIEL_EVERY, SPIEL_INITIAL_RATE
 from .tasks import TARGETS, Example
 
@@ -196,9 +196,10 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         checkpointing(model, True)
     model.train()
     ddp = parallel.data_parallel(model) if cfg.parallel == "ddp" else None
-    losses = []
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-    for step, batch in enumerate(bar):
+    saving = checkpoint.current()  # gallop finetune --save-every / --resume
+    start, losses = saving.start(model, opt, sched, log) if saving is not None else (0, [])
+    bar = tqdm(batches[start:], desc=desc, disable=not progress, leave=False, initial=start, total=len(batches))
+    for step, batch in enumerate(bar, start):  # a resumed run skips the steps made before its checkpoint
         if ddp is None:
             loss = model(**to_device(batch, device)).loss
         else:  # this rank's rows; the loss is scaled so that DDP's average is the whole batch's gradient
@@ -215,6 +216,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
+        if saving is not None:
+            saving.after_step(step + 1, model, opt, sched, losses)
     if cfg.gradient_checkpointing:
         checkpointing(model, False)
     model.eval()
@@ -245,22 +248,28 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     """train_sparse on ``model``'s trainable parameters."""
     criterion = "saft" if method == "spiel" else method
     t0 = time.perf_counter()
-    grads_used = criterion in GRADIENT_CRITERIA  # the other criteria are data-free
+    saving = checkpoint.current()
+    sel = saving.selection() if saving is not None else None  # a resumed run's: no estimation
+    made = "the checkpoint's selection" if sel is not None else "select_mask"
+    grads_used = sel is None and criterion in GRADIENT_CRITERIA  # the other criteria are data-free
     grads = _mean_gradient(model, grad_batches, cfg, progress) if grads_used else None
     t1 = time.perf_counter()
     group = {"process_group": parallel.group()} if cfg.parallel == "ddp" else {}  # checks that the ranks agree
-    sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed, **group)
+    if sel is None:
+        sel = select_mask(model, grads, rho=cfg.rho, criterion=criterion, eps=cfg.eps, seed=cfg.seed, **group)
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
-    log(f"  {grad_note}select_mask {time.perf_counter() - t1:.1f} s: "
+    log(f"  {grad_note}{made} {time.perf_counter() - t1:.1f} s: "
         f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
+    if saving is not None:
+        saving.reselector = resel  # its state goes into the checkpoints too
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
                         after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
     opt.remove_hooks()
