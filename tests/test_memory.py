@@ -292,23 +292,23 @@ def test_reselection_counts_the_reselectors_float32_sum_and_base_values():
 
 
 def test_plan_row_counts_the_reselector_and_the_world_size():
+    from gallop_kernels.errors import GallopError
     from gallop_kernels.finetune import plan
     from gallop_kernels.finetune.train import TrainConfig
 
-    cfg, dtype = _tiny_config(), torch.bfloat16
+    cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
     run = TrainConfig(batch_size=2, max_len=16, rho=0.05)
-    one = plan.plan_row(cfg, "gallop", run, dtype)
-    assert one.reselection == 0 and plan.plan_row(cfg, "saft", run, dtype).reselection == 0
-    assert plan.plan_row(cfg, "spiel", run, dtype).reselection == memory_plan(cfg, rho=0.05, reselect="spiel")[2].reselection
-    again = plan.plan_row(cfg, "gallop", replace(run, reselect_every=4), dtype)
-    assert again.reselection == memory_plan(cfg, rho=0.05, reselect="gallop")[2].reselection
+    reselection = {kind: memory_plan(cfg, rho=0.05, reselect=kind)[2].reselection for kind in ("gallop", "spiel")}
+    assert plan.plan_row(cfg, "gallop", run, dtype).reselection == 0
+    assert plan.plan_row(cfg, "saft", run, dtype).reselection == 0
+    assert plan.plan_row(cfg, "spiel", run, dtype).reselection == reselection["spiel"]
+    assert plan.plan_row(cfg, "gallop", replace(run, reselect_every=4), dtype).reselection == reselection["gallop"]
     two = plan.plan_row(cfg, "gallop", run, dtype, world_size=2)
-    assert two == replace(memory_plan(cfg, rho=0.05, batch_size=2, seq_len=16, world_size=2)[2], method="gallop rho=0.05")
-    assert plan.preflight(cfg, "gallop", run, dtype, torch.device("cpu"), budget=two.peak, world_size=2)
-    from gallop_kernels.errors import GallopError
-
-    with pytest.raises(GallopError, match="short"):
-        plan.preflight(cfg, "gallop", run, dtype, torch.device("cpu"), budget=two.peak)
+    want = memory_plan(cfg, rho=0.05, batch_size=2, seq_len=16, world_size=2)[2]
+    assert two == replace(want, method="gallop rho=0.05")
+    assert plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak, world_size=2)
+    with pytest.raises(GallopError, match="short"):  # one process holds more
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak)
 
 
 def _saved_bytes(model, tokens) -> int:
