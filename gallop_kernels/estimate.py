@@ -119,7 +119,8 @@ def _run_backward(model: torch.nn.Module, batches: Iterable, loss: Callable[[obj
 
 
 class HostSums:
-    """Sums of each parameter's micro-batch gradients in host memory, fed by post-accumulate-grad hooks.
+    """Sums of each parameter's micro-batch gradients in host memory, fed by post-accumulate-grad hooks
+    (an FSDP2 parameter's: its local shard, the hooks called by FSDP2 after each reduce-scatter).
 
     Each hook takes the gradient out of ``.grad`` (so the device frees it) and
     adds it to its parameter's host buffer, in ``accum_dtype`` or the weight's
