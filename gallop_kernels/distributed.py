@@ -52,33 +52,40 @@ def scatter_(t: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> No
 
 
 class GroupComm:
-    """Collectives over a process group, counting the bytes this rank sends."""
+    """Collectives over a process group, counting the bytes this rank sends.
 
-    def __init__(self, group=None):
+    ``device``: where the collectives run (default: each tensor's own device). A selection
+    scored on the host for CUDA shards (offloaded estimation under FSDP2) passes the shards'
+    device, since NCCL has no CPU collectives; results come back on the tensor's device.
+    """
+
+    def __init__(self, group=None, device: torch.device | None = None):
         self.group = group
+        self.device = device
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.bytes_sent = 0
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks."""
-        t = t.clone()
-        self.bytes_sent += t.numel() * t.element_size()
-        dist.all_reduce(t, group=self.group)
-        return t
+        out = t.to(self.device or t.device, copy=True)
+        self.bytes_sent += out.numel() * out.element_size()
+        dist.all_reduce(out, group=self.group)
+        return out.to(t.device)
 
     def all_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenation of every rank's 1-D ``t`` (lengths may differ), in rank order."""
-        n = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+        dev = self.device or t.device
+        n = torch.tensor([t.numel()], dtype=torch.int64, device=dev)
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
         dist.all_gather(sizes, n, group=self.group)
         sizes = [int(s) for s in sizes]
-        padded = torch.zeros(max(sizes), dtype=t.dtype, device=t.device)
+        padded = torch.zeros(max(sizes), dtype=t.dtype, device=dev)
         padded[: t.numel()] = t
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         self.bytes_sent += (n.numel() * n.element_size() + padded.numel() * padded.element_size())
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
 
 
 def dtensor_group(params: list[torch.Tensor]):

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .distributed import local
+
 GRAD_FRACTION = 0.25
 """The default d_s: the share of the training data the mean gradient is estimated on (the ``gallop``
 command's share of examples, GallopTrainer's share of the first batches)."""
@@ -61,6 +63,10 @@ def estimate_gradients(model: torch.nn.Module, batches: Iterable, *,
     while its copy finishes). The returned tensors are then on the CPU, with the
     same values as without offload (the same sums in the same dtype and order);
     :func:`gallop_kernels.select_mask` takes them for parameters on any device.
+    Under FSDP2 the hooks run after each group's reduce-scatter (FSDP2 calls
+    them on the sharded parameters), so a rank holds one group's unsharded
+    gradient at a time, not its whole gradient shard; the returned tensors are
+    then this rank's shards (plain CPU tensors of the local shapes).
 
     Autocast: enter it inside ``loss`` around the forward (backward then runs
     outside it, as torch recommends), or call this function inside an autocast
@@ -113,7 +119,8 @@ def _run_backward(model: torch.nn.Module, batches: Iterable, loss: Callable[[obj
 
 
 class HostSums:
-    """Sums of each parameter's micro-batch gradients in host memory, fed by post-accumulate-grad hooks.
+    """Sums of each parameter's micro-batch gradients in host memory, fed by post-accumulate-grad hooks
+    (an FSDP2 parameter's: its local shard, the hooks called by FSDP2 after each reduce-scatter).
 
     Each hook takes the gradient out of ``.grad`` (so the device frees it) and
     adds it to its parameter's host buffer, in ``accum_dtype`` or the weight's
@@ -123,16 +130,17 @@ class HostSums:
     """
 
     def __init__(self, params: dict[str, torch.Tensor], accum_dtype: torch.dtype | None):
-        cuda = [p for p in params.values() if p.is_cuda]
+        shards = {n: local(p) for n, p in params.items()}  # an FSDP2 rank sums its own shard
+        cuda = [p for p in shards.values() if p.is_cuda]
         self._copier = _CudaToHost(cuda) if cuda else None
         pin = self._copier is not None
-        self.sums = {n: torch.zeros(p.shape, dtype=accum_dtype or p.dtype, pin_memory=pin) for n, p in params.items()}
+        self.sums = {n: torch.zeros(p.shape, dtype=accum_dtype or p.dtype, pin_memory=pin) for n, p in shards.items()}
         self._started = {n for n, s in self.sums.items() if s.dtype != params[n].dtype}  # float32 sums add to zeros
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in params.items()]
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            g, p.grad = p.grad, None
+            g, p.grad = local(p.grad), None
             if self._copier is None or not g.is_cuda:
                 self._add(name, g)
             else:

@@ -39,19 +39,48 @@ def preset_config(name: str):
     raise ValueError(f"unknown preset {name!r}; expected 'llama3-8b' or 'gemma-2b'")
 
 
-_SHAPES: dict[str, dict[str, torch.Size]] = {}  # config JSON -> shapes: a planner asks again per batch size
+@dataclass(frozen=True)
+class _Layout:
+    """A causal LM's trainable parameter shapes and the FSDP2 groups the ``gallop`` command wraps them in."""
+
+    shapes: dict[str, torch.Size]
+    root: tuple[str, ...]
+    """The root group: the final norm and whatever else is outside the other groups (tied embeddings too)."""
+    groups: tuple[tuple[str, ...], ...]
+    """The other groups in forward order: the input embedding (untied), one per decoder layer, the head (untied)."""
+
+
+_LAYOUTS: dict[str, _Layout] = {}  # config JSON -> layout: a planner asks again per batch size
+
+
+def _layout(config) -> _Layout:
+    """The :class:`_Layout` of the causal LM ``config`` describes (built on the meta device, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    key = config.to_json_string()
+    if key not in _LAYOUTS:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        names = {id(p): n for n, p in model.named_parameters()}  # tied weights are listed once
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head is not None and head.weight is embed.weight
+        own = lambda module: tuple(names[id(p)] for p in module.parameters())  # noqa: E731
+        layers: dict[int, list[str]] = {}
+        for n in names.values():
+            if _layer_of(n) is not None:
+                layers.setdefault(_layer_of(n), []).append(n)
+        groups = [tuple(layers[i]) for i in sorted(layers)]
+        if not tied:
+            groups = [own(embed), *groups] + ([own(head)] if head is not None else [])
+        grouped = {n for g in groups for n in g}
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        _LAYOUTS[key] = _Layout(shapes, tuple(n for n in shapes if n not in grouped), tuple(groups))
+    return _LAYOUTS[key]
 
 
 def _shapes(config) -> dict[str, torch.Size]:
     """Trainable parameter shapes of the causal LM ``config`` describes (meta device, no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    key = config.to_json_string()
-    if key not in _SHAPES:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        _SHAPES[key] = {n: p.shape for n, p in model.named_parameters()}  # tied weights are listed once
-    return _SHAPES[key]
+    return _layout(config).shapes
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -96,11 +125,14 @@ class MemoryRow:
     activations: int = 0
     host_estimation: int = 0
     """Host memory of offloaded estimation: the gradient sums, theta's copy for selection, a staging buffer."""
+    reselection: int = 0
+    """What a Reselector keeps during training (re-selecting methods): its float32 gradient sum and the
+    trained weights' base values (and, for GaLLoP re-selection, the trained set's indices)."""
 
     @property
     def training(self) -> int:
         """Bytes besides the weights and activations during a training step."""
-        return self.gradients + self.optimizer_state + self.master_weights + self.index_lists
+        return self.gradients + self.optimizer_state + self.master_weights + self.index_lists + self.reselection
 
     @property
     def peak(self) -> int:
@@ -129,27 +161,61 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-def _fsdp(shapes: dict[str, torch.Size], world_size: int) -> tuple[int, int, int]:
-    """(weights per rank, weights all-gathered at once, unsharded gradients at once) under FSDP2
-    ``fully_shard`` per decoder layer plus the root, in numbers of weights.
+@dataclass(frozen=True)
+class _Fsdp:
+    """Numbers of weights one rank holds under FSDP2 with the command's wrapping (see :func:`_fsdp`)."""
 
-    Each parameter is split along dim 0 (padded up). The root group (embeddings, final norm, head)
-    stays gathered for the whole step; a layer is gathered with the next one prefetched; backward
-    holds the root's gradients until its reduce-scatter at the end, and one layer's meanwhile.
+    shard: int
+    """This rank's shard of every parameter (dim 0 split, padded up to a multiple of the world size)."""
+    gathered: int
+    """The most all-gathered weights at once (the root, and a group being copied out of its all-gather buffer)."""
+    grads: int
+    """What unsharded gradients and reduce-scatter buffers add to ``gathered`` at backward's peak."""
+    grads_freed: int
+    """``grads`` when post-accumulate-grad hooks take each group's sharded gradient off the device (offloaded
+    estimation, compact gradients): a reduce-scatter's output shard is then held until its hooks ran."""
+    largest_shard: int
+    """The largest tensor's shard (the host copier's staging buffer)."""
+
+
+def _fsdp(layout: _Layout, world_size: int) -> _Fsdp:
+    """What FSDP2 ``fully_shard`` (torch 2.13) allocates per rank for the groups of ``layout``.
+
+    Read from torch/distributed/fsdp/_fully_shard: every non-root group is gathered before it runs
+    and resharded after (forward and backward); the root stays gathered the whole step. An
+    all-gather's flat output and the group's unsharded parameters coexist during the copy-out
+    (2x the group); backward prefetches the next group while one runs. Each group's unsharded
+    gradients are copied into a reduce-scatter input (2x the group) and freed; that input is held
+    until the next group's reduce-scatter. The root's gradients are reduced last, at the end of
+    backward. One process (``world_size`` 1) shards nothing and gathers nothing.
     """
-    shard = sum(-(-s[0] // world_size) * (s.numel() // s[0]) if len(s) else s.numel() for s in shapes.values())
+    shapes = layout.shapes
+    rows = lambda s: -(-s[0] // world_size) if len(s) else 1  # noqa: E731  (rows of a shard; a scalar: 1)
+    per_row = lambda s: s.numel() // s[0] if len(s) and s[0] else s.numel()  # noqa: E731
+    shard = {n: rows(s) * per_row(s) for n, s in shapes.items()}
+    largest = max(shard.values())
     if world_size == 1:
-        return shard, 0, 0
-    layers: dict[int, int] = {}
-    root = 0
-    for name, s in shapes.items():
-        i = _layer_of(name)
-        if i is None:
-            root += s.numel()
-        else:
-            layers[i] = layers.get(i, 0) + s.numel()
-    layer = max(layers.values(), default=0)
-    return shard, root + 2 * layer, root + layer
+        return _Fsdp(sum(shard.values()), 0, 0, 0, largest)
+    padded = lambda names: world_size * sum(shard[n] for n in names)  # noqa: E731  (all-gathered, padded)
+    numel = lambda names: sum(shapes[n].numel() for n in names)  # noqa: E731
+    root, root_grads = padded(layout.root), numel(layout.root)
+    gathered = max(2 * root, root + 2 * max((padded(g) for g in layout.groups), default=0))
+
+    def backward(out_held: bool) -> int:
+        """The most weights, gradients and reduce-scatter buffers alive at once in backward."""
+        order = [(padded(g), numel(g)) for g in reversed(layout.groups)]
+        peak = root + (root // world_size if out_held else 0)  # the root's reduce-scatter, last: its input buffer
+        for i, (p, g) in enumerate(order):
+            before = order[i - 1][0] if i else 0  # the previous group's reduce-scatter input, held until this one's
+            after = order[i + 1][0] if i + 1 < len(order) else 0  # prefetched
+            out = p // world_size if out_held else 0
+            peak = max(peak, 2 * p + before,  # the copy-out of this group's all-gather
+                       p + after + before + g,  # its backward: its gradients produced
+                       after + g + p + out)  # its reduce-scatter: gradients copied into the input, then freed
+        return root + root_grads + peak
+
+    plain, hooked = backward(False), backward(True)
+    return _Fsdp(sum(shard.values()), gathered, plain - gathered, hooked - gathered, largest)
 
 
 def memory_plan(
@@ -165,6 +231,7 @@ def memory_plan(
     gradient_checkpointing: bool = False,
     offload_grads: bool = False,
     world_size: int = 1,
+    reselect: str | None = None,
 ) -> list[MemoryRow]:
     """Rows for full fine-tuning (AdamW), LoRA at ``lora_rank`` and GaLLoP at ``rho``
     (dense and compact gradients), with the weights in ``dtype``, as the ``gallop`` command trains them,
@@ -188,52 +255,66 @@ def memory_plan(
       float32 sum is kept besides it. With ``offload_grads`` (estimate_gradients(offload=True))
       the device holds two tensors' gradients at most (one being copied out, the next one being
       produced) and the sums, theta's copy and a staging buffer go to ``host``.
-    - ``world_size`` > 1: per rank under FSDP2 (:func:`_fsdp`): weights, gradients and state
-      sharded, k / world_size selected weights per rank on average (the global top-k need not split
-      evenly), plus the gathered weights and unsharded gradients; offloading is then refused.
+    - ``reselect`` ("gallop": --reselect-every, "spiel"): the Reselector's float32 gradient sum
+      (one copy of the trainable weights, per rank its shards), the trained weights' values before
+      training (``dtype``) and for "gallop" the trained set's own indices; both count k weights,
+      the least they hold (GaLLoP re-selection's trained set only grows).
+    - ``world_size`` > 1: per rank under FSDP2 with the command's wrapping (:func:`_fsdp`):
+      weights, gradients and state sharded, k / world_size selected weights per rank on average
+      (the global top-k need not split evenly), plus the all-gathered weights (``weights``) and what
+      unsharded gradients and reduce-scatter buffers add at backward's peak (``gradients``,
+      ``estimation``). Offloaded estimation then holds on the device that peak and a group's
+      gradient shard, and in host memory per rank the shard's sums and theta's shard.
     - Activations: :func:`activation_bytes` when ``batch_size`` (per device) and ``seq_len`` are given, else 0.
 
     Per-parameter step counters and the selection's scoring workspace are left out.
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if offload_grads and world_size > 1:
-        raise ValueError("offload_grads needs world_size=1: under FSDP2 each rank holds only its shard's gradient")
-    shapes = _shapes(config)
+    if reselect not in (None, "gallop", "spiel"):
+        raise ValueError(f"reselect must be None, 'gallop' or 'spiel', got {reselect!r}")
+    layout = _layout(config)
+    shapes = layout.shapes
     b = torch.empty((), dtype=dtype).element_size()
     master = STATE_BYTES if b < STATE_BYTES else 0
     n = sum(s.numel() for s in shapes.values())
     lora = sum(
         lora_rank * (s[0] + s[1]) for name, s in shapes.items() if len(s) == 2 and name.split(".")[-2] in lora_targets
     )
-    shard, gathered, unsharded_grads = _fsdp(shapes, world_size)
+    fsdp = _fsdp(layout, world_size)
+    shard = fsdp.shard
     per_rank = lambda x: -(-x // world_size)  # noqa: E731
     k = num_to_select(rho, n)
     kr = per_rank(k)
-    largest = max(s.numel() for s in shapes.values())
     opt = 2 * STATE_BYTES
     accum = STATE_BYTES if grad_accum_dtype == torch.float32 and b < STATE_BYTES else b
-    weights = (shard + gathered) * b
-    dense_grads = (shard + unsharded_grads) * b
+    weights = (shard + fsdp.gathered) * b
+    dense_grads = (shard + fsdp.grads) * b
     wide_sum = STATE_BYTES * shard if accum != b else 0
     estimation, host = dense_grads + wide_sum, 0
+    # one process: a tensor's gradient being copied out and the next one; FSDP2: a group's, and its shard
+    held = 2 * fsdp.largest_shard if world_size == 1 else fsdp.grads_freed
     if offload_grads:
-        estimation, host = 2 * largest * b, n * accum + n * b + largest * b
+        estimation, host = held * b, shard * accum + shard * b + fsdp.largest_shard * b
     act = lora_act = 0
     if batch_size and seq_len:
         act = activation_bytes(config, batch_size, seq_len, dtype, gradient_checkpointing)
         lora_act = act + lora_activation_bytes(config, batch_size, seq_len, lora_rank, dtype, gradient_checkpointing,
                                                lora_targets)
-    compact = STATE_BYTES * kr + (largest * b if world_size == 1 else unsharded_grads * b)
+    compact = STATE_BYTES * kr + (fsdp.largest_shard if world_size == 1 else fsdp.grads_freed) * b
     index = index_bytes(shapes, kr)
+    resel = 0
+    if reselect is not None:
+        resel = STATE_BYTES * shard + b * kr + (index if reselect == "gallop" else 0)
     lora_r = per_rank(lora)
     return [
         MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act),
         MemoryRow(f"LoRA r={lora_rank}", lora, weights + STATE_BYTES * lora_r, STATE_BYTES * lora_r, opt * lora_r, 0, 0,
                   0, lora_act),
-        MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host),
+        MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host,
+                  resel),
         MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, weights, compact, opt * kr, master * kr, index, estimation,
-                  act, host),
+                  act, host, resel),
     ]  # fmt: skip
 
 
@@ -249,8 +330,8 @@ def index_bytes(shapes: dict[str, torch.Size], k: int) -> int:
 def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
-    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "estimation", "activations",
-            "host_estimation"]
+    cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "reselection", "estimation",
+            "activations", "host_estimation"]
     head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)"]
     return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak)] for r in rows])
 

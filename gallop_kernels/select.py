@@ -280,7 +280,10 @@ def _checked_grad(name: str, p: torch.Tensor, grads: Mapping[str, torch.Tensor] 
 def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor, *, host_ok: bool = False) -> None:
     """Raise, naming the parameter, unless ``grad`` is a dense gradient of ``param``'s
     shape and device in a supported dtype (select_mask and SparseAdamW both check this).
-    ``host_ok``: a CPU gradient of a parameter on another device passes too (offloaded estimation)."""
+    ``host_ok``: a CPU gradient of a parameter on another device passes too (offloaded estimation),
+    and for an FSDP2 (DTensor) parameter a plain tensor of its local shard (offloaded under FSDP2)."""
+    if host_ok and is_dtensor(param) and not is_dtensor(grad):
+        param = local(param)  # this rank's host sums: compared with its shard
     if grad.is_sparse:
         raise TypeError(f"parameter {name!r}: sparse gradients are not supported")
     if grad.shape != param.shape:
@@ -412,7 +415,8 @@ def select_mask(
     exclude = _checked_restriction("exclude", exclude, named, criterion)
     sources, shard_group, compact = _sources(named, grads, criterion in GRADIENT_CRITERIA, among)
     sources, among, exclude = _on_host_if_needed(sources, among, exclude)
-    comm = GroupComm(shard_group) if shard_group is not None else LocalComm()
+    shard_device = local(named[0][1]).device  # NCCL exchanges on the GPU even when the host scores
+    comm = GroupComm(shard_group, shard_device) if shard_group is not None else LocalComm()
     name = _pick_backend(backend, sources, shard_group is not None)
     pool = Pool(sources, among, exclude, compact, comm, dict((n, p.numel()) for n, p in named))
     topk = functools.partial(topk_function(name), criterion=criterion, eps=eps, seed=seed,

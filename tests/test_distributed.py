@@ -19,14 +19,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 
 
-def _spawn(fn, tmp_path, *args):
-    mp.spawn(_init_and_run, args=(fn, str(tmp_path / "rendezvous"), args), nprocs=WORLD, join=True)
+def _spawn(fn, tmp_path, *args, backend="gloo", world=WORLD):
+    mp.spawn(_init_and_run, args=(fn, str(tmp_path / "rendezvous"), args, backend, world), nprocs=world, join=True)
 
 
-def _init_and_run(rank, fn, path, args):
+def _init_and_run(rank, fn, path, args, backend, world):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{path}", rank=rank, world_size=world)
     fn(rank, *args)
     dist.barrier()  # no rank tears gloo down while another still exchanges with it
     dist.destroy_process_group()
@@ -470,6 +472,58 @@ def _estimate_worker(rank, wrapper):
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_estimate_gradients_under_wrappers(tmp_path, wrapper):
     _spawn(_estimate_worker, tmp_path, wrapper)
+
+
+def _fsdp2_llama(dtype, device="cpu"):
+    """The tiny Llama in ``dtype`` under the FSDP2 wrapping of the command: one group per decoder layer,
+    the (untied) embedding and head as groups of their own, the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_llama().to(device, dtype)
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for module in (*model.model.layers, model.model.embed_tokens, model.lm_head):
+        fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _offload_estimate_worker(rank, dtype, accum, device="cpu"):
+    """Offloaded estimation on FSDP2 shards: the host sums equal the on-device DTensor sums bit for bit,
+    the selection over them is the same, and a rank holds one sharded gradient at a time in backward."""
+    from gallop_kernels.estimate import estimate_gradients
+
+    batches = _token_batches(rank, dist.get_world_size(), n=3)
+    on_device = _fsdp2_llama(dtype, device)
+    want = estimate_gradients(on_device, batches, accum_dtype=accum)
+    offloaded = _fsdp2_llama(dtype, device)
+    params = list(offloaded.parameters())
+    alive = []  # registered before estimate_gradients' hooks, so it runs first: p.grad is still set
+    handles = [p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+               for p in params]
+    got = estimate_gradients(offloaded, batches, accum_dtype=accum, offload=True)
+    for h in handles:
+        h.remove()
+    assert len(alive) == 3 * len(params) and max(alive) == 1, alive  # each hook once per batch, one grad alive
+    for name, g in got.items():
+        assert not gdist.is_dtensor(g) and g.device.type == "cpu", name
+        assert g.dtype == want[name].dtype and torch.equal(g, want[name].to_local().cpu()), name
+    for rho in (0.05, 0.3):
+        sel, ref = gk.select_mask(offloaded, got, rho=rho), gk.select_mask(on_device, want, rho=rho)
+        assert all(torch.equal(sel[n], ref[n]) for n in ref) and sel.threshold == ref.threshold, rho
+        assert sel.shapes == ref.shapes
+
+
+@pytest.mark.parametrize("dtype,accum", [(torch.float32, None), (torch.bfloat16, None),
+                                         (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32-sum"])
+def test_fsdp2_offloaded_estimation_equals_on_device(tmp_path, dtype, accum):
+    _spawn(_offload_estimate_worker, tmp_path, dtype, accum)
+
+
+@pytest.mark.gpu
+def test_fsdp2_offloaded_estimation_on_cuda_scores_on_the_host_and_exchanges_over_nccl(tmp_path):
+    """One NCCL rank with CUDA shards: the host sums are scored on the host, and the selection's
+    collectives still run on the GPU (NCCL has no CPU tensors)."""
+    _spawn(_offload_estimate_worker, tmp_path, torch.bfloat16, None, "cuda", backend="nccl", world=1)
 
 
 def _command_ranks(rank):

@@ -203,30 +203,112 @@ def test_offloaded_estimation_keeps_two_tensors_gradients_on_the_device():
         assert gallop.host_estimation == n * sum_bytes + n * 2 + largest * 2  # sums, theta's host copy, staging
     full, lora, _, _ = memory_plan(cfg, offload_grads=True)
     assert full.host_estimation == lora.host_estimation == 0
-    with pytest.raises(ValueError, match="offload_grads needs world_size=1"):
-        memory_plan(cfg, offload_grads=True, world_size=2)
 
 
-def test_world_size_shards_state_and_counts_what_fsdp_gathers():
-    cfg = _tiny_config()  # 3 layers; root: embed 101x48, head 101x48, norm 48
-    shapes = dict(transformers.LlamaForCausalLM(cfg).named_parameters())
-    n = sum(p.numel() for p in shapes.values())
-    shard = sum(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in shapes.values())
-    root = 2 * 101 * 48 + 48
-    layer = (n - root) // 3
+# FSDP2 on 2 ranks, by hand. _tiny_config: a decoder layer has q, o 48x48, k, v 24x48, gate, up 80x48,
+# down 48x80 and two norms of 48: 18,528 weights, every row count even, so its shard is half. The
+# embedding and the head (101 x 48, untied: groups of their own) pad to 102 rows: 51 per rank.
+LAYER, VOCAB, VOCAB_PADDED, NORM = 18528, 101 * 48, 102 * 48, 48
+
+
+def test_fsdp2_shards_state_and_counts_what_the_wrapping_gathers():
+    cfg = _tiny_config()
+    n = 3 * LAYER + 2 * VOCAB + NORM
+    shard = (3 * LAYER + 2 * VOCAB_PADDED + NORM) // 2
     full, lora, gallop, compact = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, world_size=2)
     one = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16)
+    assert full.trainable == n == one[0].trainable
     kr = -(-round(0.05 * n) // 2)
-    assert full.weights == gallop.weights == 2 * (shard + root + 2 * layer)  # the root and two layers gathered
-    assert full.gradients == gallop.gradients == gallop.estimation == 2 * (shard + root + layer)
+    # gathered at most: the root (the final norm, gathered all step) and a layer's all-gather buffer
+    # with the unsharded copy made from it
+    gathered = NORM + 2 * LAYER
+    assert full.weights == gallop.weights == 2 * (shard + gathered)
+    assert lora.weights == 2 * (shard + gathered) + 4 * -(-one[1].trainable // 2)
+    # backward's peak, in the middle layer: the root and its gradients, the layer, the next one prefetched,
+    # the previous one's reduce-scatter input, the layer's gradients
+    peak = NORM + NORM + 4 * LAYER
+    assert full.gradients == gallop.gradients == gallop.estimation == 2 * (shard + peak - gathered)
     assert full.optimizer_state == 4 * shard
     assert (gallop.optimizer_state, gallop.master_weights, gallop.index_lists) == (8 * kr, 4 * kr, 4 * kr)
-    assert compact.gradients == 4 * kr + 2 * (root + layer)
+    # compact: the hooks free each group's gradient shard; the peak is the same middle layer
+    assert compact.gradients == 4 * kr + 2 * (peak - gathered)
     assert lora.optimizer_state == 8 * -(-one[1].trainable // 2)
     assert [r.activations for r in one] == [r.activations for r in (full, lora, gallop, compact)]
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="world_size must be a positive integer"):
             memory_plan(cfg, world_size=bad)
+
+
+def test_fsdp2_plan_where_the_head_outweighs_the_layers():
+    """A 1001-token vocabulary (1002 rows padded) over 2 small layers (2,592 weights, even rows):
+    the peaks fall on the embedding and the head; offloaded estimation holds the head's output shard."""
+    cfg = transformers.LlamaConfig(vocab_size=1001, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    layer, vocab, padded, norm = 4 * 16 * 16 + 3 * 32 * 16 + 2 * 16, 1001 * 16, 1002 * 16, 16
+    shard = (2 * layer + 2 * padded + norm) // 2
+    gathered = norm + 2 * padded
+    # the embedding's all-gather copy-out, last in backward, while layer 0's reduce-scatter input is held
+    plain = norm + norm + 2 * padded + layer
+    # with hooks, the head's reduce-scatter: layer 1 prefetched, the head's gradients, its reduce-scatter
+    # input and output (the shard the hooks copy out)
+    hooked = norm + norm + layer + vocab + padded + padded // 2
+    for accum, sum_bytes in ((None, 2), (torch.float32, 4)):
+        full, lora, gallop, compact = memory_plan(cfg, rho=0.1, dtype=torch.bfloat16, world_size=2,
+                                                  grad_accum_dtype=accum, offload_grads=True)
+        kr = -(-round(0.1 * full.trainable) // 2)
+        assert full.weights == compact.weights == 2 * (shard + gathered)
+        assert full.gradients == 2 * (shard + plain - gathered)
+        assert gallop.estimation == compact.estimation == 2 * (hooked - gathered)
+        assert compact.gradients == 4 * kr + 2 * (hooked - gathered)
+        # per rank: the sums of its shard, its theta shard for the selection, a staging buffer of the head's shard
+        assert gallop.host_estimation == sum_bytes * shard + 2 * shard + 2 * padded // 2
+    _, _, on_device, _ = memory_plan(cfg, rho=0.1, dtype=torch.bfloat16, world_size=2)
+    assert on_device.estimation == 2 * (shard + plain - gathered)
+    # tied: the embedding is in the root, gathered all step; the groups are the two layers
+    cfg.tie_word_embeddings = True
+    root = padded + norm
+    full, *_ = memory_plan(cfg, dtype=torch.bfloat16, world_size=2)
+    assert full.weights == 2 * ((2 * layer + padded + norm) // 2 + 2 * root)  # the root's own copy-out
+    # the root's reduce-scatter at the end: its weights, gradients and reduce-scatter input
+    assert full.gradients == 2 * ((2 * layer + padded + norm) // 2 + root + (vocab + norm) + root - 2 * root)
+
+
+def test_reselection_counts_the_reselectors_float32_sum_and_base_values():
+    cfg = _tiny_config()
+    n = 3 * LAYER + 2 * VOCAB + NORM
+    k = round(0.05 * n)
+    _, _, plain, _ = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16)
+    _, _, spiel, _ = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, reselect="spiel")
+    _, _, gallop, _ = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, reselect="gallop")
+    assert plain.reselection == 0
+    assert spiel.reselection == 4 * n + 2 * k  # the float32 sum; the trained weights' bf16 base values
+    assert gallop.reselection == 4 * n + 2 * k + 4 * k  # and the trained set's own int32 indices
+    assert gallop.training == plain.training + gallop.reselection
+    shard = (3 * LAYER + 2 * VOCAB_PADDED + NORM) // 2
+    _, _, sharded, _ = memory_plan(cfg, rho=0.05, dtype=torch.bfloat16, reselect="spiel", world_size=2)
+    assert sharded.reselection == 4 * shard + 2 * -(-k // 2)
+    with pytest.raises(ValueError, match="reselect must be None, 'gallop' or 'spiel'"):
+        memory_plan(cfg, reselect="saft")
+
+
+def test_plan_row_counts_the_reselector_and_the_world_size():
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import plan
+    from gallop_kernels.finetune.train import TrainConfig
+
+    cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
+    run = TrainConfig(batch_size=2, max_len=16, rho=0.05)
+    reselection = {kind: memory_plan(cfg, rho=0.05, reselect=kind)[2].reselection for kind in ("gallop", "spiel")}
+    assert plan.plan_row(cfg, "gallop", run, dtype).reselection == 0
+    assert plan.plan_row(cfg, "saft", run, dtype).reselection == 0
+    assert plan.plan_row(cfg, "spiel", run, dtype).reselection == reselection["spiel"]
+    assert plan.plan_row(cfg, "gallop", replace(run, reselect_every=4), dtype).reselection == reselection["gallop"]
+    two = plan.plan_row(cfg, "gallop", run, dtype, world_size=2)
+    want = memory_plan(cfg, rho=0.05, batch_size=2, seq_len=16, world_size=2)[2]
+    assert two == replace(want, method="gallop rho=0.05")
+    assert plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak, world_size=2)
+    with pytest.raises(GallopError, match="short"):  # one process holds more
+        plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak)
 
 
 def _saved_bytes(model, tokens) -> int:
@@ -266,15 +348,17 @@ def test_lora_keeps_what_the_plan_adds_for_its_float32_adapters():
     assert 0.9 * planned <= measured <= planned, (measured, planned)
 
 
-def test_llama3_8b_whole_run_fits_in_lora_plus_ten_percent():
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_llama3_8b_whole_run_fits_in_lora_plus_ten_percent(world_size):
     """The issue's target on the planner (gallop plan --model llama3-8b --batch-size 4 --max-len 512
-    --gradient-checkpointing --dtype bfloat16): with the gradient estimated in host memory, GaLLoP's peak,
-    estimation included, is within LoRA's + 10%; with the gradient on the device it is not."""
+    --gradient-checkpointing --dtype bfloat16, per GPU of 1 and 8): with the gradient estimated in host
+    memory, GaLLoP's peak, estimation included, is within LoRA's + 10%; with the gradient on the device
+    it is not."""
     config = preset_config("llama3-8b")
-    shape = dict(dtype=torch.bfloat16, batch_size=4, seq_len=512, gradient_checkpointing=True)
+    shape = dict(dtype=torch.bfloat16, batch_size=4, seq_len=512, gradient_checkpointing=True, world_size=world_size)
     _, lora, _, compact = memory_plan(config, offload_grads=True, **shape)
     assert compact.peak <= 1.10 * lora.peak, (compact.peak / 2**30, lora.peak / 2**30)
-    assert memory_plan(config, **shape)[3].peak > 1.5 * lora.peak
+    assert memory_plan(config, **shape)[3].peak > 1.2 * lora.peak
 
 
 def test_plan_command_options_for_offload_and_world_size(capsys):

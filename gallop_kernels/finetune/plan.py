@@ -35,17 +35,27 @@ def model_config(model: str, log=print):
     return models.load_config(models.resolve(model, log))
 
 
-def plan_rows(config, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1) -> list[MemoryRow]:
-    """memory_plan's rows for the options of ``cfg`` (batch, length, checkpointing, gradient options)."""
+def plan_rows(config, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1,
+              reselect: str | None = None) -> list[MemoryRow]:
+    """memory_plan's rows for the options of ``cfg`` (batch, length, checkpointing, gradient options),
+    per GPU of ``world_size``, with a Reselector of kind ``reselect`` (memory_plan's)."""
     return memory_plan(config, rho=cfg.rho, lora_rank=cfg.lora_rank, dtype=dtype,
                        grad_accum_dtype=accum_dtype(cfg.grad_accum_dtype), batch_size=cfg.batch_size,
                        seq_len=cfg.max_len, gradient_checkpointing=cfg.gradient_checkpointing,
-                       offload_grads=cfg.offload_grads, world_size=world_size)
+                       offload_grads=cfg.offload_grads, world_size=world_size, reselect=reselect)
 
 
-def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> MemoryRow:
-    """The memory_plan row of ``method`` as ``cfg`` trains it."""
-    full, lora, dense, compact = plan_rows(config, cfg, dtype)
+def reselection(method: str, cfg: TrainConfig) -> str | None:
+    """The Reselector ``method`` runs under ``cfg`` (memory_plan's ``reselect``): "spiel", "gallop"
+    (--reselect-every) or None."""
+    if method in RESELECTING:
+        return method
+    return "gallop" if cfg.reselect_every else None
+
+
+def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1) -> MemoryRow:
+    """The memory_plan row of ``method`` as ``cfg`` trains it, per GPU of ``world_size``."""
+    full, lora, dense, compact = plan_rows(config, cfg, dtype, world_size, reselection(method, cfg))
     if method == "fft":
         return full
     if method == "lora":
@@ -63,13 +73,16 @@ def needed(row: MemoryRow, device: torch.device) -> int:
     return row.peak + (row.host_estimation if device.type == "cpu" else 0)
 
 
-def offload_default(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> bool:
+def offload_default(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
+                    world_size: int = 1) -> bool:
     """``--offload-grads auto``: estimate in host memory when ``method`` estimates a gradient, runs on
-    CUDA, and its plan with the gradient on the device exceeds the device's free memory."""
+    CUDA, and its plan (per GPU of ``world_size``) with the gradient on the device exceeds the device's
+    free memory."""
     if method not in ESTIMATING or device.type != "cuda":
         return False
     budget, _ = device_budget(device)
-    return budget is not None and plan_row(config, method, replace(cfg, offload_grads=False), dtype).peak > budget
+    on_device = plan_row(config, method, replace(cfg, offload_grads=False), dtype, world_size)
+    return budget is not None and on_device.peak > budget
 
 
 def _parse_bytes(text: str) -> int:
@@ -100,9 +113,9 @@ def device_budget(device: torch.device) -> tuple[int | None, str]:
 
 
 def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-           budget: int) -> tuple[list[str], list[str]]:
+           budget: int, world_size: int) -> tuple[list[str], list[str]]:
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
-    fits = lambda c: needed(plan_row(config, method, c, dtype), device) <= budget  # noqa: E731
+    fits = lambda c: needed(plan_row(config, method, c, dtype, world_size), device) <= budget  # noqa: E731
     options = []
     if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
@@ -121,13 +134,14 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
 
 
 def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-              budget: int | None = None) -> str:
-    """Raise GallopError when ``method``'s planned peak memory exceeds the device's free memory.
+              budget: int | None = None, world_size: int = 1) -> str:
+    """Raise GallopError when ``method``'s planned peak memory (per GPU of ``world_size`` under FSDP2)
+    exceeds the device's free memory.
 
     ``budget`` (bytes) replaces the measured free memory (``$GALLOP_MEMORY_BUDGET`` too).
     Returns a line for the log: the plan against the budget, or why no check was made.
     """
-    row = plan_row(config, method, cfg, dtype)
+    row = plan_row(config, method, cfg, dtype, world_size)
     source = "argument"
     if budget is None:
         budget, source = device_budget(device)
@@ -140,7 +154,7 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
         return f"memory check skipped ({source}); {row.method} plans {gib(need)} ({parts})"
     if need <= budget:
         return f"memory plan: {row.method} needs ~{gib(need)} of {gib(budget)} ({source}) on {device.type}{host}"
-    fixes, tried = _fixes(config, method, cfg, dtype, device, budget)
+    fixes, tried = _fixes(config, method, cfg, dtype, device, budget, world_size)
     if fixes:
         hint = "it would fit with " + " or ".join(fixes)
     else:
