@@ -195,14 +195,18 @@ def test_ddp_ranks_hold_the_same_selection(tmp_path):
     _spawn(_ddp_selection_worker, tmp_path)
 
 
-def _train(model, params_of, batches_of, sel_rho, steps, **opt_kw):
-    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps."""
+def _train(model, params_of, batches_of, sel_rho, steps, clip=None, **opt_kw):
+    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps;
+    ``clip``: (max_norm, norm_type) for opt.clip_grad_norm_ before each step, whose norms land in opt.norms."""
     _loss(model, batches_of(0)).backward()
     sel = gk.select_mask(model, rho=sel_rho)
     model.zero_grad(set_to_none=True)
     opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1, **opt_kw)
+    opt.norms = []
     for step in range(steps):
         _loss(model, batches_of(step)).backward()
+        if clip is not None:
+            opt.norms.append(float(opt.clip_grad_norm_(*clip)))
         opt.step()
         opt.zero_grad()
     return sel, opt
@@ -239,6 +243,27 @@ def _fsdp_training_worker(rank):
 
 def test_fsdp2_training_equals_one_process(tmp_path):
     _spawn(_fsdp_training_worker, tmp_path)
+
+
+def _fsdp_clip_worker(rank):
+    """SparseAdamW.clip_grad_norm_ on FSDP2 shards clips by the whole model's norm (each rank holds a part
+    of the selected entries; rank 1 holds none of the 1-row bias): the norms and the trained weights
+    equal one process's, for the 2-norm and the inf-norm, with dense and compact gradients."""
+    for max_norm, norm_type, compact in ((0.05, 2.0, False), (0.01, float("inf"), True)):
+        single = _model()
+        _, want = _train(single, lambda m: m.named_parameters(), lambda s: _batch(seed=100 + s), 0.2, 6,
+                         clip=(max_norm, norm_type), compact_grads=compact)
+        assert min(want.norms) > max_norm  # every step clips
+        sharded = _fsdp(_model())
+        _, opt = _train(sharded, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 6,
+                        clip=(max_norm, norm_type), compact_grads=compact)
+        assert opt.norms == pytest.approx(want.norms, rel=1e-5), norm_type
+        for (n, p), q in zip(single.named_parameters(), sharded.parameters()):
+            torch.testing.assert_close(q.full_tensor().detach(), p.detach(), msg=lambda m: f"{n} {norm_type}: {m}")
+
+
+def test_fsdp2_clip_grad_norm_uses_the_global_norm(tmp_path):
+    _spawn(_fsdp_clip_worker, tmp_path)
 
 
 def _reselect_and_train(model, batches_of, first, then):
