@@ -1337,35 +1337,41 @@ def _tensors(path: Path) -> dict:
 def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     """2 gloo ranks. --parallel none (training replicated, evaluation split by batches): the report
     (accuracies, replies, losses) and the delta are those of one process, bit for bit. --parallel ddp
-    (each batch and the gradient's batches split, DDP averaging): the same selection, the losses and the
-    delta within float32 rounding of the other summation order, the same accuracies. Only rank 0 prints
-    and writes."""
+    (each batch and the gradient's batches split, DDP averaging) and fsdp, the default (FSDP2 shards per
+    decoder layer, each batch's rows and the gradient batches' rows split, the delta gathered to rank 0):
+    the same selection (indices exact), the losses and the delta within float32 rounding of the other
+    summation order (rtol 1e-4, atol 1e-6), the same accuracies. Only rank 0 prints and writes."""
     common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa,boolq",
               "--eval-mode", "both", "--decode", "greedy", "--max-new-tokens", "4", "--eval-batch-size", "1",
               "--n-train", "8", "--n-eval", "3", "--steps", "2", "--batch-size", "3", "--max-len", "128",
               "--grad-fraction", "1", "--no-progress", "--device", "cpu"]  # 3 gradient batches: 2 on rank 0, 1 on 1
     runs = {}
-    for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"])):
+    for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"]),
+                               ("fsdp", 2, [])):
         out = tmp_path / name
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("| gallop |") == 2 and proc.stdout.count("elapsed") == 1  # one table per mode, rank 0
         runs[name] = (json.loads((out / "report.json").read_text()), _tensors(out / "delta.safetensors"))
-    (one, delta1), (two, delta2), (ddp, delta3) = runs["one"], runs["none"], runs["ddp"]
+    (one, delta1), (two, delta2) = runs["one"], runs["none"]
     assert two["summary"] == one["summary"] and two["tuned"] == one["tuned"] and two["vanilla"] == one["vanilla"]
     assert two["losses"] == one["losses"] and two["trainable"] == one["trainable"]
     assert delta2.keys() == delta1.keys() and all(torch.equal(delta2[k], delta1[k]) for k in delta1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "none", "one"]  # no leftover folder of another rank
-    # ddp: the selected weights are the same (indices exact), the trained values close
+    # no leftover folder of another rank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "fsdp", "none", "one"]
     main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
-    assert main(delta3) == main(delta1)
-    assert all(torch.equal(delta3[k], delta1[k]) for k in delta1 if k.endswith(".indices"))
-    for k in (k for k in delta1 if k.endswith(".diff")):
-        torch.testing.assert_close(delta3[k], delta1[k], rtol=1e-4, atol=1e-6)
-    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5)
     accs = lambda r: {m: (s["id_acc"], s["ood_acc"]) for m, s in r["summary"].items()}  # noqa: E731
-    assert accs(ddp) == accs(one)
-    assert ddp["train_config"]["parallel"] == "ddp" and one["train_config"]["parallel"] == "none"
+    for mode in ("ddp", "fsdp"):  # the selected weights are the same (indices exact), the trained values close
+        report, delta3 = runs[mode]
+        assert main(delta3) == main(delta1), mode
+        assert all(torch.equal(delta3[k], delta1[k]) for k in delta1 if k.endswith(".indices")), mode
+        for k in (k for k in delta1 if k.endswith(".diff")):
+            torch.testing.assert_close(delta3[k], delta1[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{mode} {k}: {m}")
+        assert report["losses"] == pytest.approx(one["losses"], rel=1e-5), mode
+        assert accs(report) == accs(one) and report["vanilla"] == one["vanilla"], mode
+        assert (report["trainable"], report["selected_zero_in_base"]) == (one["trainable"], one["selected_zero_in_base"])
+        assert report["train_config"]["parallel"] == mode
+    assert one["train_config"]["parallel"] == "none"
 
 
 @needs_data

@@ -43,9 +43,9 @@ def plan_rows(config, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1)
                        offload_grads=cfg.offload_grads, world_size=world_size)
 
 
-def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype) -> MemoryRow:
-    """The memory_plan row of ``method`` as ``cfg`` trains it."""
-    full, lora, dense, compact = plan_rows(config, cfg, dtype)
+def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1) -> MemoryRow:
+    """The memory_plan row of ``method`` as ``cfg`` trains it (per rank of ``world_size`` under FSDP2)."""
+    full, lora, dense, compact = plan_rows(config, cfg, dtype, world_size)
     if method == "fft":
         return full
     if method == "lora":
@@ -100,13 +100,13 @@ def device_budget(device: torch.device) -> tuple[int | None, str]:
 
 
 def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-           budget: int) -> tuple[list[str], list[str]]:
+           budget: int, world_size: int = 1) -> tuple[list[str], list[str]]:
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
-    fits = lambda c: needed(plan_row(config, method, c, dtype), device) <= budget  # noqa: E731
+    fits = lambda c: needed(plan_row(config, method, c, dtype, world_size), device) <= budget  # noqa: E731
     options = []
     if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
-    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
+    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads and world_size == 1:
         options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -121,13 +121,14 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
 
 
 def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-              budget: int | None = None) -> str:
+              budget: int | None = None, world_size: int = 1) -> str:
     """Raise GallopError when ``method``'s planned peak memory exceeds the device's free memory.
 
     ``budget`` (bytes) replaces the measured free memory (``$GALLOP_MEMORY_BUDGET`` too).
+    ``world_size`` > 1: the plan per rank under FSDP2 (each rank checks its own device).
     Returns a line for the log: the plan against the budget, or why no check was made.
     """
-    row = plan_row(config, method, cfg, dtype)
+    row = plan_row(config, method, cfg, dtype, world_size)
     source = "argument"
     if budget is None:
         budget, source = device_budget(device)
@@ -140,7 +141,7 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
         return f"memory check skipped ({source}); {row.method} plans {gib(need)} ({parts})"
     if need <= budget:
         return f"memory plan: {row.method} needs ~{gib(need)} of {gib(budget)} ({source}) on {device.type}{host}"
-    fixes, tried = _fixes(config, method, cfg, dtype, device, budget)
+    fixes, tried = _fixes(config, method, cfg, dtype, device, budget, world_size)
     if fixes:
         hint = "it would fit with " + " or ".join(fixes)
     else:
