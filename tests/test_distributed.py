@@ -1,5 +1,6 @@
 """Selection and training across 2 gloo ranks (DDP and FSDP2) against one process."""
 
+import dataclasses
 import functools
 import os
 import sys
@@ -452,3 +453,35 @@ def _command_ranks(rank):
 
 def test_command_rank_helpers(tmp_path):
     _spawn(_command_ranks, tmp_path)
+
+
+def _fsdp_command_worker(rank):
+    """The gallop command's FSDP2 wrapping (parallel.shard) and its LoRA/DoRA training: the tuned, merged
+    model gathered on every rank equals one process's (float32, rtol 1e-4, atol 1e-6)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from gallop_kernels.finetune import parallel, train
+
+    for tied in (False, True):  # one group per decoder layer; the embedding and the head their own unless tied
+        model = _tiny_llama()
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        parallel.shard(model)
+        groups = {n for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+        ends = set() if tied else {"model.embed_tokens", "lm_head"}
+        assert groups == {"", "model.layers.0", "model.layers.1", *ends}, (tied, groups)
+    cfg = train.TrainConfig(steps=4, lr=1e-2, warmup=1, log_every=0, lora_rank=4)
+    batches = _token_batches(None, WORLD)  # 4 batches of 2 rows: one row per rank
+    for dora in (False, True):
+        want, _ = train.train_lora(_tiny_llama(), batches, cfg, progress=False, use_dora=dora)
+        got, result = train.train_lora(_tiny_llama(), batches, dataclasses.replace(cfg, parallel="fsdp"),
+                                       progress=False, use_dora=dora, plain=_tiny_llama)
+        base = dict(_tiny_llama().named_parameters())
+        for (n, p), (m, q) in zip(want.named_parameters(), got.named_parameters()):
+            assert n == m and not gdist.is_dtensor(q)
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda msg: f"dora={dora} {n}: {msg}")
+        assert not torch.equal(want.model.layers[0].self_attn.q_proj.weight, base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_fsdp2_command_wrapping_and_lora_gathered_equal_one_process(tmp_path):
+    _spawn(_fsdp_command_worker, tmp_path)

@@ -857,6 +857,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
          "the rate must be in [0, 1], got 2.0"),
         (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
         (["finetune", "--parallel", "ddp"], "--parallel ddp runs under torchrun"),
+        (["compare", "--parallel", "fsdp"], "--parallel fsdp runs under torchrun"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):
@@ -1402,7 +1403,9 @@ def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
 @pytest.mark.parametrize("bad, needle", [
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
-    (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--parallel", "ddp", "--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--reselect-every", "2"], "--reselect-every does not work with --parallel fsdp"),
+    (["--batch-size", "1"], "--batch-size (1) must be at least the number of ranks (2)"),
 ])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
     transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -1417,12 +1420,13 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_
 
 @needs_data
 def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
-    """gallop compare with gallop and lora on 2 gloo ranks (ddp) against one process: the same accuracies,
-    losses within float rounding, one compare.json written."""
+    """gallop compare with gallop (--compact-grads) and lora on 2 gloo ranks (fsdp, the default) against one
+    process: the same accuracies and number of trained weights, losses within float rounding, one
+    compare.json written."""
     common = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "gallop,lora", "--rhos", "0.05",
               "--eval-tasks", "piqa", "--eval-mode", "loglik", "--eval-batch-size", "2", "--n-train", "8",
               "--n-eval", "3", "--steps", "2", "--batch-size", "4", "--max-len", "128", "--no-progress",
-              "--grad-fraction", "1", "--device", "cpu"]
+              "--grad-fraction", "1", "--device", "cpu", "--compact-grads"]
     runs = {}
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
@@ -1434,7 +1438,8 @@ def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     for two, one in zip(runs[2], runs[1]):
         assert two["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-        assert two["train_config"]["parallel"] == "ddp"
+        assert two["trainable"] == one["trainable"]
+        assert two["train_config"]["parallel"] == "fsdp"
     # --resume under torchrun: a compare stopped after its first run runs only the second, on both ranks
     saved = tmp_path / "ranks2" / "compare.json"
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "runs": runs[2][:1]}))
