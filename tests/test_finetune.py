@@ -648,6 +648,24 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_preflight_under_fsdp_plans_per_rank(monkeypatch, capsys):
+    """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards), ddp and none one whole
+    model: a budget between the two passes the first and refuses the others."""
+    from gallop_kernels.finetune import parallel, plan
+
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    args = cli.build_parser().parse_args(["finetune", "--model", "llama3-8b", "--device", "cpu"])
+    cfg = train.TrainConfig()
+    per_rank, whole = (plan.plan_row(plan.model_config("llama3-8b"), "gallop", cfg, torch.float32, w).peak
+                       for w in (2, 1))
+    monkeypatch.setenv(plan.BUDGET_ENV, str((per_rank + whole) // 2))
+    assert cli._check_memory(args, {"gallop": train.TrainConfig(parallel="fsdp")}) == {"gallop": False}
+    assert "memory plan: gallop rho=0.01 needs" in capsys.readouterr().out
+    for mode in ("ddp", "none"):
+        with pytest.raises(cli.GallopError, match="does not fit on cpu"):
+            cli._check_memory(args, {"gallop": train.TrainConfig(parallel=mode)})
+
+
 @needs_data
 @pytest.mark.parametrize("method, extra", [("gallop", {}), ("gallop", {"reselect_every": 1}),
                                            ("spiel", {"spiel_every": 1, "spiel_accumulate": 1})],
