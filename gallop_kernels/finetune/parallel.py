@@ -158,7 +158,7 @@ def my_rows(batch: dict, ignore: int) -> tuple[dict, object]:
     labelled = int((batch["labels"][:, 1:] != ignore).sum())  # the tokens the causal-LM loss counts (labels shift by 1)
     if batch["labels"].shape[0] < n:  # the same test on every rank: they all stop
         raise GallopError(f"a batch of {batch['labels'].shape[0]} rows cannot give each of the {n} ranks a row: "
-                          f"raise --batch-size (and --n-train, --grad-fraction for the gradient's batches)")
+                          "raise --batch-size")
     return {k: v[rank()::n] for k, v in batch.items()}, torch.tensor(max(labelled, 1) / n)
 
 
