@@ -1396,33 +1396,38 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
 @needs_data
 @pytest.mark.parametrize("reselecting", [["--reselect-every", "1"], ["--criterion", "spiel", "--reselection-steps",
                                          "1", "--selection-accumulation-steps", "1"]], ids=["gallop-reselect", "spiel"])
-def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
-    """2 gloo ranks, --parallel ddp: every rank re-selects from DDP's averaged gradients (select_mask checks
-    that the ranks agree, so a disagreement would stop the run) on one process's schedule: the same steps,
-    SpIEL's counts, k and the delta's size rule."""
+def test_reselection_under_torchrun(reselecting, tiny_dir, tmp_path):
+    """2 gloo ranks. --parallel ddp: every rank re-selects from DDP's averaged gradients (select_mask checks
+    that the ranks agree, so a disagreement would stop the run); fsdp (the default): every rank re-selects
+    in its shards. Both on one process's schedule: the same steps, SpIEL's counts, k (the counts of the
+    report summed over the ranks' shards) and the delta's size rule."""
     common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa",
               "--eval-mode", "loglik", "--eval-batch-size", "1", "--n-train", "8", "--n-eval", "2", "--steps", "2",
               "--batch-size", "4", "--max-len", "128", "--grad-fraction", "1", "--no-progress", "--device", "cpu",
               *reselecting]
     reports = {}
-    for ranks, extra in ((1, []), (2, ["--parallel", "ddp"])):
-        out = tmp_path / f"ranks{ranks}"
+    for name, ranks, extra in (("one", 1, []), ("ddp", 2, ["--parallel", "ddp"]), ("fsdp", 2, [])):
+        out = tmp_path / name
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("re-selection:") == 2  # rank 0's log only
-        reports[ranks] = json.loads((out / "report.json").read_text())
-        assert delta.load_delta(out / "delta.safetensors").num_weights >= reports[ranks]["trainable"]
-    one, ddp = reports[1], reports[2]
-    assert ddp["train_config"]["parallel"] == "ddp" and ddp["trainable"] == one["trainable"]
+        reports[name] = json.loads((out / "report.json").read_text())
+        assert delta.load_delta(out / "delta.safetensors").num_weights >= reports[name]["trainable"]
+    one = reports["one"]
     counts = lambda r: [(h["step"], h["added"] if "rate" in h else None) for h in r["reselections"]]  # noqa: E731
-    assert counts(ddp) == counts(one) and [h["step"] for h in one["reselections"]] == [1, 2]
+    assert [h["step"] for h in one["reselections"]] == [1, 2]
+    for mode in ("ddp", "fsdp"):
+        report = reports[mode]
+        assert report["train_config"]["parallel"] == mode and report["trainable"] == one["trainable"]
+        assert counts(report) == counts(one), mode
+        assert all(h["kept"] + h["added"] == one["trainable"] for h in report["reselections"]), mode
 
 
 @pytest.mark.parametrize("bad, needle", [
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
     (["--parallel", "ddp", "--compact-grads"], "--compact-grads does not work with --parallel ddp"),
-    (["--reselect-every", "2"], "--reselect-every does not work with --parallel fsdp"),
+    (["--offload-grads", "on"], "--offload-grads on does not work with --parallel fsdp"),
     (["--batch-size", "1"], "--batch-size (1) must be at least the number of ranks (2)"),
 ])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):

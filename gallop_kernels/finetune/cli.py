@@ -343,14 +343,11 @@ def _parallel_mode(args) -> str:
 
 
 def _check_fsdp(args) -> None:
-    """UsageError for the options --parallel fsdp does not run: re-selection (the Reselector moves
-    whole-model sets, not yet each rank's shards) and --offload-grads on (the host sums take whole
-    gradients, FSDP2 leaves each rank its shard's)."""
-    methods = getattr(args, "methods", None) or [args.criterion]
-    refused = [what for what, given in (("--reselect-every", args.reselect_every), ("the spiel method", "spiel" in methods),
-                                        ("--offload-grads on", args.offload_grads == "on")) if given]
-    if refused:
-        raise UsageError(f"{refused[0]} does not work with --parallel fsdp yet: use --parallel ddp")
+    """UsageError for --offload-grads on under --parallel fsdp: the host sums take whole gradients,
+    FSDP2 leaves each rank its shard's."""
+    if args.offload_grads == "on":
+        raise UsageError("--offload-grads on does not work with --parallel fsdp (each rank holds only its "
+                         "shard's gradient): use --parallel ddp, or drop --offload-grads")
 
 
 def _check_split(cfg) -> None:

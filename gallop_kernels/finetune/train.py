@@ -30,6 +30,7 @@ from ..distributed import gather
 from ..errors import GallopError
 from ..estimate import GRAD_FRACTION, estimate_gradients, model_device, to_device
 from ..memory import LORA_TARGETS
+from ..optim.reselect import Moved
 from ..reference import GRADIENT_CRITERIA
 from ..reselector import Reselector
 from . import parallel
@@ -275,13 +276,22 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
+    history = []  # the re-selections, counted over the whole model
+
+    def reselect() -> None:
+        if resel.step() is not None:
+            history.append(_whole_model(resel.history[-1], cfg))
+            _log_reselection(history[-1], log)
+
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
-                        after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
+                        after_step=None if resel is None else reselect)
     opt.remove_hooks()
     result = TrainResult(method, losses, n_selected, selection=whole, selected_zero=zeros, base_values=whole_base)
     if resel is not None:  # what the delta covers: every weight trained (gallop), the final set (spiel)
         result.selection, result.base_values = resel.trained, resel.base_values
-        result.extra["reselections"] = resel.history
+        if cfg.parallel == "fsdp":  # each rank's shards: gathered as the first selection was
+            result.selection, result.base_values = parallel.full_selection(model, resel.trained, resel.base_values)
+        result.extra["reselections"] = history
     return result
 
 
@@ -310,12 +320,19 @@ def _freeze_all_but(model, targets: tuple[str, ...]) -> list[torch.Tensor]:
     return frozen
 
 
-def _log_reselection(moved, resel: Reselector, log) -> None:
-    """One line per re-selection: the share of the set it changed and its time."""
-    if moved is not None:
-        h = resel.history[-1]
-        log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
-            f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
+def _whole_model(entry: dict, cfg: TrainConfig) -> dict:
+    """A Reselector history entry over the whole model: under ``parallel="fsdp"`` the counts of every
+    rank's shards summed and the share changed recomputed from them; else ``entry``."""
+    if cfg.parallel != "fsdp":
+        return entry
+    moved = Moved(*(parallel.total(entry[k]) for k in Moved._fields))
+    return {**entry, **moved._asdict(), "changed": moved.changed}
+
+
+def _log_reselection(h: dict, log) -> None:
+    """One line per re-selection (a history entry): the share of the set it changed and its time."""
+    log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
+        f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
 
 
 def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
