@@ -624,6 +624,12 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _say_error(e: GallopError, main_rank: bool) -> None:
+    """The one line ``gallop: error: ...`` on stderr, from rank 0 only under torchrun."""
+    if main_rank:
+        print(f"gallop: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gallop`` command; returns the exit status (143 after SIGTERM, 130 after Ctrl-C)."""
     from . import parallel
@@ -637,11 +643,14 @@ def main(argv: list[str] | None = None) -> int:
         with parallel.joined(args.command in ("finetune", "compare")) as main:
             if not main:
                 args.no_progress = True  # only rank 0 of a torchrun job shows progress
-            COMMANDS[args.command](args)
+            try:  # any rank's GallopError stops every rank with it (parallel.on_all), and no rank exits
+                parallel.on_all(lambda: COMMANDS[args.command](args))
+            except GallopError as e:  # before rank 0 has said it (torchrun would stop rank 0 first)
+                _say_error(e, main_rank)
+                parallel.barrier()
+                return 2
     except GallopError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if main_rank:
-            print(f"gallop: error: {msg}", file=sys.stderr)
+        _say_error(e, main_rank)
         return 2
     except KeyboardInterrupt as e:
         print(f"gallop: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)

@@ -66,6 +66,13 @@ def joined(wanted: bool = True) -> Iterator[bool]:
         close()
 
 
+def barrier() -> None:
+    """Wait until every rank is here (no-op outside a process group)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
 def close() -> None:
     """Leave the process group, if one was joined."""
     dist = _dist()
