@@ -648,6 +648,17 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import parallel
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4))
+    assert parallel.decoder_layers(llama) == [llama.model.layers[1], llama.model.layers[0]]  # innermost first
+    with pytest.raises(GallopError, match="--parallel fsdp shards each decoder layer, and Sequential names none"):
+        parallel.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_preflight_under_fsdp_plans_per_rank(monkeypatch, capsys):
     """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards), ddp and none one whole
     model: a budget between the two passes the first and refuses the others."""
