@@ -643,9 +643,11 @@ def main(argv: list[str] | None = None) -> int:
         with parallel.joined(args.command in ("finetune", "compare")) as main:
             if not main:
                 args.no_progress = True  # only rank 0 of a torchrun job shows progress
-            try:  # any rank's GallopError stops every rank with it (parallel.on_all), and no rank exits
+            # Any rank's GallopError stops every rank with it (parallel.on_all), and no rank exits before
+            # rank 0 has said it (the barrier): torchrun stops the other ranks when one exits.
+            try:
                 parallel.on_all(lambda: COMMANDS[args.command](args))
-            except GallopError as e:  # before rank 0 has said it (torchrun would stop rank 0 first)
+            except GallopError as e:
                 _say_error(e, main_rank)
                 parallel.barrier()
                 return 2
