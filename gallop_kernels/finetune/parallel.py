@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
@@ -31,6 +32,8 @@ def launched() -> bool:
 
 
 def _dist():
+    if "torch.distributed" not in sys.modules:  # no process group without it; argument errors stay torch-free
+        return None
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
