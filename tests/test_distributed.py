@@ -1,5 +1,6 @@
 """Selection and training across 2 gloo ranks (DDP and FSDP2) against one process."""
 
+import dataclasses
 import functools
 import os
 import sys
@@ -198,14 +199,18 @@ def test_ddp_ranks_hold_the_same_selection(tmp_path):
     _spawn(_ddp_selection_worker, tmp_path)
 
 
-def _train(model, params_of, batches_of, sel_rho, steps, **opt_kw):
-    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps."""
+def _train(model, params_of, batches_of, sel_rho, steps, clip=None, **opt_kw):
+    """Estimate g on the first batch, select, and run SparseAdamW (``opt_kw``) for ``steps`` steps;
+    ``clip``: (max_norm, norm_type) for opt.clip_grad_norm_ before each step, whose norms land in opt.norms."""
     _loss(model, batches_of(0)).backward()
     sel = gk.select_mask(model, rho=sel_rho)
     model.zero_grad(set_to_none=True)
     opt = gk.SparseAdamW(params_of(model), selection=sel, lr=1e-2, weight_decay=0.1, **opt_kw)
+    opt.norms = []
     for step in range(steps):
         _loss(model, batches_of(step)).backward()
+        if clip is not None:
+            opt.norms.append(float(opt.clip_grad_norm_(*clip)))
         opt.step()
         opt.zero_grad()
     return sel, opt
@@ -242,6 +247,27 @@ def _fsdp_training_worker(rank):
 
 def test_fsdp2_training_equals_one_process(tmp_path):
     _spawn(_fsdp_training_worker, tmp_path)
+
+
+def _fsdp_clip_worker(rank):
+    """SparseAdamW.clip_grad_norm_ on FSDP2 shards clips by the whole model's norm (each rank holds a part
+    of the selected entries; rank 1 holds none of the 1-row bias): the norms and the trained weights
+    equal one process's, for the 2-norm and the inf-norm, with dense and compact gradients."""
+    for max_norm, norm_type, compact in ((0.05, 2.0, False), (0.01, float("inf"), True)):
+        single = _model()
+        _, want = _train(single, lambda m: m.named_parameters(), lambda s: _batch(seed=100 + s), 0.2, 6,
+                         clip=(max_norm, norm_type), compact_grads=compact)
+        assert min(want.norms) > max_norm  # every step clips
+        sharded = _fsdp(_model())
+        _, opt = _train(sharded, lambda m: m.named_parameters(), lambda s: _rank_batch(s, rank), 0.2, 6,
+                        clip=(max_norm, norm_type), compact_grads=compact)
+        assert opt.norms == pytest.approx(want.norms, rel=1e-5), norm_type
+        for (n, p), q in zip(single.named_parameters(), sharded.parameters()):
+            torch.testing.assert_close(q.full_tensor().detach(), p.detach(), msg=lambda m: f"{n} {norm_type}: {m}")
+
+
+def test_fsdp2_clip_grad_norm_uses_the_global_norm(tmp_path):
+    _spawn(_fsdp_clip_worker, tmp_path)
 
 
 def _reselect_and_train(model, batches_of, first, then):
@@ -556,3 +582,35 @@ def _command_ranks(rank):
 
 def test_command_rank_helpers(tmp_path):
     _spawn(_command_ranks, tmp_path)
+
+
+def _fsdp_command_worker(rank):
+    """The gallop command's FSDP2 wrapping (parallel.shard) and its LoRA/DoRA training: the tuned, merged
+    model gathered on every rank equals one process's (float32, rtol 1e-4, atol 1e-6)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from gallop_kernels.finetune import parallel, train
+
+    for tied in (False, True):  # one group per decoder layer; the embedding and the head their own unless tied
+        model = _tiny_llama()
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        parallel.shard(model)
+        groups = {n for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+        ends = set() if tied else {"model.embed_tokens", "lm_head"}
+        assert groups == {"", "model.layers.0", "model.layers.1", *ends}, (tied, groups)
+    cfg = train.TrainConfig(steps=4, lr=1e-2, warmup=1, log_every=0, lora_rank=4)
+    batches = _token_batches(None, WORLD)  # 4 batches of 2 rows: one row per rank
+    for dora in (False, True):
+        want, _ = train.train_lora(_tiny_llama(), batches, cfg, progress=False, use_dora=dora)
+        got, result = train.train_lora(_tiny_llama(), batches, dataclasses.replace(cfg, parallel="fsdp"),
+                                       progress=False, use_dora=dora, plain=_tiny_llama)
+        base = dict(_tiny_llama().named_parameters())
+        for (n, p), (m, q) in zip(want.named_parameters(), got.named_parameters()):
+            assert n == m and not gdist.is_dtensor(q)
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda msg: f"dora={dora} {n}: {msg}")
+        assert not torch.equal(want.model.layers[0].self_attn.q_proj.weight, base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_fsdp2_command_wrapping_and_lora_gathered_equal_one_process(tmp_path):
+    _spawn(_fsdp_command_worker, tmp_path)

@@ -653,6 +653,35 @@ def test_preflight_refuses_a_run_that_does_not_fit(command, tiny_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import parallel
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4))
+    assert parallel.decoder_layers(llama) == [llama.model.layers[1], llama.model.layers[0]]  # innermost first
+    with pytest.raises(GallopError, match="--parallel fsdp shards each decoder layer, and Sequential names none"):
+        parallel.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_preflight_under_fsdp_plans_per_rank(monkeypatch, capsys):
+    """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards), ddp and none one whole
+    model: a budget between the two passes the first and refuses the others."""
+    from gallop_kernels.finetune import parallel, plan
+
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    args = cli.build_parser().parse_args(["finetune", "--model", "llama3-8b", "--device", "cpu"])
+    cfg = train.TrainConfig()
+    per_rank, whole = (plan.plan_row(plan.model_config("llama3-8b"), "gallop", cfg, torch.float32, w).peak
+                       for w in (2, 1))
+    monkeypatch.setenv(plan.BUDGET_ENV, str((per_rank + whole) // 2))
+    assert cli._check_memory(args, {"gallop": train.TrainConfig(parallel="fsdp")}) == {"gallop": False}
+    assert "memory plan: gallop rho=0.01 needs" in capsys.readouterr().out
+    for mode in ("ddp", "none"):
+        with pytest.raises(cli.GallopError, match="does not fit on cpu"):
+            cli._check_memory(args, {"gallop": train.TrainConfig(parallel=mode)})
+
+
 @needs_data
 @pytest.mark.parametrize("method, extra", [("gallop", {}), ("gallop", {"reselect_every": 1}),
                                            ("spiel", {"spiel_every": 1, "spiel_accumulate": 1})],
@@ -862,6 +891,7 @@ def test_loglik_scores_what_training_teaches(tiny_dir, target):
          "the rate must be in [0, 1], got 2.0"),
         (["finetune", "--offload-grads", "maybe"], "argument --offload-grads: invalid choice: 'maybe'"),
         (["finetune", "--parallel", "ddp"], "--parallel ddp runs under torchrun"),
+        (["compare", "--parallel", "fsdp"], "--parallel fsdp runs under torchrun"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, needle, capsys):
@@ -1342,66 +1372,79 @@ def _tensors(path: Path) -> dict:
 def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     """2 gloo ranks. --parallel none (training replicated, evaluation split by batches): the report
     (accuracies, replies, losses) and the delta are those of one process, bit for bit. --parallel ddp
-    (each batch and the gradient's batches split, DDP averaging): the same selection, the losses and the
-    delta within float32 rounding of the other summation order, the same accuracies. Only rank 0 prints
-    and writes."""
+    (each batch and the gradient's batches split, DDP averaging) and fsdp, the default (FSDP2 shards per
+    decoder layer, each batch's rows and the gradient batches' rows split, the delta gathered to rank 0):
+    the same selection (indices exact), the losses and the delta within float32 rounding of the other
+    summation order (rtol 1e-4, atol 1e-6), the same accuracies. Only rank 0 prints and writes."""
     common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa,boolq",
               "--eval-mode", "both", "--decode", "greedy", "--max-new-tokens", "4", "--eval-batch-size", "1",
               "--n-train", "8", "--n-eval", "3", "--steps", "2", "--batch-size", "3", "--max-len", "128",
               "--grad-fraction", "1", "--no-progress", "--device", "cpu"]  # 3 gradient batches: 2 on rank 0, 1 on 1
     runs = {}
-    for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"])):
+    for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"]),
+                               ("fsdp", 2, [])):
         out = tmp_path / name
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("| gallop |") == 2 and proc.stdout.count("elapsed") == 1  # one table per mode, rank 0
         runs[name] = (json.loads((out / "report.json").read_text()), _tensors(out / "delta.safetensors"))
-    (one, delta1), (two, delta2), (ddp, delta3) = runs["one"], runs["none"], runs["ddp"]
+    (one, delta1), (two, delta2) = runs["one"], runs["none"]
     assert two["summary"] == one["summary"] and two["tuned"] == one["tuned"] and two["vanilla"] == one["vanilla"]
     assert two["losses"] == one["losses"] and two["trainable"] == one["trainable"]
     assert delta2.keys() == delta1.keys() and all(torch.equal(delta2[k], delta1[k]) for k in delta1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "none", "one"]  # no leftover folder of another rank
-    # ddp: the selected weights are the same (indices exact), the trained values close
+    # no leftover folder of another rank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "fsdp", "none", "one"]
     main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
-    assert main(delta3) == main(delta1)
-    assert all(torch.equal(delta3[k], delta1[k]) for k in delta1 if k.endswith(".indices"))
-    for k in (k for k in delta1 if k.endswith(".diff")):
-        torch.testing.assert_close(delta3[k], delta1[k], rtol=1e-4, atol=1e-6)
-    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5)
     accs = lambda r: {m: (s["id_acc"], s["ood_acc"]) for m, s in r["summary"].items()}  # noqa: E731
-    assert accs(ddp) == accs(one)
-    assert ddp["train_config"]["parallel"] == "ddp" and one["train_config"]["parallel"] == "none"
+    for mode in ("ddp", "fsdp"):  # the selected weights are the same (indices exact), the trained values close
+        report, delta3 = runs[mode]
+        assert main(delta3) == main(delta1), mode
+        assert all(torch.equal(delta3[k], delta1[k]) for k in delta1 if k.endswith(".indices")), mode
+        for k in (k for k in delta1 if k.endswith(".diff")):
+            torch.testing.assert_close(delta3[k], delta1[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{mode} {k}: {m}")
+        assert report["losses"] == pytest.approx(one["losses"], rel=1e-5), mode
+        assert accs(report) == accs(one) and report["vanilla"] == one["vanilla"], mode
+        assert (report["trainable"], report["selected_zero_in_base"]) == (one["trainable"], one["selected_zero_in_base"])
+        assert report["train_config"]["parallel"] == mode
+    assert one["train_config"]["parallel"] == "none"
 
 
 @needs_data
 @pytest.mark.parametrize("reselecting", [["--reselect-every", "1"], ["--criterion", "spiel", "--reselection-steps",
                                          "1", "--selection-accumulation-steps", "1"]], ids=["gallop-reselect", "spiel"])
-def test_reselection_under_torchrun_ddp(reselecting, tiny_dir, tmp_path):
-    """2 gloo ranks, --parallel ddp: every rank re-selects from DDP's averaged gradients (select_mask checks
-    that the ranks agree, so a disagreement would stop the run) on one process's schedule: the same steps,
-    SpIEL's counts, k and the delta's size rule."""
+def test_reselection_under_torchrun(reselecting, tiny_dir, tmp_path):
+    """2 gloo ranks. --parallel ddp: every rank re-selects from DDP's averaged gradients (select_mask checks
+    that the ranks agree, so a disagreement would stop the run); fsdp (the default): every rank re-selects
+    in its shards. Both on one process's schedule: the same steps, SpIEL's counts, k (the counts of the
+    report summed over the ranks' shards) and the delta's size rule."""
     common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa",
               "--eval-mode", "loglik", "--eval-batch-size", "1", "--n-train", "8", "--n-eval", "2", "--steps", "2",
               "--batch-size", "4", "--max-len", "128", "--grad-fraction", "1", "--no-progress", "--device", "cpu",
               *reselecting]
     reports = {}
-    for ranks, extra in ((1, []), (2, ["--parallel", "ddp"])):
-        out = tmp_path / f"ranks{ranks}"
+    for name, ranks, extra in (("one", 1, []), ("ddp", 2, ["--parallel", "ddp"]), ("fsdp", 2, [])):
+        out = tmp_path / name
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("re-selection:") == 2  # rank 0's log only
-        reports[ranks] = json.loads((out / "report.json").read_text())
-        assert delta.load_delta(out / "delta.safetensors").num_weights >= reports[ranks]["trainable"]
-    one, ddp = reports[1], reports[2]
-    assert ddp["train_config"]["parallel"] == "ddp" and ddp["trainable"] == one["trainable"]
+        reports[name] = json.loads((out / "report.json").read_text())
+        assert delta.load_delta(out / "delta.safetensors").num_weights >= reports[name]["trainable"]
+    one = reports["one"]
     counts = lambda r: [(h["step"], h["added"] if "rate" in h else None) for h in r["reselections"]]  # noqa: E731
-    assert counts(ddp) == counts(one) and [h["step"] for h in one["reselections"]] == [1, 2]
+    assert [h["step"] for h in one["reselections"]] == [1, 2]
+    for mode in ("ddp", "fsdp"):
+        report = reports[mode]
+        assert report["train_config"]["parallel"] == mode and report["trainable"] == one["trainable"]
+        assert counts(report) == counts(one), mode
+        assert all(h["kept"] + h["added"] == one["trainable"] for h in report["reselections"]), mode
 
 
 @pytest.mark.parametrize("bad, needle", [
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
-    (["--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--parallel", "ddp", "--compact-grads"], "--compact-grads does not work with --parallel ddp"),
+    (["--offload-grads", "on"], "--offload-grads on does not work with --parallel fsdp"),
+    (["--batch-size", "1"], "--batch-size (1) must be at least the number of ranks (2)"),
     (["--resume", "--out", "TMP"], "holds no complete checkpoint"),  # found by rank 0, raised on every rank
 ])
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_dir, tmp_path):
@@ -1417,12 +1460,13 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0(bad, needle, readonly_
 
 @needs_data
 def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
-    """gallop compare with gallop and lora on 2 gloo ranks (ddp) against one process: the same accuracies,
-    losses within float rounding, one compare.json written."""
+    """gallop compare with gallop (--compact-grads) and lora on 2 gloo ranks (fsdp, the default) against one
+    process: the same accuracies and number of trained weights, losses within float rounding, one
+    compare.json written."""
     common = ["compare", "--model", str(tiny_dir), "--tasks", "piqa", "--methods", "gallop,lora", "--rhos", "0.05",
               "--eval-tasks", "piqa", "--eval-mode", "loglik", "--eval-batch-size", "2", "--n-train", "8",
               "--n-eval", "3", "--steps", "2", "--batch-size", "4", "--max-len", "128", "--no-progress",
-              "--grad-fraction", "1", "--device", "cpu"]
+              "--grad-fraction", "1", "--device", "cpu", "--compact-grads"]
     runs = {}
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
@@ -1434,7 +1478,8 @@ def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     for two, one in zip(runs[2], runs[1]):
         assert two["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-        assert two["train_config"]["parallel"] == "ddp"
+        assert two["trainable"] == one["trainable"]
+        assert two["train_config"]["parallel"] == "fsdp"
     # --resume under torchrun: a compare stopped after its first run runs only the second, on both ranks
     saved = tmp_path / "ranks2" / "compare.json"
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "runs": runs[2][:1]}))

@@ -22,4 +22,5 @@ EXTRACTS = ("protocol", "lenient")  # protocol: LLM-Adapters' regex; lenient: wh
 TARGETS = ("label", "text")  # what training teaches and log-likelihood mode scores (tasks.Example.choices_scored)
 GRAD_ACCUM_DTYPES = ("param", "float32")  # where the selection's mean gradient is summed
 OFFLOADS = ("auto", "on", "off")  # --offload-grads: estimate the mean gradient in host memory
-PARALLELS = ("ddp", "none")  # --parallel under torchrun: data-parallel training, or the same training on every rank
+# --parallel under torchrun: FSDP2-sharded (the default there) or DDP data-parallel training, or the same on every rank
+PARALLELS = ("fsdp", "ddp", "none")

@@ -188,8 +188,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         f"(default {SPIEL_INITIAL_RATE})")
     _add_offload(p)
     p.add_argument("--parallel", choices=PARALLELS, default=None,
-                   help="under torchrun: ddp (the default there) splits every batch across the ranks; none trains "
-                        "the same model on every rank. The evaluation is split either way")
+                   help="under torchrun: fsdp (the default there) shards the model with FSDP2 per decoder layer and "
+                        "splits every batch across the ranks; ddp splits every batch, each rank holding the whole "
+                        "model; none trains the same model on every rank. The evaluation is split in every mode")
     p.add_argument("--grad-accum-dtype", choices=GRAD_ACCUM_DTYPES, default=None,
                    help="where the selection's mean gradient is summed: param (.grad, the weights' dtype; default) "
                         "or float32 (an extra float32 copy, 4 bytes a weight)")
@@ -325,23 +326,44 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     if method == "spiel":
         given.update(_given(spiel_every=args.reselection_steps, spiel_accumulate=args.selection_accumulation_steps,
                             spiel_initial_rate=args.initial_reselection_rate))
-    return TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
-                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
-                       parallel=_parallel_mode(args))
+    cfg = TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
+                      gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
+                      parallel=_parallel_mode(args))
+    _check_split(cfg)
+    return cfg
 
 
 def _parallel_mode(args) -> str:
-    """--parallel, checked: ddp by default under torchrun, none in one process."""
+    """--parallel, checked: fsdp by default under torchrun, none in one process."""
     from . import parallel
 
-    mode = args.parallel or ("ddp" if parallel.launched() else "none")
-    if mode == "ddp" and not parallel.launched():
-        raise UsageError("--parallel ddp runs under torchrun "
+    mode = args.parallel or ("fsdp" if parallel.launched() else "none")
+    if mode != "none" and not parallel.launched():
+        raise UsageError(f"--parallel {mode} runs under torchrun "
                          "(torchrun --nproc-per-node N -m gallop_kernels.finetune.cli ...)")
     if mode == "ddp" and args.compact_grads:
         raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
-                         "compacting hooks ran): add --parallel none, or drop --compact-grads")
+                         "compacting hooks ran): use --parallel fsdp, or drop --compact-grads")
+    if mode == "fsdp":
+        _check_fsdp(args)
     return mode
+
+
+def _check_fsdp(args) -> None:
+    """UsageError for --offload-grads on under --parallel fsdp: the host sums take whole gradients,
+    FSDP2 leaves each rank its shard's."""
+    if args.offload_grads == "on":
+        raise UsageError("--offload-grads on does not work with --parallel fsdp (each rank holds only its "
+                         "shard's gradient): use --parallel ddp, or drop --offload-grads")
+
+
+def _check_split(cfg) -> None:
+    """UsageError when --parallel fsdp or ddp cannot give every rank a row of each batch."""
+    from . import parallel
+
+    if cfg.parallel != "none" and cfg.batch_size < parallel.world():
+        raise UsageError(f"--parallel {cfg.parallel} splits each batch across the ranks: --batch-size "
+                         f"({cfg.batch_size}) must be at least the number of ranks ({parallel.world()})")
 
 
 def _model(args) -> str:
@@ -377,9 +399,12 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     def check() -> dict:
         offload = {}
         for method, cfg in train_cfgs.items():
+            world = parallel.world() if cfg.parallel == "fsdp" else 1  # FSDP2: the plan per rank
             offload[method] = method in ESTIMATING and (args.offload_grads == "on" or (
-                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device)))
-            print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device))
+                args.offload_grads == "auto" and world == 1 and plan.offload_default(config, method, cfg, dtype,
+                                                                                      device)))
+            print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device,
+                                 world_size=world))
         return offload
 
     return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
@@ -648,6 +673,12 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _say_error(e: GallopError, main_rank: bool) -> None:
+    """The one line ``gallop: error: ...`` on stderr, from rank 0 only under torchrun."""
+    if main_rank:
+        print(f"gallop: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gallop`` command; returns the exit status (143 after SIGTERM, 130 after Ctrl-C)."""
     from . import parallel
@@ -661,11 +692,16 @@ def main(argv: list[str] | None = None) -> int:
         with parallel.joined(args.command in ("finetune", "compare")) as main:
             if not main:
                 args.no_progress = True  # only rank 0 of a torchrun job shows progress
-            COMMANDS[args.command](args)
+            # Any rank's GallopError stops every rank with it (parallel.on_all), and no rank exits before
+            # rank 0 has said it (the barrier): torchrun stops the other ranks when one exits.
+            try:
+                parallel.on_all(lambda: COMMANDS[args.command](args))
+            except GallopError as e:
+                _say_error(e, main_rank)
+                parallel.barrier()
+                return 2
     except GallopError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if main_rank:
-            print(f"gallop: error: {msg}", file=sys.stderr)
+        _say_error(e, main_rank)
         return 2
     except KeyboardInterrupt as e:
         print(f"gallop: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)

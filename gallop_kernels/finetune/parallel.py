@@ -1,17 +1,20 @@
 """The ``gallop`` command under ``torchrun``: one process group, rank-0 output, evaluation split across ranks.
 
 Under torchrun (``WORLD_SIZE`` > 1) ``finetune`` and ``compare`` join a process group (gloo on
-the CPU, NCCL with one GPU per rank). Every rank loads the model and trains it the same way
-(training is replicated, not yet sharded); the evaluation, the slowest stage, gives each rank
-every world-th batch of questions and gathers the answers, so the accuracies are those of one
-process. Only rank 0 prints and writes the output folder. Torch is imported only on use, so the
-command line stays fast.
+the CPU, NCCL with one GPU per rank). Training is sharded with FSDP2 (:func:`shard`, ``--parallel
+fsdp``, the default), data-parallel with DDP (:func:`data_parallel`), or replicated (``none``);
+the first two give each rank its rows of every batch (:func:`my_rows`). The evaluation, the
+slowest stage, gives each rank every world-th batch of questions and gathers the answers, so the
+accuracies are those of one process; after FSDP2 training it runs on a plain copy of the tuned
+model on every rank (:func:`unshard_into`). Only rank 0 prints and writes the output folder.
+Torch is imported only on use, so the command line stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
@@ -29,6 +32,8 @@ def launched() -> bool:
 
 
 def _dist():
+    if "torch.distributed" not in sys.modules:  # no process group without it; argument errors stay torch-free
+        return None
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -62,6 +67,13 @@ def joined(wanted: bool = True) -> Iterator[bool]:
             yield is_main()
     finally:
         close()
+
+
+def barrier() -> None:
+    """Wait until every rank is here (no-op outside a process group)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
 
 
 def close() -> None:
@@ -147,15 +159,16 @@ def data_parallel(model):
 
 
 def my_rows(batch: dict, ignore: int) -> tuple[dict, object]:
-    """(this rank's rows of ``batch``, the loss divisor that makes DDP's gradient average equal the
-    single-process gradient): each rank's loss is its sum over the labelled tokens divided by
-    (the whole batch's labelled tokens / world size); DDP then averages over the ranks."""
+    """(this rank's rows of ``batch``, the loss divisor that makes the ranks' gradient average (DDP's
+    all-reduce, FSDP2's reduce-scatter) equal the single-process gradient): each rank's loss is its
+    sum over the labelled tokens divided by (the whole batch's labelled tokens / world size)."""
     import torch
 
     n = world()
     labelled = int((batch["labels"][:, 1:] != ignore).sum())  # the tokens the causal-LM loss counts (labels shift by 1)
     if batch["labels"].shape[0] < n:  # the same test on every rank: they all stop
-        raise GallopError(f"--parallel ddp needs --batch-size >= the number of ranks ({n})")
+        raise GallopError(f"a batch of {batch['labels'].shape[0]} rows cannot give each of the {n} ranks a row: "
+                          "raise --batch-size")
     return {k: v[rank()::n] for k, v in batch.items()}, torch.tensor(max(labelled, 1) / n)
 
 
@@ -177,3 +190,88 @@ def average(t):
     out = t.detach().to(where, torch.float32, copy=True)
     dist.all_reduce(out)
     return (out / dist.get_world_size()).to(t.device)
+
+
+def total(n: int) -> int:
+    """The sum of ``n`` over the ranks (``n`` itself outside a process group)."""
+    dist = _dist()
+    if dist is None:
+        return n
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, n)
+    return sum(parts)
+
+
+def _base(model):
+    """The transformers model inside a peft wrapper (``model`` itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a Hugging Face ``model`` (the classes its ``_no_split_modules`` names),
+    innermost first; GallopError when it names none, since FSDP2 would then gather the whole model."""
+    base = _base(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise GallopError(f"--parallel fsdp shards each decoder layer, and {type(base).__name__} names none "
+                          f"(no _no_split_modules): use --parallel ddp")
+    return layers[::-1]  # modules() lists outer before inner; FSDP2 wraps from the inside out
+
+
+def shard(model):
+    """``model`` sharded in place with FSDP2 over a 1-D mesh of all ranks: one group per decoder layer,
+    the input embedding and the output head one each when they are not tied (tied, they stay in the
+    root's group with the rest), then the root. Returns ``model``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    base = _base(model)
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    ends = [] if tied else [m for m in (embed, head) if m is not None]
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
+    for module in [*layers, *ends]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unshard_into(sharded, plain):
+    """``plain`` (a model of the same architecture, not sharded) given the full value of every
+    parameter of the FSDP2-sharded ``sharded``, on every rank (one all-gather per parameter, in the
+    same order on every rank). Returns ``plain``."""
+    import torch
+
+    from ..distributed import is_dtensor
+
+    params = dict(plain.named_parameters())
+    with torch.no_grad():
+        for name, p in sharded.named_parameters():
+            params[name].copy_(p.full_tensor() if is_dtensor(p) else p)
+    return plain
+
+
+def full_selection(model, selection, values: dict) -> tuple[dict, dict]:
+    """({name: sorted flat indices into the full parameter, int64}, {name: ``values`` at them}) on every
+    rank from an FSDP2 ``selection`` of each rank's shards of ``model`` and ``values`` (per name, one
+    per local index; a name may be missing where a rank selected nothing); names nobody selected in
+    are left out, as a one-process selected_values leaves them."""
+    import torch
+
+    from ..distributed import GroupComm, local, shard_starts
+
+    params = dict(model.named_parameters())
+    names = list(selection.keys())
+    comm = GroupComm()
+    indices, gathered = {}, {}
+    for name, start in zip(names, shard_starts([params[n] for n in names], None)):
+        shard = local(params[name])
+        idx = comm.all_cat(selection[name].to(device=shard.device, dtype=torch.int64) + start)
+        mine = values.get(name, torch.empty(0, dtype=shard.dtype, device=shard.device))
+        vals = comm.all_cat(mine.to(shard.device))
+        if idx.numel():
+            order = torch.argsort(idx)  # the shards lie in rank order: already sorted, kept so by a stable rule
+            indices[name], gathered[name] = idx[order], vals[order]
+    return indices, gathered

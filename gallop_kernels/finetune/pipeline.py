@@ -177,6 +177,8 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
                 f"({len(job_data.train)} training examples; {len(job_data.tests)} tasks x {cfg.n_eval} test questions)",
                 f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
                 if vanilla is None else f"next: fine-tune ({train_cfg.steps} steps), evaluate")
+    if train_cfg.parallel == "fsdp":
+        parallel.decoder_layers(model)  # a model FSDP2 cannot shard by layers stops before the evaluation
     eval_seconds = None
     saving = checkpoint.current()  # gallop finetune --save-every / --resume: a resumed run's results are saved
     if vanilla is None and saving is not None:
@@ -188,7 +190,9 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     if saving is not None:
         saving.vanilla = vanilla
     log(f"fine-tuning with {method}: {train_cfg.steps} steps of {train_cfg.batch_size}")
-    model, result = finetune(model, tokenizer, job_data.train, method, train_cfg, log, cfg.progress)
+    # under FSDP2 the tuned values are gathered into a fresh plain copy: evaluation holds the whole model per rank
+    model, result = finetune(model, tokenizer, job_data.train, method, train_cfg, log, cfg.progress,
+                             plain=lambda: models.load(path, dtype, device)[0])
     result.seconds = clock.stage(f"fine-tuned with {method}",
                                  f"about {eval_seconds:.0f} s of evaluation left" if eval_seconds is not None else
                                  "next: evaluate the tuned model")

@@ -119,7 +119,7 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
     options = []
     if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
-    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
+    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads and world_size == 1:
         options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -139,6 +139,7 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
     exceeds the device's free memory.
 
     ``budget`` (bytes) replaces the measured free memory (``$GALLOP_MEMORY_BUDGET`` too).
+    ``world_size`` > 1: the plan per rank under FSDP2 (each rank checks its own device).
     Returns a line for the log: the plan against the budget, or why no check was made.
     """
     row = plan_row(config, method, cfg, dtype, world_size)

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 
 from .. import SparseAdamW, select_mask
 from ..delta import selected_values
+from ..distributed import gather
 from ..errors import GallopError
 from ..estimate import GRAD_FRACTION, estimate_gradients, model_device, to_device
 from ..memory import LORA_TARGETS
+from ..optim.reselect import Moved
 from ..reference import GRADIENT_CRITERIA
 from ..reselector import Reselector
 from . import checkpoint, parallel
@@ -81,8 +83,9 @@ class TrainConfig:
     offload_grads: bool = False
     """Estimate the mean gradient in host memory (estimate_gradients(offload=True)): no dense gradient on the device."""
     parallel: str = "none"
-    """Under torchrun: "ddp" splits each batch and the gradient estimation's batches across the ranks
-    (DistributedDataParallel); "none" trains the same model on every rank."""
+    """Under torchrun: "fsdp" shards the model with FSDP2 (parallel.shard) and splits the rows of each
+    batch, the gradient estimation's too, across the ranks; "ddp" splits each batch's rows and the
+    gradient estimation's batches (DistributedDataParallel); "none" trains the same model on every rank."""
 
 
 @dataclass
@@ -195,16 +198,13 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
     model.train()
-    ddp = parallel.data_parallel(model) if cfg.parallel == "ddp" else None
+    split = cfg.parallel in ("ddp", "fsdp")
+    wrapped = parallel.data_parallel(model) if cfg.parallel == "ddp" else model  # an FSDP2 model is sharded already
     saving = checkpoint.current()  # gallop finetune --save-every / --resume
     start, losses = saving.start(model, opt, sched, log) if saving is not None else (0, [])
     bar = tqdm(batches[start:], desc=desc, disable=not progress, leave=False, initial=start, total=len(batches))
     for step, batch in enumerate(bar, start):  # a resumed run skips the steps made before its checkpoint
-        if ddp is None:
-            loss = model(**to_device(batch, device)).loss
-        else:  # this rank's rows; the loss is scaled so that DDP's average is the whole batch's gradient
-            rows, divisor = parallel.my_rows(batch, IGNORE)
-            loss = ddp(**to_device(rows, device), num_items_in_batch=divisor).loss
+        loss = batch_loss(wrapped, batch, device, split)
         opt.zero_grad()
         loss.backward()
         clip()
@@ -212,7 +212,7 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         if after_step is not None:
             after_step()
         sched.step()
-        losses.append((loss if ddp is None else parallel.average(loss)).item())
+        losses.append((parallel.average(loss) if split else loss).item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.log_every and (step % cfg.log_every == 0 or step == len(batches) - 1):
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
@@ -224,10 +224,20 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
     return losses
 
 
+def batch_loss(model, batch: dict, device, split: bool = False) -> torch.Tensor:
+    """``model``'s loss on ``batch`` (moved to ``device``). ``split`` (DDP, FSDP2): this rank's rows, the
+    loss scaled so that the ranks' averaged gradient is the whole batch's (parallel.my_rows)."""
+    if not split:
+        return model(**to_device(batch, device)).loss
+    rows, divisor = parallel.my_rows(batch, IGNORE)
+    return model(**to_device(rows, device), num_items_in_batch=divisor).loss
+
+
 def count_selected_zeros(model, selection) -> int:
-    """How many selected weights are exactly 0 in ``model`` (call before training)."""
+    """How many selected weights are exactly 0 in ``model`` (call before training; an FSDP2 selection:
+    in this rank's shards)."""
     params = dict(model.named_parameters())
-    return sum(int((params[n].detach().reshape(-1)[idx] == 0).sum()) for n, idx in selection.items())
+    return sum(int((gather(params[n].detach(), idx) == 0).sum()) for n, idx in selection.items())
 
 
 def train_sparse(model, batches: list[dict], grad_batches: list[dict], method: str, cfg: TrainConfig, log=print,
@@ -260,23 +270,35 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
+    whole, whole_base, n_total = sel, base, sel.num_total
+    if cfg.parallel == "fsdp":  # each rank selected in its shards: the report and the delta show the whole model's
+        whole, whole_base = parallel.full_selection(model, sel, base)
+        zeros, n_total = parallel.total(zeros), parallel.total(n_total)
+    n_selected = sum(int(i.numel()) for i in whole.values())
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}{made} {time.perf_counter() - t1:.1f} s: "
-        f"{sel.num_selected:,} of {sel.num_total:,} weights ({100 * sel.density:.3g}%), "
+        f"{n_selected:,} of {n_total:,} weights ({100 * n_selected / n_total:.3g}%), "
         f"{zeros:,} of them exactly 0 in the base model")
     opt = SparseAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], selection=sel, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
     if saving is not None:
         saving.reselector = resel  # its state goes into the checkpoints too
+
+    def reselect() -> None:
+        if resel.step() is not None:
+            _log_reselection(_whole_model(resel.history[-1], cfg), log)
+
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
-                        after_step=None if resel is None else lambda: _log_reselection(resel.step(), resel, log))
+                        after_step=None if resel is None else reselect)
     opt.remove_hooks()
-    result = TrainResult(method, losses, sel.num_selected, selection=sel, selected_zero=zeros, base_values=base)
+    result = TrainResult(method, losses, n_selected, selection=whole, selected_zero=zeros, base_values=whole_base)
     if resel is not None:  # what the delta covers: every weight trained (gallop), the final set (spiel)
         result.selection, result.base_values = resel.trained, resel.base_values
-        result.extra["reselections"] = resel.history
+        if cfg.parallel == "fsdp":  # each rank's shards: gathered as the first selection was
+            result.selection, result.base_values = parallel.full_selection(model, resel.trained, resel.base_values)
+        result.extra["reselections"] = [_whole_model(h, cfg) for h in resel.history]  # a resumed run's too
     return result
 
 
@@ -305,18 +327,30 @@ def _freeze_all_but(model, targets: tuple[str, ...]) -> list[torch.Tensor]:
     return frozen
 
 
-def _log_reselection(moved, resel: Reselector, log) -> None:
-    """One line per re-selection: the share of the set it changed and its time."""
-    if moved is not None:
-        h = resel.history[-1]
-        log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
-            f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
+def _whole_model(entry: dict, cfg: TrainConfig) -> dict:
+    """A Reselector history entry over the whole model: under ``parallel="fsdp"`` the counts of every
+    rank's shards summed and the share changed recomputed from them; else ``entry``."""
+    if cfg.parallel != "fsdp":
+        return entry
+    moved = Moved(*(parallel.total(entry[k]) for k in Moved._fields))
+    return {**entry, **moved._asdict(), "changed": moved.changed}
+
+
+def _log_reselection(h: dict, log) -> None:
+    """One line per re-selection (a history entry): the share of the set it changed and its time."""
+    log(f"  step {h['step']:4d}  re-selection: {100 * h['changed']:.2f}% of the set changed "
+        f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
 
 
 def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
     """estimate_gradients over ``grad_batches``; under ``parallel="ddp"`` each rank takes every world-th
-    batch and the ranks' means are averaged, weighted by their batch counts (equal to one process's
-    mean up to float rounding: the sums are added in another order)."""
+    batch and the ranks' means are averaged, weighted by their batch counts; under ``"fsdp"`` each rank
+    takes its rows of every batch (FSDP2 averages the ranks' gradients as in training). Either equals
+    one process's mean up to float rounding: the sums are added in another order."""
+    if cfg.parallel == "fsdp":  # every rank runs a backward per batch: FSDP2's collectives stay in step
+        device = model_device(model)
+        return estimate_gradients(model, grad_batches, loss=lambda batch: batch_loss(model, batch, device, True),
+                                  accum_dtype=accum_dtype(cfg.grad_accum_dtype), progress=progress)
     if cfg.parallel != "ddp":
         return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
                                   offload=cfg.offload_grads, progress=progress)
@@ -362,25 +396,48 @@ def lora_model(model, rank: int, use_dora: bool = False):
                           f"(the baseline adapts {', '.join(LORA_TARGETS)}, as in Llama, Gemma, Mistral, Qwen)") from None
 
 
-def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False):
+def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress: bool = True, use_dora: bool = False,
+               plain: Callable[[], torch.nn.Module] | None = None):
     """LoRA (peft), or DoRA with ``use_dora``, on the DoRA/LLM-Adapters recipe's projections; returns (merged
     model, result). The adapters train in float32 and are merged into the weights in the weights' dtype afterwards.
+    Under ``parallel="fsdp"`` the peft model is sharded, and the adapters are gathered into ``plain()``'s (a fresh
+    base model) peft model to merge.
     """
     method = "dora" if use_dora else "lora"
-    peft_model = lora_model(model, cfg.lora_rank, use_dora)
+    peft_model = _sharded(lora_model(model, cfg.lora_rank, use_dora), cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = adamw(params, cfg)
     losses = train_loop(peft_model, opt, lambda: torch.nn.utils.clip_grad_norm_(params, cfg.clip), batches, cfg,
                         log, progress, method)
-    return peft_model.merge_and_unload(), TrainResult(method, losses, sum(p.numel() for p in params))
+    result = TrainResult(method, losses, sum(p.numel() for p in params))
+    if cfg.parallel == "fsdp":
+        peft_model = parallel.unshard_into(peft_model, lora_model(plain(), cfg.lora_rank, use_dora))
+    return peft_model.merge_and_unload(), result
 
 
-def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConfig, log=print, progress: bool = True):
+def _sharded(model, cfg: TrainConfig):
+    """``model`` sharded with FSDP2 (parallel.shard) under ``parallel="fsdp"``, else ``model``."""
+    return parallel.shard(model) if cfg.parallel == "fsdp" else model
+
+
+def _gathered(model, cfg: TrainConfig, plain: Callable[[], torch.nn.Module] | None):
+    """Under ``parallel="fsdp"``: ``plain()`` (a fresh copy of the base model) holding the sharded ``model``'s
+    full values, on every rank, for the evaluation; else ``model``."""
+    return parallel.unshard_into(model, plain()) if cfg.parallel == "fsdp" else model
+
+
+def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConfig, log=print, progress: bool = True,
+             plain: Callable[[], torch.nn.Module] | None = None):
     """Fine-tune ``model`` in place on ``train`` with ``method``; returns (tuned model, TrainResult).
 
     The gradient of the sparse criteria is estimated on the first ``grad_fraction``
-    of the training examples, in batches of ``batch_size``.
+    of the training examples, in batches of ``batch_size``. Under ``cfg.parallel="fsdp"``
+    ``model`` is sharded for training and ``plain`` (required there) returns a fresh copy of the
+    base model, not sharded: the tuned model returned is that copy with the tuned values, whole
+    on every rank. The TrainResult's selection and base values are then the whole model's.
     """
+    if cfg.parallel == "fsdp" and plain is None:
+        raise ValueError("parallel='fsdp' needs plain: a function that loads the base model again")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if cfg.target not in TARGETS:
@@ -399,11 +456,14 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
                          f"{cfg.compact_grads}, reselect_batches={cfg.reselect_batches}")
     torch.manual_seed(cfg.seed)  # LoRA's adapter init; the data order has its own seeded RNG
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
-    if method == "fft":
-        return model, train_full(model, batches, cfg, log, progress)
     if method in ("lora", "dora"):
-        return train_lora(model, batches, cfg, log, progress, use_dora=method == "dora")
-    n_grad = max(1, round(cfg.grad_fraction * len(train)))
-    grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
-                                cfg.max_len, cfg.seed + 1, cfg.target)
-    return model, train_sparse(model, batches, grad_batches, method, cfg, log, progress)
+        return train_lora(model, batches, cfg, log, progress, use_dora=method == "dora", plain=plain)
+    model = _sharded(model, cfg)
+    if method == "fft":
+        result = train_full(model, batches, cfg, log, progress)
+    else:
+        n_grad = max(1, round(cfg.grad_fraction * len(train)))
+        grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
+                                    cfg.max_len, cfg.seed + 1, cfg.target)
+        result = train_sparse(model, batches, grad_batches, method, cfg, log, progress)
+    return _gathered(model, cfg, plain), result

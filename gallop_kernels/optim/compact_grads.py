@@ -29,9 +29,10 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from ..distributed import gather, local
+from ..distributed import dtensor_group, gather, local
 
 aten = torch.ops.aten
 # Ops that act on each entry alone, or reduce all entries to one number: on a CompactGrad
@@ -188,7 +189,9 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0, error_if_nonfi
     1) over the entries the optimizer trains: the compact buffers with
     ``compact_grads``, the selected entries of ``.grad`` otherwise (the whole
     ``.grad`` is then scaled). Unselected entries never reach the weights, so
-    they do not count.
+    they do not count. Under FSDP2 (DTensor parameters) each rank's norm of its
+    shards' entries is combined over the mesh's process group, so every rank
+    clips by the norm of the whole model's selected entries.
     """
     max_norm, norm_type = float(max_norm), float(norm_type)
     entries, to_scale = [], []
@@ -198,17 +201,32 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0, error_if_nonfi
             continue
         entries.append(buf if buf is not None else gather(p.grad, idx).float())
         to_scale.append(buf if buf is not None else p.grad)
-    if not entries:
+    group = dtensor_group(list(opt._indices))
+    if not entries and group is None:
         return torch.tensor(0.0)
-    dev = entries[0].device
-    norms = [n.to(dev) for n in torch._foreach_norm(entries, norm_type)]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    dev = entries[0].device if entries else local(next(iter(opt._indices))).device
+    norms = [n.to(dev) for n in torch._foreach_norm(entries, norm_type)] if entries else []
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros((), device=dev)
+    if group is not None:  # FSDP2: this rank holds only its shards' entries; every rank clips by the global norm
+        total = _over_ranks(total, norm_type, group)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(f"the total norm of order {norm_type} of the selected gradients is non-finite")
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for device in {t.device for t in to_scale}:
         torch._foreach_mul_([t for t in to_scale if t.device == device], coef.to(device))
     return total
+
+
+def _over_ranks(total: torch.Tensor, norm_type: float, group) -> torch.Tensor:
+    """The norm over every rank's entries from each rank's ``total`` norm of its own: the max for
+    the inf-norm, else (sum over ranks of total**p)**(1/p)."""
+    if norm_type == float("inf"):
+        total = total.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+        return total
+    powered = total.double() ** norm_type  # float64: the sum of powers neither overflows nor loses the small ones
+    dist.all_reduce(powered, group=group)
+    return (powered ** (1.0 / norm_type)).to(total.dtype)
 
 
 @torch.no_grad()
