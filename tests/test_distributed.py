@@ -614,3 +614,23 @@ def _fsdp_command_worker(rank):
 
 def test_fsdp2_command_wrapping_and_lora_gathered_equal_one_process(tmp_path):
     _spawn(_fsdp_command_worker, tmp_path)
+
+
+def _fsdp_command_offload_worker(rank):
+    """The command's gradient estimation under --parallel fsdp with --offload-grads on: each rank's
+    shard sums in host memory (plain tensors, no DTensor gradient left), bit for bit the on-device ones."""
+    from gallop_kernels.finetune import parallel, train
+
+    model = parallel.shard(_tiny_llama())
+    cfg = train.TrainConfig(parallel="fsdp")
+    batches = _token_batches(None, WORLD)
+    on_device = train._mean_gradient(model, batches, cfg, progress=False)
+    offloaded = train._mean_gradient(model, batches, dataclasses.replace(cfg, offload_grads=True), progress=False)
+    assert on_device.keys() == offloaded.keys() and all(p.grad is None for p in model.parameters())
+    for n, g in offloaded.items():
+        assert not gdist.is_dtensor(g) and gdist.is_dtensor(on_device[n]), n
+        assert torch.equal(g, on_device[n].to_local()), n
+
+
+def test_fsdp2_command_offloads_each_ranks_gradient_shard(tmp_path):
+    _spawn(_fsdp_command_offload_worker, tmp_path)

@@ -1382,7 +1382,7 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
               "--grad-fraction", "1", "--no-progress", "--device", "cpu"]  # 3 gradient batches: 2 on rank 0, 1 on 1
     runs = {}
     for name, ranks, extra in (("one", 1, []), ("none", 2, ["--parallel", "none"]), ("ddp", 2, ["--parallel", "ddp"]),
-                               ("fsdp", 2, [])):
+                               ("fsdp", 2, []), ("fsdp-offload", 2, ["--offload-grads", "on"])):
         out = tmp_path / name
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1393,7 +1393,7 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     assert two["losses"] == one["losses"] and two["trainable"] == one["trainable"]
     assert delta2.keys() == delta1.keys() and all(torch.equal(delta2[k], delta1[k]) for k in delta1)
     # no leftover folder of another rank
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "fsdp", "none", "one"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "fsdp", "fsdp-offload", "none", "one"]
     main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
     accs = lambda r: {m: (s["id_acc"], s["ood_acc"]) for m, s in r["summary"].items()}  # noqa: E731
     for mode in ("ddp", "fsdp"):  # the selected weights are the same (indices exact), the trained values close
@@ -1407,6 +1407,11 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
         assert (report["trainable"], report["selected_zero_in_base"]) == (one["trainable"], one["selected_zero_in_base"])
         assert report["train_config"]["parallel"] == mode
     assert one["train_config"]["parallel"] == "none"
+    # fsdp with each rank's gradient shard offloaded to host memory: the same sums, so the same run
+    (offloaded, delta4), (sharded, delta5) = runs["fsdp-offload"], runs["fsdp"]
+    assert offloaded["train_config"]["offload_grads"] and not sharded["train_config"]["offload_grads"]
+    assert delta4.keys() == delta5.keys() and all(torch.equal(delta4[k], delta5[k]) for k in delta5)
+    assert offloaded["losses"] == sharded["losses"] and offloaded["summary"] == sharded["summary"]
 
 
 @needs_data
@@ -1443,7 +1448,6 @@ def test_reselection_under_torchrun(reselecting, tiny_dir, tmp_path):
     (["--eps", "-1"], "argument --eps"),
     (["--out", "READONLY"], "cannot"),
     (["--parallel", "ddp", "--compact-grads"], "--compact-grads does not work with --parallel ddp"),
-    (["--offload-grads", "on"], "--offload-grads on does not work with --parallel fsdp"),
     (["--batch-size", "1"], "--batch-size (1) must be at least the number of ranks (2)"),
     (["--resume", "--out", "TMP"], "holds no complete checkpoint"),  # found by rank 0, raised on every rank
 ])
@@ -1683,27 +1687,28 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path,
 
 
 @needs_data
-def test_killed_ddp_finetune_resumes_under_torchrun(tiny_dir, tmp_path):
-    """2 gloo ranks, --parallel ddp, SIGTERM to torchrun after the step-2 checkpoint (each rank's SparseAdamW
-    state and selection under its own key), then --resume on 2 ranks: the uninterrupted one-process run's
-    selection exactly, its delta, losses and accuracies within the ddp test's tolerances; resuming on another
-    number of ranks is refused in one line."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_killed_finetune_resumes_under_torchrun(mode, tiny_dir, tmp_path):
+    """2 gloo ranks, --parallel ddp or fsdp, SIGTERM to torchrun after the step-2 checkpoint (each rank's
+    SparseAdamW state and selection under its own key; under fsdp those of its shards), then --resume on 2
+    ranks: the uninterrupted one-process run's selection exactly, its delta, losses and accuracies within the
+    ddp test's tolerances; resuming on another number of ranks is refused in one line."""
     common = [*_RESUMABLE, "--model", str(tiny_dir)]
     assert _gallop([*common, "--out", str(tmp_path / "one")]).returncode == 0
-    out = tmp_path / "ddp"
-    args = [*common, "--out", str(out), "--save-every", "2", "--parallel", "ddp"]
+    out = tmp_path / mode
+    args = [*common, "--out", str(out), "--save-every", "2", "--parallel", mode]
     proc = _killed_after_checkpoint(args, tmp_path, 2, stop_at=2)
     assert proc.returncode != 0 and [p.name for p in out.iterdir()] == ["checkpoint-0000002"], proc.stderr[-3000:]
     proc = _gallop([*common, "--out", str(out), "--resume"])  # one process: not what the checkpoint was made with
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        f"gallop: error: --resume: {out} was made with other options (parallel 'ddp' there, 'none' here); give the "
+        f"gallop: error: --resume: {out} was made with other options (parallel '{mode}' there, 'none' here); give the "
         f"same options")
     proc = _gallop([*args, "--resume"], ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("resumed from") == 1  # rank 0's log
-    one, ddp = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "ddp"))
-    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5) and len(ddp["losses"]) == 4
-    assert ddp["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", mode))
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5) and len(two["losses"]) == 4
+    assert two["summary"]["loglik"]["id_acc"] == one["summary"]["loglik"]["id_acc"]
     want, got = _tensors(tmp_path / "one" / "delta.safetensors"), _tensors(out / "delta.safetensors")
     main = lambda d: {k for k in d if k.endswith((".indices", ".diff"))}  # noqa: E731 (exact_* depend on rounding)
     assert main(got) == main(want)

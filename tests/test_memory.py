@@ -368,10 +368,12 @@ def test_plan_command_options_for_offload_and_world_size(capsys):
     assert cli.main(base) == 0
     assert "gradient estimated in host memory" in capsys.readouterr().out
     assert cli.main([*base, "--world-size", "8"]) == 0
-    assert "per GPU of 8 (FSDP2 per decoder layer)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "per GPU of 8 (FSDP2 per decoder layer)" in out and "gradient estimated in host memory" in out
+    assert cli.main([*base, "--world-size", "8", "--offload-grads", "off"]) == 0
+    assert "host memory" not in capsys.readouterr().out
     for extra, needle in ((["--world-size", "0"], "argument --world-size: expected a number of GPUs"),
-                          (["--world-size", "2", "--measure"], "--measure runs on one device"),
-                          (["--world-size", "2", "--offload-grads", "on"], "--offload-grads on plans one device")):
+                          (["--world-size", "2", "--measure"], "--measure runs on one device")):
         assert cli.main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
@@ -398,6 +400,14 @@ def test_offload_is_chosen_when_the_device_gradient_does_not_fit(monkeypatch):
         plan.preflight(cfg, "gallop", run, dtype, cuda)
     monkeypatch.setenv(plan.BUDGET_ENV, str(on_device))
     assert not plan.offload_default(cfg, "gallop", run, dtype, cuda)
+    # per GPU under FSDP2: each rank's gradient shard offloaded, chosen and proposed the same way
+    on_device, offloaded = (plan.plan_row(cfg, "gallop", replace(run, offload_grads=o), dtype, 2).peak
+                            for o in (False, True))
+    assert offloaded < on_device
+    monkeypatch.setenv(plan.BUDGET_ENV, str(offloaded))
+    assert plan.offload_default(cfg, "gallop", run, dtype, cuda, 2)
+    with pytest.raises(GallopError, match="it would fit with --offload-grads on"):
+        plan.preflight(cfg, "gallop", run, dtype, cuda, world_size=2)
     # on the CPU the host sums count against the same memory
     row = plan.plan_row(cfg, "gallop", replace(run, offload_grads=True), dtype)
     assert plan.needed(row, torch.device("cpu")) == row.peak + row.host_estimation

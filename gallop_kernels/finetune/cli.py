@@ -344,17 +344,7 @@ def _parallel_mode(args) -> str:
     if mode == "ddp" and args.compact_grads:
         raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
                          "compacting hooks ran): use --parallel fsdp, or drop --compact-grads")
-    if mode == "fsdp":
-        _check_fsdp(args)
     return mode
-
-
-def _check_fsdp(args) -> None:
-    """UsageError for --offload-grads on under --parallel fsdp: the host sums take whole gradients,
-    FSDP2 leaves each rank its shard's."""
-    if args.offload_grads == "on":
-        raise UsageError("--offload-grads on does not work with --parallel fsdp (each rank holds only its "
-                         "shard's gradient): use --parallel ddp, or drop --offload-grads")
 
 
 def _check_split(cfg) -> None:
@@ -401,8 +391,7 @@ def _check_memory(args, train_cfgs: dict) -> dict:
         for method, cfg in train_cfgs.items():
             world = parallel.world() if cfg.parallel == "fsdp" else 1  # FSDP2: the plan per rank
             offload[method] = method in ESTIMATING and (args.offload_grads == "on" or (
-                args.offload_grads == "auto" and world == 1 and plan.offload_default(config, method, cfg, dtype,
-                                                                                      device)))
+                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device, world)))
             print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device,
                                  world_size=world))
         return offload
@@ -648,16 +637,12 @@ def cmd_plan(args) -> None:
 
     if args.world_size > 1 and args.measure:
         raise UsageError("--measure runs on one device: use it without --world-size")
-    if args.world_size > 1 and args.offload_grads == "on":
-        raise UsageError("--offload-grads on plans one device: under FSDP2 (--world-size > 1) each GPU holds "
-                         "only its shard's gradient")
     device, dtype = models.resolve_device(args.device, args.dtype)
-    # auto: the planner shows the estimation finetune would offload on a GPU it does not fit (one device)
+    # auto: the planner shows the estimation offloaded, as finetune runs it on a GPU it does not fit
     cfg = TrainConfig(**_given(rho=args.rho, lora_rank=args.lora_rank, batch_size=args.batch_size,
                                max_len=args.max_len, grad_accum_dtype=args.grad_accum_dtype),
                       gradient_checkpointing=args.gradient_checkpointing,
-                      offload_grads=args.offload_grads == "on"
-                      or (args.offload_grads == "auto" and args.world_size == 1))
+                      offload_grads=args.offload_grads != "off")
     print(plan.report(args.model, cfg, device, dtype, args.measure_steps if args.measure else 0,
                       world_size=args.world_size))
 

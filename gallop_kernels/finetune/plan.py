@@ -119,7 +119,7 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
     options = []
     if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
-    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads and world_size == 1:
+    if method in ESTIMATING and device.type == "cuda" and not cfg.offload_grads:
         options.append(("--offload-grads on", {"offload_grads": True}))
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

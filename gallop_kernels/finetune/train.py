@@ -350,7 +350,8 @@ def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: 
     if cfg.parallel == "fsdp":  # every rank runs a backward per batch: FSDP2's collectives stay in step
         device = model_device(model)
         return estimate_gradients(model, grad_batches, loss=lambda batch: batch_loss(model, batch, device, True),
-                                  accum_dtype=accum_dtype(cfg.grad_accum_dtype), progress=progress)
+                                  accum_dtype=accum_dtype(cfg.grad_accum_dtype), offload=cfg.offload_grads,
+                                  progress=progress)
     if cfg.parallel != "ddp":
         return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
                                   offload=cfg.offload_grads, progress=progress)
