@@ -309,6 +309,17 @@ def test_plan_row_counts_the_reselector_and_the_world_size():
     assert plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak, world_size=2)
     with pytest.raises(GallopError, match="short"):  # one process holds more
         plan.preflight(cfg, "gallop", run, dtype, cpu, budget=two.peak)
+    # --parallel fsdp/ddp deal each batch's rows to the ranks: a GPU holds ceil(batch / ranks) of them, and a
+    # smaller --batch-size proposed to fit keeps a row per rank
+    assert plan.plan_row(cfg, "gallop", replace(run, batch_size=3), dtype, ranks=2) == plan.plan_row(cfg, "gallop", run,
+                                                                                                      dtype)
+    lean = replace(run, compact_grads=True, gradient_checkpointing=True)  # the batch is the only fix left
+    one_row = plan.needed(plan.plan_row(cfg, "gallop", replace(lean, batch_size=2), dtype, ranks=2), cpu)
+    with pytest.raises(GallopError, match=r"it would fit with --batch-size 2$"):
+        plan.preflight(cfg, "gallop", replace(lean, batch_size=5), dtype, cpu, budget=one_row, ranks=2)
+    with pytest.raises(GallopError, match="use a smaller model or a larger device") as refused:
+        plan.preflight(cfg, "gallop", replace(lean, batch_size=2), dtype, cpu, budget=1000, ranks=2)
+    assert "a smaller --batch-size" not in str(refused.value)  # one row per rank already
 
 
 def _saved_bytes(model, tokens) -> int:

@@ -386,17 +386,30 @@ def _check_memory(args, train_cfgs: dict) -> dict:
     device, dtype = models.resolve_device(args.device, args.dtype)
     config = plan.model_config(_model(args))
 
+    def offloads(method: str, cfg) -> bool:
+        """Whether to offload ``method``'s estimation on this rank: --offload-grads on, or auto and the plan says so."""
+        return method in ESTIMATING and (args.offload_grads == "on" or args.offload_grads == "auto" and
+                                         plan.offload_default(config, method, cfg, dtype, device, *_split(cfg)))
+
+    # every rank offloads when one needs it (auto asks each rank's device): one run, as rank 0's report says
+    offload = {method: parallel.total(int(offloads(method, cfg))) > 0 for method, cfg in train_cfgs.items()}
+
     def check() -> dict:
-        offload = {}
         for method, cfg in train_cfgs.items():
-            world = parallel.world() if cfg.parallel == "fsdp" else 1  # FSDP2: the plan per rank
-            offload[method] = method in ESTIMATING and (args.offload_grads == "on" or (
-                args.offload_grads == "auto" and plan.offload_default(config, method, cfg, dtype, device, world)))
+            world, ranks = _split(cfg)
             print(plan.preflight(config, method, replace(cfg, offload_grads=offload[method]), dtype, device,
-                                 world_size=world))
+                                 world_size=world, ranks=ranks))
         return offload
 
     return parallel.on_all(check)  # under torchrun each rank checks its device; one refusal stops all
+
+
+def _split(cfg) -> tuple[int, int]:
+    """(the ranks the weights are sharded over: all under --parallel fsdp, else 1; the ranks each batch's
+    rows are dealt to: all under fsdp and ddp, else 1), as the memory plan takes them."""
+    from . import parallel
+
+    return (parallel.world() if cfg.parallel == "fsdp" else 1), (parallel.world() if cfg.parallel != "none" else 1)
 
 
 def _check_reselect(args) -> None:

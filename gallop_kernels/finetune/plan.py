@@ -53,9 +53,12 @@ def reselection(method: str, cfg: TrainConfig) -> str | None:
     return "gallop" if cfg.reselect_every else None
 
 
-def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1) -> MemoryRow:
-    """The memory_plan row of ``method`` as ``cfg`` trains it, per GPU of ``world_size``."""
-    full, lora, dense, compact = plan_rows(config, cfg, dtype, world_size, reselection(method, cfg))
+def plan_row(config, method: str, cfg: TrainConfig, dtype: torch.dtype, world_size: int = 1,
+             ranks: int = 1) -> MemoryRow:
+    """The memory_plan row of ``method`` as ``cfg`` trains it, per GPU of ``world_size``; ``ranks``: the
+    ranks each batch's rows are dealt to (--parallel fsdp and ddp), so a GPU holds ceil(batch / ranks) rows."""
+    per_gpu = replace(cfg, batch_size=-(-cfg.batch_size // ranks))
+    full, lora, dense, compact = plan_rows(config, per_gpu, dtype, world_size, reselection(method, cfg))
     if method == "fft":
         return full
     if method == "lora":
@@ -74,14 +77,14 @@ def needed(row: MemoryRow, device: torch.device) -> int:
 
 
 def offload_default(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-                    world_size: int = 1) -> bool:
+                    world_size: int = 1, ranks: int = 1) -> bool:
     """``--offload-grads auto``: estimate in host memory when ``method`` estimates a gradient, runs on
     CUDA, and its plan (per GPU of ``world_size``) with the gradient on the device exceeds the device's
     free memory."""
     if method not in ESTIMATING or device.type != "cuda":
         return False
     budget, _ = device_budget(device)
-    on_device = plan_row(config, method, replace(cfg, offload_grads=False), dtype, world_size)
+    on_device = plan_row(config, method, replace(cfg, offload_grads=False), dtype, world_size, ranks)
     return budget is not None and on_device.peak > budget
 
 
@@ -113,9 +116,9 @@ def device_budget(device: torch.device) -> tuple[int | None, str]:
 
 
 def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-           budget: int, world_size: int) -> tuple[list[str], list[str]]:
+           budget: int, world_size: int, ranks: int) -> tuple[list[str], list[str]]:
     """(the options that would make ``method`` fit in ``budget`` bytes, alone or together; the options tried)."""
-    fits = lambda c: needed(plan_row(config, method, c, dtype, world_size), device) <= budget  # noqa: E731
+    fits = lambda c: needed(plan_row(config, method, c, dtype, world_size, ranks), device) <= budget  # noqa: E731
     options = []
     if method not in (*BASELINES, *RESELECTING) and not cfg.reselect_every and not cfg.compact_grads:
         options.append(("--compact-grads", {"compact_grads": True}))  # re-selection scores the dense gradients
@@ -124,25 +127,26 @@ def _fixes(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: to
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     found = [flag for flag, change in options if fits(replace(cfg, **change))]
-    for batch in range(cfg.batch_size - 1, 0, -1):
+    for batch in range(cfg.batch_size - 1, ranks - 1, -1):  # every rank needs a row
         if fits(replace(cfg, batch_size=batch)):
             found.append(f"--batch-size {batch}")
             break
     if not found and len(options) > 1 and fits(replace(cfg, **{k: v for _, c in options for k, v in c.items()})):
         found.append(" ".join(flag for flag, _ in options))
-    return found, [flag for flag, _ in options] + (["a smaller --batch-size"] if cfg.batch_size > 1 else [])
+    return found, [flag for flag, _ in options] + (["a smaller --batch-size"] if cfg.batch_size > ranks else [])
 
 
 def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device: torch.device,
-              budget: int | None = None, world_size: int = 1) -> str:
+              budget: int | None = None, world_size: int = 1, ranks: int = 1) -> str:
     """Raise GallopError when ``method``'s planned peak memory (per GPU of ``world_size`` under FSDP2)
     exceeds the device's free memory.
 
     ``budget`` (bytes) replaces the measured free memory (``$GALLOP_MEMORY_BUDGET`` too).
-    ``world_size`` > 1: the plan per rank under FSDP2 (each rank checks its own device).
+    ``world_size`` > 1: the plan per rank under FSDP2 (each rank checks its own device); ``ranks``:
+    the ranks each batch's rows are dealt to (see :func:`plan_row`).
     Returns a line for the log: the plan against the budget, or why no check was made.
     """
-    row = plan_row(config, method, cfg, dtype, world_size)
+    row = plan_row(config, method, cfg, dtype, world_size, ranks)
     source = "argument"
     if budget is None:
         budget, source = device_budget(device)
@@ -155,7 +159,7 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
         return f"memory check skipped ({source}); {row.method} plans {gib(need)} ({parts})"
     if need <= budget:
         return f"memory plan: {row.method} needs ~{gib(need)} of {gib(budget)} ({source}) on {device.type}{host}"
-    fixes, tried = _fixes(config, method, cfg, dtype, device, budget, world_size)
+    fixes, tried = _fixes(config, method, cfg, dtype, device, budget, world_size, ranks)
     if fixes:
         hint = "it would fit with " + " or ".join(fixes)
     else:
