@@ -664,6 +664,17 @@ def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
         parallel.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+def test_process_group_backend_follows_the_device(monkeypatch):
+    """Under torchrun NCCL only when the run uses a GPU that torch sees: --device cpu on a GPU machine
+    joins gloo (NCCL cannot reduce the CPU tensors of a CPU run)."""
+    from gallop_kernels.finetune import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (parallel.backend(gpu=True), parallel.backend(gpu=False)) == ("nccl", "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parallel.backend(gpu=True) == "gloo"
+
+
 def test_preflight_under_fsdp_plans_per_rank(monkeypatch, capsys):
     """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards), ddp and none one whole
     model: a budget between the two passes the first and refuses the others."""

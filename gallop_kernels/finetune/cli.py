@@ -687,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         args = build_parser().parse_args(argv)
-        with parallel.joined(args.command in ("finetune", "compare")) as main:
+        gpu = getattr(args, "device", "auto") != "cpu"  # --device cpu on a GPU machine: gloo, not NCCL
+        with parallel.joined(args.command in ("finetune", "compare"), gpu) as main:
             if not main:
                 args.no_progress = True  # only rank 0 of a torchrun job shows progress
             # Any rank's GallopError stops every rank with it (parallel.on_all), and no rank exits before

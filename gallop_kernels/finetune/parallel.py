@@ -39,27 +39,37 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def init() -> None:
-    """Join torchrun's process group (gloo on the CPU, NCCL on this rank's GPU); no-op outside torchrun."""
+def backend(gpu: bool = True) -> str:
+    """The process group's backend: NCCL when the run uses a GPU (``gpu``) and torch sees one, else gloo
+    (``--device cpu`` on a GPU machine trains on the CPU, which NCCL cannot reduce)."""
+    import torch
+
+    return "nccl" if gpu and torch.cuda.is_available() else "gloo"
+
+
+def init(gpu: bool = True) -> None:
+    """Join torchrun's process group (NCCL on this rank's GPU, or gloo on the CPU: :func:`backend`); no-op
+    outside torchrun."""
     if not launched() or _dist() is not None:
         return
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available()
-    if cuda:
+    name = backend(gpu)
+    if name == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    dist.init_process_group(name, timeout=TIMEOUT)
 
 
 @contextlib.contextmanager
-def joined(wanted: bool = True) -> Iterator[bool]:
-    """Under torchrun (and ``wanted``): the process group joined for the block, and stdout silenced on the
-    ranks other than 0. Yields whether this rank is the one that reports (always True in one process)."""
+def joined(wanted: bool = True, gpu: bool = True) -> Iterator[bool]:
+    """Under torchrun (and ``wanted``): the process group joined for the block (``gpu``: see :func:`init`),
+    and stdout silenced on the ranks other than 0. Yields whether this rank is the one that reports (always
+    True in one process)."""
     if not (wanted and launched()):
         yield True
         return
-    init()
+    init(gpu)
     try:
         with contextlib.ExitStack() as quiet:
             if not is_main():
@@ -254,8 +264,8 @@ def unshard_into(sharded, plain):
 
 
 def full_selection(model, selection, values: dict) -> tuple[dict, dict]:
-    """({name: sorted flat indices into the full parameter, int64}, {name: ``values`` at them}) on every
-    rank from an FSDP2 ``selection`` of each rank's shards of ``model`` and ``values`` (per name, one
+    """({name: sorted flat indices into the full parameter, int64}, {name: ``values`` at them}) in host
+    memory, on every rank, from an FSDP2 ``selection`` of each rank's shards of ``model`` and ``values`` (per name, one
     per local index; a name may be missing where a rank selected nothing); names nobody selected in
     are left out, as a one-process selected_values leaves them."""
     import torch
@@ -273,5 +283,5 @@ def full_selection(model, selection, values: dict) -> tuple[dict, dict]:
         vals = comm.all_cat(mine.to(shard.device))
         if idx.numel():
             order = torch.argsort(idx)  # the shards lie in rank order: already sorted, kept so by a stable rule
-            indices[name], gathered[name] = idx[order], vals[order]
+            indices[name], gathered[name] = idx[order].cpu(), vals[order].cpu()  # host: only the delta needs them
     return indices, gathered
