@@ -143,8 +143,9 @@ def make_delta(model: torch.nn.Module, selection, base_values: dict[str, torch.T
     tensors, tuned_values = {}, {}
     for name, base in base_values.items():
         p = params[name].detach()
-        idx = selection[name]
+        idx = selection[name].to(p.device)
         tuned = gather(p, idx)
+        base = base.to(p.device)  # base values and indices may be kept in host memory
         work = _compute_dtype(p.dtype)
         diff = (tuned.to(work) - base.to(work)).float()
         forward = (base.to(work) + diff.to(work)).to(p.dtype)

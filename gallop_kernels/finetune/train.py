@@ -270,11 +270,9 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     del grads
     zeros = count_selected_zeros(model, sel)
     base = selected_values(model, sel)
-    whole, whole_base, n_total = sel, base, sel.num_total
-    if cfg.parallel == "fsdp":  # each rank selected in its shards: the report and the delta show the whole model's
-        whole, whole_base = parallel.full_selection(model, sel, base)
-        zeros, n_total = parallel.total(zeros), parallel.total(n_total)
-    n_selected = sum(int(i.numel()) for i in whole.values())
+    n_selected, n_total = sel.num_selected, sel.num_total
+    if cfg.parallel == "fsdp":  # each rank selected in its shards: the log and the report count the whole model's
+        zeros, n_selected, n_total = (parallel.total(n) for n in (zeros, n_selected, n_total))
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}{made} {time.perf_counter() - t1:.1f} s: "
@@ -293,11 +291,12 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     losses = train_loop(model, opt, lambda: opt.clip_grad_norm_(cfg.clip), batches, cfg, log, progress, method,
                         after_step=None if resel is None else reselect)
     opt.remove_hooks()
-    result = TrainResult(method, losses, n_selected, selection=whole, selected_zero=zeros, base_values=whole_base)
-    if resel is not None:  # what the delta covers: every weight trained (gallop), the final set (spiel)
-        result.selection, result.base_values = resel.trained, resel.base_values
-        if cfg.parallel == "fsdp":  # each rank's shards: gathered as the first selection was
-            result.selection, result.base_values = parallel.full_selection(model, resel.trained, resel.base_values)
+    # what the delta covers: the selection, or every weight trained (gallop re-selection), the final set (spiel)
+    trained, trained_base = (sel, base) if resel is None else (resel.trained, resel.base_values)
+    if cfg.parallel == "fsdp":  # each rank's shards, gathered into host memory once training is over
+        trained, trained_base = parallel.full_selection(model, trained, trained_base)
+    result = TrainResult(method, losses, n_selected, selection=trained, selected_zero=zeros, base_values=trained_base)
+    if resel is not None:
         result.extra["reselections"] = [_whole_model(h, cfg) for h in resel.history]  # a resumed run's too
     return result
 
@@ -435,7 +434,8 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
     of the training examples, in batches of ``batch_size``. Under ``cfg.parallel="fsdp"``
     ``model`` is sharded for training and ``plain`` (required there) returns a fresh copy of the
     base model, not sharded: the tuned model returned is that copy with the tuned values, whole
-    on every rank. The TrainResult's selection and base values are then the whole model's.
+    on every rank. The TrainResult's selection and base values are then the whole model's, as
+    {name: tensor} in host memory (gathered after training).
     """
     if cfg.parallel == "fsdp" and plain is None:
         raise ValueError("parallel='fsdp' needs plain: a function that loads the base model again")
