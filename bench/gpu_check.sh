@@ -50,6 +50,8 @@ run() {  # run a step under min(its limit, the time left); remember a failure, k
   # tiny random Llama, the same selection on cpu and cuda, gallop plan --measure on the
   # TinyLlama-1.1B shape (batch 1 x 512; the table is printed).
   run 90 python3 -m pytest -q -x -s tests/test_estimate.py tests/test_finetune.py -k "test_offloaded_estimation_on_cuda or test_finetune_on_cuda_in_bf16 or test_plan_measures_the_tinyllama_shape_on_cuda or test_same_seed_and_data_select"
+  # FSDP2 on one NCCL rank: offloaded estimation's host sums scored on the host, the exchanges on the GPU.
+  run 40 python3 -m pytest -q -x tests/test_distributed.py -k "offloaded_estimation_on_cuda"
   exit "$status"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
