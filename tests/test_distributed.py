@@ -383,14 +383,20 @@ def test_fsdp2_distributed_checkpoint_resume(tmp_path):
 def _finetune_checkpoint_worker(rank, folder, method):
     """gallop finetune's checkpoints (train_loop under checkpoint.active) on an FSDP2 model: stopped after the
     step-2 checkpoint and resumed (the Selection and SparseAdamW state per rank, or the DTensor model and torch
-    AdamW through torch's distributed state_dict), the weights equal an uninterrupted run's, bit for bit."""
+    AdamW through torch's distributed state_dict), the weights equal an uninterrupted run's, bit for bit.
+    gallop: a model that differs in rank 1's shards only is refused with the same GallopError on every rank."""
+    from gallop_kernels.delta import selected_values
+    from gallop_kernels.errors import GallopError
     from gallop_kernels.finetune import checkpoint, train
 
     batches = _token_batches(rank, WORLD, n=4)  # this rank's 4 batches of its data
     cfg = train.TrainConfig(steps=4, warmup=1, lr=1e-2, log_every=0)
 
-    def run(saving, stop_at=None):
+    def run(saving, stop_at=None, bump_rank=None):
         model = _fsdp_llama()
+        if rank == bump_rank:
+            for p in model.parameters():
+                gdist.local(p.detach()).add_(1)
         if method == "gallop":
             sel = saving.selection() if saving is not None and saving.saved else None
             if sel is None:
@@ -398,6 +404,8 @@ def _finetune_checkpoint_worker(rank, folder, method):
                 sel = gk.select_mask(model, rho=0.05)
                 model.zero_grad(set_to_none=True)
             opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr)
+            if saving is not None:  # as train_sparse does: the base values the checkpoints save
+                saving.base = selected_values(model, sel)
             clip = lambda: opt.clip_grad_norm_(cfg.clip)  # noqa: E731
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -421,7 +429,11 @@ def _finetune_checkpoint_worker(rank, folder, method):
     with pytest.raises(InterruptedError):
         run(checkpoint.Checkpoints(folder, 2, {}), stop_at=2)
     dist.barrier()  # rank 0 has published the checkpoint
-    got, losses = run(checkpoint.Checkpoints(folder, 100, {}, checkpoint.newest(Path(folder), {})))
+    saved = checkpoint.newest(Path(folder), {})
+    if method == "gallop":
+        with pytest.raises(GallopError, match=r"the model's weight \S+ differs from the one the run in"):
+            run(checkpoint.Checkpoints(folder, 100, {}, saved), bump_rank=1)
+    got, losses = run(checkpoint.Checkpoints(folder, 100, {}, saved))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert losses[2:] == want_losses[2:] and (rank != 0 or losses == want_losses)  # the saved losses: rank 0's
 

@@ -218,6 +218,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
         if saving is not None:
             saving.after_step(step + 1, model, opt, sched, losses)
+    if saving is not None:
+        saving.release()
     if cfg.gradient_checkpointing:
         checkpointing(model, False)
     model.eval()
@@ -274,6 +276,8 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     if cfg.parallel == "fsdp":  # each rank selected in its shards: the report and the delta show the whole model's
         whole, whole_base = parallel.full_selection(model, sel, base)
         zeros, n_total = parallel.total(zeros), parallel.total(n_total)
+    if saving is not None:  # a resumed run's selection may be a re-selected one: the first one's count is saved
+        zeros = saving.first_zeros(zeros)
     n_selected = sum(int(i.numel()) for i in whole.values())
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
@@ -284,7 +288,7 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
     if saving is not None:
-        saving.reselector = resel  # its state goes into the checkpoints too
+        saving.reselector, saving.base = resel, base  # what the checkpoints save besides the optimizer
 
     def reselect() -> None:
         if resel.step() is not None:
