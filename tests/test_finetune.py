@@ -1561,9 +1561,12 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_
     saved = checkpoint.newest(tmp_path, settings)
     assert saved["step"] == 3 and saved["losses"] == want_result.losses[:3]
     sparse = method in ("gallop", "spiel")
-    parts = ["base", "optim", "rng", "selection", "values", *(["reselector"] if reselect else [])] if sparse \
-        else ["model", "optim", "rng"]
+    resel_parts = ["reselector", "reselector_tensors"] if reselect else ["base"]  # a Reselector holds the base
+    parts = ["optim", "rng", "selection", "values", *resel_parts] if sparse else ["model", "optim", "rng"]
     assert saved["parts"] == sorted(parts)
+    if reselect:  # the base values and the gradient sum (step 3 adds to it) are DCP tensors, not packed bytes
+        filed = [k.split(".")[2] for k in _stored_keys(saved["path"]) if k.startswith("reselector_tensors.")]
+        assert set(filed) == {"base", "sum"} and filed.count("base") == filed.count("sum")
     weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
     if method == "fft":
         assert weights == {n for n, _ in model0.named_parameters()}  # the tied lm_head once, as embed_tokens

@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from ..delta import selected_values
-from ..distributed import per_rank, scatter_, this_rank
+from ..distributed import is_dtensor, local, per_rank, scatter_, this_rank
 from ..errors import GallopError
 from ..optim import SparseAdamW
 from ..select import Selection
@@ -121,18 +122,19 @@ class Checkpoints:
         if self.saved is None:
             return 0, []
         if self.reselector is not None:
-            self.reselector.load_state_dict(_unpack(self._load_bytes("reselector"), dict))
+            self._load_reselector(model)
         sparse = isinstance(opt, SparseAdamW)
         if sparse:
             # nothing is trained yet; the Reselector's base values are the loaded ones: read the model's
             here = self.base if self.reselector is None else selected_values(model, self._covered(opt))
             opt.init_state()  # every state tensor in place: the template dcp.load fills
         state = {**self._trainable_state(model, opt), "rng": per_rank(_rng_state())}
-        if sparse:
+        if sparse and self.reselector is None:
             state["base"] = per_rank({n: v.clone() for n, v in here.items()})  # dcp.load fills in place
         _dcp(dcp.load, state, self.saved["path"])
         if sparse:  # every rank compares its own shards: all stop with the first mismatch found
-            parallel.on_all(lambda: _check_base(this_rank(state["base"]), here, self.folder))
+            saved = self._base_values() if self.reselector is not None else this_rank(state["base"])
+            parallel.on_all(lambda: _check_base(saved, here, self.folder))
         self._load_trainable(model, opt, state)
         _set_rng_state(this_rank(state["rng"]))
         sched.load_state_dict(self.saved["scheduler"])
@@ -146,9 +148,12 @@ class Checkpoints:
             return
         state = {**self._trainable_state(model, opt), "rng": per_rank(_rng_state())}
         if isinstance(opt, SparseAdamW):
-            state.update(selection=per_rank(_pack(opt.selection.state_dict())), base=per_rank(self._base_values()))
-        if self.reselector is not None:
-            state["reselector"] = per_rank(_pack(self.reselector.state_dict()))
+            state["selection"] = per_rank(_pack(opt.selection.state_dict()))
+        if self.reselector is not None:  # it holds the base values
+            small, tensors = _reselector_parts(self.reselector)
+            state.update(reselector=per_rank(small), reselector_tensors=per_rank(tensors))
+        elif isinstance(opt, SparseAdamW):
+            state["base"] = per_rank(self.base)
         tmp = self.folder / f".{PREFIX}{step:07d}.tmp"
         meta = {"step": step, "losses": losses, "scheduler": sched.state_dict(), "vanilla": self.vanilla,
                 "settings": self.settings, "save_every": self.every, "parts": sorted(state),
@@ -161,6 +166,21 @@ class Checkpoints:
         """After training: drop the optimizer's Reselector and the base values (the run's result holds
         what it needs), so that they are not kept through the evaluation."""
         self.reselector = self.base = None
+
+    def _load_reselector(self, model) -> None:
+        """Load the Reselector's state: the packed small part first, then the tensors it gives the sizes of."""
+        small = _unpack(self._load_bytes("reselector"), dict)
+        trained, summing = Selection.from_state_dict(small["trained"]), small.pop("sum")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {f"base.{n}": torch.empty(trained[n].numel(), dtype=p.dtype) for n, p in params.items()}
+        if summing:
+            tensors.update({f"sum.{n}": torch.empty(local(p).shape) for n, p in params.items()})
+        state = {"reselector_tensors": per_rank(tensors)}
+        _dcp(dcp.load, state, self.saved["path"])
+        tensors = this_rank(state["reselector_tensors"])
+        base = {n: tensors[f"base.{n}"] for n in params}
+        grad_sum = {n: _like(p, tensors[f"sum.{n}"]) for n, p in params.items()} if summing else None
+        self.reselector.load_state_dict({**small, "base": base, "sum": grad_sum})
 
     def _trainable_state(self, model, opt) -> dict:
         """What training changed (the template to load into, on resume): the covered weights' values and
@@ -266,6 +286,25 @@ def _pack(state: dict) -> bytes:
 def _unpack(data: bytes, make):
     """``make`` of what :func:`_pack` stored."""
     return make(torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _reselector_parts(reselector) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A Reselector's state as its small part packed (step count, history, trained set) and its tensors, filed
+    as DCP entries: the base values and the gradient sum in progress (this rank's shards, on the CPU)."""
+    state = reselector.state_dict()
+    base, grad_sum = state.pop("base"), state.pop("sum")
+    tensors = {f"base.{n}": v for n, v in base.items()}
+    if grad_sum is not None:
+        tensors.update({f"sum.{n}": local(t) for n, t in grad_sum.items()})
+    return _pack({**state, "sum": grad_sum is not None}), tensors
+
+
+def _like(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a parameter's local shard) as ``param`` is: a DTensor sharded the same way, else itself."""
+    if not is_dtensor(param):
+        return values
+    return DTensor.from_local(values.to(local(param).device), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride(), run_check=False)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
