@@ -2,14 +2,17 @@
 
 Every N training steps every rank writes its part of one DCP checkpoint into a hidden folder
 ``.checkpoint-<step>.tmp`` of the run's ``--out``; rank 0 adds ``meta.json`` (the step, the losses
-so far, the scheduler, the vanilla evaluation, the run's settings) and renames the folder to
-``checkpoint-<step>``, then removes the older ones. A checkpoint is complete exactly when that
-name exists, so a run killed while saving leaves the previous one to resume from.
+so far, the scheduler, the vanilla evaluation, the run's settings, the first selection's count of
+weights exactly 0 in the base model), fsyncs it and renames the folder to ``checkpoint-<step>``,
+then removes the older ones. A checkpoint is complete exactly when that name exists, so a run
+killed while saving leaves the previous one to resume from.
 
 What is saved is what training changes. Sparse methods (SparseAdamW): the selected weights'
 values, the optimizer state, the Selection and the base values, each rank under its own key
 (:func:`gallop_kernels.distributed.per_rank`: under FSDP2 the indices address a rank's shard);
-the rest of the model is the base model, loaded again on resume. fft and lora/dora: the
+with re-selection the Reselector's base values and gradient sum in progress instead, as tensors
+(this rank's shards), and its step count, history and trained set packed as one item. The rest of
+the model is the base model, loaded again on resume; every rank checks its shards' base values. fft and lora/dora: the
 trainable parameters (the whole model, the adapters) and the torch optimizer through
 ``torch.distributed.checkpoint.state_dict`` (plain, DDP's shared and FSDP2's DTensor parameters).
 Every rank's random generators are saved too (dropout).
