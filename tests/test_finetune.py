@@ -568,8 +568,8 @@ sys.exit(cli.main(ARGV))
 
 def _stopping(argv: list[str], ready: Path, stop_at: int) -> list[str]:
     """A Python command line running ``gallop argv`` that stops in its run number ``stop_at`` (_STOP_IN_A_RUN)."""
-    code = _STOP_IN_A_RUN.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready))).replace("ARGV", repr(argv))
-    return [sys.executable, "-c", code]
+    code = _STOP_IN_A_RUN.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready)))
+    return [sys.executable, "-c", code.replace("ARGV", repr(argv))]
 
 
 @needs_data
@@ -1635,7 +1635,8 @@ def test_meta_json_without_a_key_is_one_line(tmp_path):
 
 def test_a_checkpoint_is_kept_before_it_is_complete_and_synced_before_the_older_one_goes(tmp_path, monkeypatch):
     """on_saved (the folder kept) runs while the new checkpoint is still the hidden .tmp folder, so a signal right
-    after the rename cannot remove it; meta.json and the folder reach the disk before the older checkpoint is removed."""
+    after the rename cannot remove it; meta.json and the folder reach the disk before the older checkpoint
+    is removed."""
     import os
 
     from gallop_kernels.finetune import checkpoint
