@@ -383,21 +383,34 @@ def test_fsdp2_distributed_checkpoint_resume(tmp_path):
 def _finetune_checkpoint_worker(rank, folder, method):
     """gallop finetune's checkpoints (train_loop under checkpoint.active) on an FSDP2 model: stopped after the
     step-2 checkpoint and resumed (the Selection and SparseAdamW state per rank, or the DTensor model and torch
-    AdamW through torch's distributed state_dict), the weights equal an uninterrupted run's, bit for bit."""
+    AdamW through torch's distributed state_dict), the weights equal an uninterrupted run's, bit for bit.
+    gallop: a model that differs in rank 1's shards only is refused with the same GallopError on every rank.
+    reselect: a Reselector (re-selections at steps 2 and 4), stopped after step 3 with a DTensor gradient sum in
+    progress: the resumed run's trained set (picked from that sum) equals the uninterrupted run's."""
+    from gallop_kernels.delta import selected_values
+    from gallop_kernels.errors import GallopError
     from gallop_kernels.finetune import checkpoint, train
 
     batches = _token_batches(rank, WORLD, n=4)  # this rank's 4 batches of its data
     cfg = train.TrainConfig(steps=4, warmup=1, lr=1e-2, log_every=0)
 
-    def run(saving, stop_at=None):
+    def run(saving, stop_at=None, bump_rank=None):
         model = _fsdp_llama()
-        if method == "gallop":
+        if rank == bump_rank:
+            for p in model.parameters():
+                gdist.local(p.detach()).add_(1)
+        resel = None
+        if method in ("gallop", "reselect"):
             sel = saving.selection() if saving is not None and saving.saved else None
             if sel is None:
                 _token_loss(model, batches[0]).backward()
                 sel = gk.select_mask(model, rho=0.05)
                 model.zero_grad(set_to_none=True)
             opt = gk.SparseAdamW(model.named_parameters(), selection=sel, lr=cfg.lr)
+            if method == "reselect":
+                resel = gk.Reselector(opt, model, every=2, accumulate=2)
+            if saving is not None:  # as train_sparse does: what the checkpoints save besides the optimizer
+                saving.reselector, saving.base = resel, selected_values(model, sel)
             clip = lambda: opt.clip_grad_norm_(cfg.clip)  # noqa: E731
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -412,18 +425,28 @@ def _finetune_checkpoint_worker(rank, folder, method):
         checkpoint.Checkpoints.after_step = after_step
         try:
             with checkpoint.active(saving):
-                losses = train.train_loop(model, opt, clip, batches, cfg, log=lambda _: None, progress=False)
+                losses = train.train_loop(model, opt, clip, batches, cfg, log=lambda _: None, progress=False,
+                                          after_step=None if resel is None else resel.step)
         finally:
             checkpoint.Checkpoints.after_step = real
-        return [p.full_tensor() for p in model.parameters()], losses
+        trained = None if resel is None else {n: i.clone() for n, i in resel.trained.items()}
+        return [p.full_tensor() for p in model.parameters()], losses, trained
 
-    want, want_losses = run(None)
+    want, want_losses, want_trained = run(None)
+    every = 1 if method == "reselect" else 2
     with pytest.raises(InterruptedError):
-        run(checkpoint.Checkpoints(folder, 2, {}), stop_at=2)
+        run(checkpoint.Checkpoints(folder, every, {}), stop_at=3 if method == "reselect" else 2)
     dist.barrier()  # rank 0 has published the checkpoint
-    got, losses = run(checkpoint.Checkpoints(folder, 100, {}, checkpoint.newest(Path(folder), {})))
+    saved = checkpoint.newest(Path(folder), {})
+    if method != "fft":
+        with pytest.raises(GallopError, match=r"the model's weight \S+ differs from the one the run in"):
+            run(checkpoint.Checkpoints(folder, 100, {}, saved), bump_rank=1)
+    got, losses, trained = run(checkpoint.Checkpoints(folder, 100, {}, saved))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert losses[2:] == want_losses[2:] and (rank != 0 or losses == want_losses)  # the saved losses: rank 0's
+    done = saved["step"]
+    assert losses[done:] == want_losses[done:] and (rank != 0 or losses == want_losses)  # the saved losses: rank 0's
+    if method == "reselect":
+        assert trained.keys() == want_trained.keys() and all(torch.equal(trained[n], want_trained[n]) for n in trained)
 
 
 def _fsdp_llama():
@@ -441,7 +464,7 @@ def _token_loss(model, batch):
     return model(**batch).loss
 
 
-@pytest.mark.parametrize("method", ["gallop", "fft"])
+@pytest.mark.parametrize("method", ["gallop", "reselect", "fft"])
 def test_finetune_checkpoints_resume_under_fsdp2(tmp_path, method):
     _spawn(_finetune_checkpoint_worker, tmp_path, str(tmp_path / "run"), method)
 

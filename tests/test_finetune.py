@@ -537,9 +537,9 @@ def test_compare_in_bf16_with_compact_grads_and_checkpointing(tiny_dir, tmp_path
     assert "### generate mode (greedy, 32 new tokens, lenient extraction)" in (out / "compare.md").read_text()
 
 
-def _start_and_wait(code: str, ready: Path) -> subprocess.Popen:
-    """Run ``code`` in a Python subprocess and return once it has written ``ready`` (it then waits for a signal)."""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start_and_wait(argv: list[str], ready: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``argv`` and return once it has written ``ready`` (it then waits for a signal)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
     while not ready.exists():
@@ -566,8 +566,10 @@ sys.exit(cli.main(ARGV))
 """
 
 
-def _stopping(argv: list[str], ready: Path, stop_at: int) -> str:
-    return _STOP_IN_A_RUN.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready))).replace("ARGV", repr(argv))
+def _stopping(argv: list[str], ready: Path, stop_at: int) -> list[str]:
+    """A Python command line running ``gallop argv`` that stops in its run number ``stop_at`` (_STOP_IN_A_RUN)."""
+    code = _STOP_IN_A_RUN.replace("STOP_AT", str(stop_at)).replace("READY", repr(str(ready)))
+    return [sys.executable, "-c", code.replace("ARGV", repr(argv))]
 
 
 @needs_data
@@ -1529,8 +1531,9 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_
     """One process, through the library: a run stopped after its step-3 checkpoint and resumed from it ends with
     the weights, losses and (sparse) selection of an uninterrupted run, bit for bit (bf16: SparseAdamW's float32
     master copy is saved; re-selection: the Reselector's trained set after the step-2 re-selection, its base
-    values and the gradient sum the step-4 one adds to); the checkpoint holds only what training changes (sparse:
-    no model weights; lora: the adapters; fft: the model)."""
+    values and the gradient sum the step-4 one adds to; the count of selected weights exactly 0 in the base model is
+    the first selection's, not the re-selected one's); the checkpoint holds only what training changes (sparse:
+    no model weights; lora: the adapters; fft: the model); training lets go of the Reselector and base values."""
     from gallop_kernels.finetune import checkpoint
     from gallop_kernels.memory import LORA_TARGETS
 
@@ -1544,6 +1547,9 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_
         model = models.load(tiny_dir, getattr(torch, dtype))[0]
         for layer in model.model.layers:  # dropout: the random generator must be restored too
             layer.self_attn.attention_dropout = 0.3
+        with torch.no_grad():  # exact zeros: some are selected at first, others after a re-selection
+            for p in model.parameters():
+                p.view(-1)[::5] = 0
         change(model)
         with checkpoint.active(saving):
             model, result = train.finetune(model, tokenizer, examples, method, cfg, log=lambda _: None, progress=False)
@@ -1566,9 +1572,12 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_
     saved = checkpoint.newest(tmp_path, settings)
     assert saved["step"] == 3 and saved["losses"] == want_result.losses[:3]
     sparse = method in ("gallop", "spiel")
-    parts = ["base", "optim", "rng", "selection", "values", *(["reselector"] if reselect else [])] if sparse \
-        else ["model", "optim", "rng"]
+    resel_parts = ["reselector", "reselector_tensors"] if reselect else ["base"]  # a Reselector holds the base
+    parts = ["optim", "rng", "selection", "values", *resel_parts] if sparse else ["model", "optim", "rng"]
     assert saved["parts"] == sorted(parts)
+    if reselect:  # the base values and the gradient sum (step 3 adds to it) are DCP tensors, not packed bytes
+        filed = [k.split(".")[2] for k in _stored_keys(saved["path"]) if k.startswith("reselector_tensors.")]
+        assert set(filed) == {"base", "sum"} and filed.count("base") == filed.count("sum")
     weights = {k.removeprefix("model.") for k in _stored_keys(saved["path"]) if k.startswith("model.")}
     if method == "fft":
         assert weights == {n for n, _ in model0.named_parameters()}  # the tied lm_head once, as embed_tokens
@@ -1582,9 +1591,12 @@ def test_interrupted_training_resumes_bit_for_bit(method, dtype, reselect, tiny_
     steps, estimated = [], []  # the resumed run makes steps 4 to 6 only, and estimates no gradient
     monkeypatch.setattr(checkpoint.Checkpoints, "after_step", lambda self, step, *rest: steps.append(step))
     monkeypatch.setattr(train, "_mean_gradient", lambda *a: estimated.append(1))
-    got, result = run(checkpoint.Checkpoints(tmp_path, 100, settings, saved))
+    resumed = checkpoint.Checkpoints(tmp_path, 100, settings, saved)
+    got, result = run(resumed)
     assert steps == [4, 5, 6] and estimated == []
+    assert resumed.reselector is None and resumed.base is None  # not kept through the evaluation
     assert result.losses == want_result.losses
+    assert result.selected_zero == want_result.selected_zero and saved["selected_zero"] == result.selected_zero
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     if sparse:
         assert result.selection == want_result.selection
@@ -1602,6 +1614,57 @@ def _stored_keys(path: str) -> list[str]:
     import torch.distributed.checkpoint as dcp
 
     return list(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _save_steps(folder: Path, steps: int, on_saved=None):
+    """A one-layer fft run's Checkpoints in ``folder``, saved after each of ``steps`` steps (nothing trained)."""
+    from gallop_kernels.finetune import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    saving = checkpoint.Checkpoints(folder, 1, {"method": "fft"}, on_saved=on_saved)
+    for step in range(1, steps + 1):
+        saving.after_step(step, model, opt, sched, [1.0] * step)
+    return saving
+
+
+def test_meta_json_without_a_key_is_one_line(tmp_path):
+    """newest() checks every key after_step writes: a meta.json without one is refused in one line."""
+    from gallop_kernels.finetune import checkpoint
+
+    _save_steps(tmp_path, 1)
+    meta = tmp_path / "checkpoint-0000001" / "meta.json"
+    written = json.loads(meta.read_text())
+    assert checkpoint.newest(tmp_path, {"method": "fft"})["step"] == 1
+    for key in written:
+        meta.write_text(json.dumps({k: v for k, v in written.items() if k != key}))
+        with pytest.raises(GallopError) as e:
+            checkpoint.newest(tmp_path, {"method": "fft"})
+        assert str(e.value) == f"--resume: {meta} is damaged: it lacks {key}"
+
+
+def test_a_checkpoint_is_kept_before_it_is_complete_and_synced_before_the_older_one_goes(tmp_path, monkeypatch):
+    """on_saved (the folder kept) runs while the new checkpoint is still the hidden .tmp folder, so a signal right
+    after the rename cannot remove it; meta.json and the folder reach the disk before the older checkpoint
+    is removed."""
+    import os
+
+    from gallop_kernels.finetune import checkpoint
+
+    names = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    seen, events = [], []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: events.append(("rmtree", str(path)))
+                        or real_rmtree(path, **kw))
+    _save_steps(tmp_path, 2, on_saved=lambda: seen.append(names()))
+    assert seen == [[".checkpoint-0000001.tmp"], [".checkpoint-0000002.tmp", "checkpoint-0000001"]]
+    assert names() == ["checkpoint-0000002"]
+    meta = ("fsync", str(tmp_path / ".checkpoint-0000002.tmp" / "meta.json"))
+    assert events[events.index(meta):] == [meta, ("fsync", str(tmp_path)),
+                                           ("rmtree", str(tmp_path / "checkpoint-0000001"))]
 
 
 # Run as a script (one process, or each rank under torchrun): `gallop ARGS` whose checkpoint at step STOP_AT,
@@ -1630,14 +1693,7 @@ def _killed_after_checkpoint(args: list[str], tmp_path: Path, ranks: int, stop_a
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
         if ranks > 1 else [sys.executable]
-    proc = subprocess.Popen([*launch, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the run never saved its checkpoint: {proc.communicate()}")
-        time.sleep(0.1)
+    proc = _start_and_wait([*launch, str(script), *args], ready, env)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     ready.unlink()
@@ -1680,7 +1736,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path,
     shutil.copytree(out, broken)
     (broken / "checkpoint-0000002" / "meta.json").write_text("{}")
     assert cli.main([*common, "--out", str(broken), "--resume"]) == 2
-    assert f"--resume: cannot read {broken / 'checkpoint-0000002' / 'meta.json'} (KeyError" in _error_line(capsys)
+    assert f"--resume: {broken / 'checkpoint-0000002' / 'meta.json'} is damaged: it lacks step, " in _error_line(capsys)
     assert [p.name for p in out.iterdir()] == ["checkpoint-0000002"]  # refusals change nothing
 
     proc = _gallop([*common, "--out", str(out), "--resume"])  # --save-every comes from the checkpoint

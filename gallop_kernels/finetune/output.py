@@ -97,7 +97,8 @@ class OutputFolder:
 
 
 class GrowingFolder(OutputFolder):
-    """An output folder written in place while results come in (``gallop compare``).
+    """An output folder written in place while results come in (``gallop compare``, and ``gallop finetune``
+    with ``--save-every``: its checkpoints).
 
     Each file is written beside its name and renamed over it, so neither a reader nor an
     interruption ever sees half a file. Until :meth:`keep` is called (the first result or checkpoint saved) a

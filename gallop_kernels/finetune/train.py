@@ -218,6 +218,8 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
             log(f"  step {step:4d}  loss {losses[-1]:.4f}  lr {sched.get_last_lr()[0]:.2e}")
         if saving is not None:
             saving.after_step(step + 1, model, opt, sched, losses)
+    if saving is not None:
+        saving.release()
     if cfg.gradient_checkpointing:
         checkpointing(model, False)
     model.eval()
@@ -273,6 +275,8 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     n_selected, n_total = sel.num_selected, sel.num_total
     if cfg.parallel == "fsdp":  # each rank selected in its shards: the log and the report count the whole model's
         zeros, n_selected, n_total = (parallel.total(n) for n in (zeros, n_selected, n_total))
+    if saving is not None:  # a resumed run's selection may be a re-selected one: the first one's count is saved
+        zeros = saving.first_zeros(zeros)
     where = " in host memory" if cfg.offload_grads else ""
     grad_note = f"gradient over {len(grad_batches)} batches{where} {t1 - t0:.1f} s; " if grads_used else ""
     log(f"  {grad_note}{made} {time.perf_counter() - t1:.1f} s: "
@@ -282,7 +286,7 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
                       weight_decay=cfg.weight_decay, compact_grads=cfg.compact_grads)
     resel = _reselector(opt, model, method, cfg, group)
     if saving is not None:
-        saving.reselector = resel  # its state goes into the checkpoints too
+        saving.reselector, saving.base = resel, base  # what the checkpoints save besides the optimizer
 
     def reselect() -> None:
         if resel.step() is not None:
