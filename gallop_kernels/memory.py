@@ -110,8 +110,9 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype =
 
 @dataclass
 class MemoryRow:
-    """Bytes held by one method on one device; ``peak`` = weights + activations + the larger of estimation
-    and training."""
+    """Bytes held by one method on one device in each phase of a run; ``peak`` = the largest phase's
+    (:attr:`phases`): weights + activations + estimation, weights + activations + training, evaluation,
+    gathering."""
 
     method: str
     trainable: int
@@ -128,6 +129,12 @@ class MemoryRow:
     reselection: int = 0
     """What a Reselector keeps during training (re-selecting methods): its float32 gradient sum and the
     trained weights' base values (and, for GaLLoP re-selection, the trained set's indices)."""
+    evaluation: int = 0
+    """Loading and evaluating the model: the whole model on the device (every rank under FSDP2), and after
+    a sparse method the selection and base values its report keeps; evaluation activations left out."""
+    gathering: int = 0
+    """FSDP2 only: the tuned values gathered into a reloaded whole copy while the shards, what training
+    left on them and one all-gathered tensor still exist."""
 
     @property
     def training(self) -> int:
@@ -135,8 +142,23 @@ class MemoryRow:
         return self.gradients + self.optimizer_state + self.master_weights + self.index_lists + self.reselection
 
     @property
+    def phases(self) -> dict[str, int]:
+        """{phase: bytes held on the device at its peak}, in the order the run goes through them
+        (evaluation: of the vanilla model before training, of the tuned one after)."""
+        held = self.weights + self.activations
+        return {"estimation": held + self.estimation, "training": held + self.training,
+                "gathering": self.gathering, "evaluation": self.evaluation}
+
+    @property
     def peak(self) -> int:
-        return self.weights + self.activations + max(self.training, self.estimation)
+        """The most bytes the device holds at once: the largest of :attr:`phases`."""
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that holds :attr:`peak` (training over estimation on a tie: both hold it)."""
+        phases = self.phases
+        return max(("training", "estimation", "gathering", "evaluation"), key=phases.__getitem__)
 
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, lora_rank: int, dtype: torch.dtype,
@@ -266,8 +288,18 @@ def memory_plan(
       ``estimation``). Offloaded estimation then holds on the device that peak and a group's
       gradient shard, and in host memory per rank the shard's sums and theta's shard.
     - Activations: :func:`activation_bytes` when ``batch_size`` (per device) and ``seq_len`` are given, else 0.
+    - Evaluation (``evaluation``): the ``gallop`` command loads the whole model on every device and
+      evaluates it whole, the vanilla and the tuned model (LoRA merged); sparse methods keep the
+      selection (int64 indices gathered from every rank under FSDP2) and its base values for the report.
+    - Gathering (``gathering``, FSDP2 only): after training each rank loads the whole base model
+      again and gathers the tuned values into it, one all-gathered tensor at a time, while the
+      sharded model holds its shards and what training left: the last step's gradient shards
+      (dense gradients), LoRA's sharded adapters with their gradients and AdamW state, and on the
+      reloaded copy LoRA's whole float32 adapters.
+    - ``peak``: the largest of the phases (:attr:`MemoryRow.phases`); under FSDP2 the whole-model
+      phases often hold it.
 
-    Per-parameter step counters and the selection's scoring workspace are left out.
+    Per-parameter step counters, the selection's scoring workspace and evaluation activations are left out.
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -307,14 +339,23 @@ def memory_plan(
     if reselect is not None:
         resel = STATE_BYTES * shard + b * kr + (index if reselect == "gallop" else 0)
     lora_r = per_rank(lora)
+    whole = n * b
+    kept = (8 * k if world_size > 1 else index_bytes(shapes, k)) + b * k  # the report's selection, base values
+
+    def gather(left: int) -> int:
+        """The reloaded whole model, the shards, the largest tensor all-gathered (padded), and ``left``."""
+        return whole + (shard + world_size * fsdp.largest_shard) * b + left if world_size > 1 else 0
+
+    lora_left = STATE_BYTES * lora + (2 * STATE_BYTES + opt) * lora_r  # reloaded adapters; sharded ones, grads, state
     return [
-        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act),
+        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act, evaluation=whole,
+                  gathering=gather(shard * b)),
         MemoryRow(f"LoRA r={lora_rank}", lora, weights + STATE_BYTES * lora_r, STATE_BYTES * lora_r, opt * lora_r, 0, 0,
-                  0, lora_act),
+                  0, lora_act, evaluation=whole, gathering=gather(lora_left)),
         MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host,
-                  resel),
+                  resel, evaluation=whole + kept, gathering=gather(shard * b + kept)),
         MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, weights, compact, opt * kr, master * kr, index, estimation,
-                  act, host, resel),
+                  act, host, resel, evaluation=whole + kept, gathering=gather(kept)),
     ]  # fmt: skip
 
 
@@ -331,9 +372,10 @@ def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
     cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "reselection", "estimation",
-            "activations", "host_estimation"]
-    head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)"]
-    return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak)] for r in rows])
+            "activations", "host_estimation", "evaluation", "gathering"]
+    head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)", "peak in"]
+    return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak), r.peak_phase]
+                        for r in rows])
 
 
 def main() -> None:

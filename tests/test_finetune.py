@@ -665,15 +665,16 @@ def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
 
 
 def test_preflight_under_fsdp_plans_per_rank(monkeypatch, capsys):
-    """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards), ddp and none one whole
-    model: a budget between the two passes the first and refuses the others."""
+    """--parallel fsdp checks the plan of one rank of the world (FSDP2 shards, and the whole model each
+    rank loads, evaluates and gathers into), ddp and none one whole model: a budget between the two
+    passes the first and refuses the others (8 ranks: on 2 the gathering outweighs one process's peak)."""
     from gallop_kernels.finetune import parallel, plan
 
-    monkeypatch.setattr(parallel, "world", lambda: 2)
+    monkeypatch.setattr(parallel, "world", lambda: 8)
     args = cli.build_parser().parse_args(["finetune", "--model", "llama3-8b", "--device", "cpu"])
     cfg = train.TrainConfig()
     per_rank, whole = (plan.plan_row(plan.model_config("llama3-8b"), "gallop", cfg, torch.float32, w).peak
-                       for w in (2, 1))
+                       for w in (8, 1))
     monkeypatch.setenv(plan.BUDGET_ENV, str((per_rank + whole) // 2))
     assert cli._check_memory(args, {"gallop": train.TrainConfig(parallel="fsdp")}) == {"gallop": False}
     assert "memory plan: gallop rho=0.01 needs" in capsys.readouterr().out
