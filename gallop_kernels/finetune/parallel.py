@@ -219,10 +219,11 @@ def decoder_layers(model) -> list:
     return layers[::-1]  # modules() lists outer before inner; FSDP2 wraps from the inside out
 
 
-def shard(model):
+def shard(model, device_type: str | None = None):
     """``model`` sharded in place with FSDP2 over a 1-D mesh of all ranks: one group per decoder layer,
     the input embedding and the output head one each when they are not tied (tied, they stay in the
-    root's group with the rest), then the root. Returns ``model``."""
+    root's group with the rest), then the root. The mesh is on ``device_type`` (default: where the
+    parameters are; a model on the meta device must name it). Returns ``model``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -231,11 +232,91 @@ def shard(model):
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     ends = [] if tied else [m for m in (embed, head) if m is not None]
-    mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
+    mesh = init_device_mesh(device_type or next(model.parameters()).device.type, (world(),))
     for module in [*layers, *ends]:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def load_sharded(path, dtype, device):
+    """The causal LM of the checkpoint folder ``path`` in ``dtype``, sharded as :func:`shard` shards it,
+    each rank's shards on ``device``: the weights are never whole on one device. The model is built
+    with its parameters on the meta device (buffers real, as the model's constructor makes them),
+    sharded, and each rank reads only its rows of every tensor from the safetensors files (memory
+    mapped), cast to ``dtype`` as ``models.load`` casts them; buffers the checkpoint holds come from it.
+    Tied weights stay tied. ModelError, before any weight is read, when the folder has no safetensors
+    checkpoint or lacks a parameter or holds it in another shape."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+
+    files = models.safetensors_files(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(models.load_config(path), dtype=dtype)
+    model.tie_weights()  # init_empty_weights puts a new meta Parameter where the constructor tied one
+    _check_checkpoint(model, files, path)
+    model.generation_config = _generation_config(path, model.generation_config)
+    buffers = dict(model.named_buffers())
+    saved = {n: _read(files, n) if n in files else b.clone() for n, b in buffers.items()}
+    shard(model, device.type)
+    model.to_empty(device=device)  # each rank's shards allocated, not filled; buffers too: refilled below
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[name])
+        _fill_shards(model, files)
+    model.eval()
+    return model
+
+
+def _check_checkpoint(model, files: dict, path) -> None:
+    """ModelError unless ``files`` ({tensor name: file}) holds every parameter of ``model`` in its shape."""
+    from safetensors import safe_open
+
+    from .models import ModelError
+
+    for name, p in model.named_parameters():  # tied weights are listed once, under the input embedding's name
+        if name not in files:
+            raise ModelError(f"the checkpoint in {str(path)!r} has no tensor {name!r}, a parameter of "
+                             f"{type(model).__name__}: --parallel fsdp loads tensors by the model's own names")
+        with safe_open(files[name], framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != tuple(p.shape):
+            raise ModelError(f"the checkpoint in {str(path)!r} holds {name!r} in shape {list(shape)}, "
+                             f"the model's parameter is {list(p.shape)}")
+
+
+def _generation_config(path, default):
+    """The generation config of the folder ``path`` (as ``from_pretrained`` reads it), else ``default``."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one made from the model config
+        return default
+
+
+def _read(files: dict, name: str, rows: slice = slice(None)):
+    """The rows ``rows`` of tensor ``name`` read from its safetensors file (only those rows: memory mapped)."""
+    from safetensors import safe_open
+
+    with safe_open(files[name], framework="pt") as f:
+        return f.get_slice(name)[rows]
+
+
+def _fill_shards(model, files: dict) -> None:
+    """Copy into each of this rank's parameter shards of the FSDP2-sharded ``model`` its rows read from
+    ``files``, cast to the shard's dtype by ``copy_`` (what ``from_pretrained``'s ``to(dtype)`` does)."""
+    from ..distributed import dtensor_group, local, shard_starts
+
+    params = list(model.named_parameters())
+    starts = shard_starts([p for _, p in params], dtensor_group([p for _, p in params]))
+    for (name, p), start in zip(params, starts):
+        shard = local(p)
+        row = start // (p.numel() // p.shape[0]) if p.shape[0] else 0
+        shard.copy_(_read(files, name, slice(row, row + shard.shape[0])))
 
 
 def unshard_into(sharded, plain):
