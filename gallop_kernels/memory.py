@@ -130,11 +130,12 @@ class MemoryRow:
     """What a Reselector keeps during training (re-selecting methods): its float32 gradient sum and the
     trained weights' base values (and, for GaLLoP re-selection, the trained set's indices)."""
     evaluation: int = 0
-    """Loading and evaluating the model: the whole model on the device (every rank under FSDP2), and after
-    a sparse method the selection and base values its report keeps; evaluation activations left out."""
+    """Loading and evaluating the model (the vanilla and the tuned one): the whole model on the device, or
+    under FSDP2 the sharded model's ``weights`` (LoRA: the whole merged model); after a sparse method the
+    selection and values its report keeps. Evaluation activations are left out."""
     gathering: int = 0
-    """FSDP2 only: the tuned values gathered into a reloaded whole copy while the shards, what training
-    left on them and one all-gathered tensor still exist."""
+    """LoRA under FSDP2 only: the adapters gathered into a reloaded whole copy while the shards, the
+    sharded adapters' state and one all-gathered tensor still exist."""
 
     @property
     def training(self) -> int:
@@ -288,16 +289,17 @@ def memory_plan(
       ``estimation``). Offloaded estimation then holds on the device that peak and a group's
       gradient shard, and in host memory per rank the shard's sums and theta's shard.
     - Activations: :func:`activation_bytes` when ``batch_size`` (per device) and ``seq_len`` are given, else 0.
-    - Evaluation (``evaluation``): the ``gallop`` command loads the whole model on every device and
-      evaluates it whole, the vanilla and the tuned model (LoRA merged); sparse methods keep the
-      selection (int64 indices gathered from every rank under FSDP2) and its base values for the report.
-    - Gathering (``gathering``, FSDP2 only): after training each rank loads the whole base model
-      again and gathers the tuned values into it, one all-gathered tensor at a time, while the
-      sharded model holds its shards and what training left: the last step's gradient shards
-      (dense gradients), LoRA's sharded adapters with their gradients and AdamW state, and on the
-      reloaded copy LoRA's whole float32 adapters.
-    - ``peak``: the largest of the phases (:attr:`MemoryRow.phases`); under FSDP2 the whole-model
-      phases often hold it.
+    - Evaluation (``evaluation``): the ``gallop`` command evaluates the vanilla and the tuned model
+      whole in one process; under FSDP2 on the sharded model itself (``weights``: the shards and the
+      groups gathered for a forward), read shard by shard from the checkpoint, except LoRA's, whose
+      model is loaded whole on every rank and evaluated whole after the merge. Sparse methods keep for
+      the report the selection and its base values (under FSDP2 gathered from every rank: int64
+      indices, base and tuned values).
+    - Gathering (``gathering``, LoRA under FSDP2): after training each rank loads the whole base
+      model again and gathers the tuned adapters into it (one all-gathered tensor at a time) while
+      the sharded model holds its shards and its adapters with their AdamW state, and the reloaded
+      copy its whole float32 adapters.
+    - ``peak``: the largest of the phases (:attr:`MemoryRow.phases`).
 
     Per-parameter step counters, the selection's scoring workspace and evaluation activations are left out.
     """
@@ -340,22 +342,23 @@ def memory_plan(
         resel = STATE_BYTES * shard + b * kr + (index if reselect == "gallop" else 0)
     lora_r = per_rank(lora)
     whole = n * b
-    kept = (8 * k if world_size > 1 else index_bytes(shapes, k)) + b * k  # the report's selection, base values
-
-    def gather(left: int) -> int:
-        """The reloaded whole model, the shards, the largest tensor all-gathered (padded), and ``left``."""
-        return whole + (shard + world_size * fsdp.largest_shard) * b + left if world_size > 1 else 0
-
-    lora_left = STATE_BYTES * lora + (2 * STATE_BYTES + opt) * lora_r  # reloaded adapters; sharded ones, grads, state
+    # the report's selection: one process, the optimizer's indices and the base values; FSDP2, gathered
+    # from every rank: int64 indices, base and tuned values
+    kept = 8 * k + 2 * b * k if world_size > 1 else index_bytes(shapes, k) + b * k
+    evaluated = weights if world_size > 1 else whole  # FSDP2 evaluates the sharded model
+    lora_gather = 0
+    if world_size > 1:  # the reloaded model, its float32 adapters; the shards, one tensor all-gathered (padded),
+        # the sharded adapters and their AdamW state
+        lora_gather = whole + STATE_BYTES * lora + (shard + world_size * fsdp.largest_shard) * b + \
+            (STATE_BYTES + opt) * lora_r
     return [
-        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act, evaluation=whole,
-                  gathering=gather(shard * b)),
+        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act, evaluation=evaluated),
         MemoryRow(f"LoRA r={lora_rank}", lora, weights + STATE_BYTES * lora_r, STATE_BYTES * lora_r, opt * lora_r, 0, 0,
-                  0, lora_act, evaluation=whole, gathering=gather(lora_left)),
+                  0, lora_act, evaluation=whole, gathering=lora_gather),
         MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host,
-                  resel, evaluation=whole + kept, gathering=gather(shard * b + kept)),
+                  resel, evaluation=evaluated + kept),
         MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, weights, compact, opt * kr, master * kr, index, estimation,
-                  act, host, resel, evaluation=whole + kept, gathering=gather(kept)),
+                  act, host, resel, evaluation=evaluated + kept),
     ]  # fmt: skip
 
 

@@ -415,6 +415,7 @@ def _finetune_checkpoint_worker(rank, folder, method):
                 losses = train.train_loop(model, opt, clip, batches, cfg, log=lambda _: None, progress=False)
         finally:
             checkpoint.Checkpoints.after_step = real
+        assert all(p.grad is None for p in model.parameters())  # freed: not kept through the evaluation
         return [p.full_tensor() for p in model.parameters()], losses
 
     want, want_losses = run(None)
@@ -641,7 +642,7 @@ def _llama_folder(path: Path, tied: bool) -> Path:
     the untied one with another rope theta, so the rotary buffers differ from the defaults, saved in
     several safetensors files."""
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models
 
     torch.manual_seed(0)
@@ -652,6 +653,7 @@ def _llama_folder(path: Path, tied: bool) -> Path:
     model.generation_config.max_length = 77  # a generation_config.json unlike the one the config makes
     model.save_pretrained(path, **({} if tied else {"max_shard_size": "20KB"}))  # untied: several files, an index
     tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(67)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(path)
     return path
 
@@ -721,3 +723,58 @@ def test_load_sharded_refuses_a_checkpoint_it_cannot_read_by_the_models_names(tm
     (folder / "model.safetensors").unlink()
     with pytest.raises(models.ModelError, match="has no model.safetensors or model.safetensors.index.json"):
         parallel.load_sharded(folder, torch.float32, torch.device("cpu"))
+
+
+class _Prompt:
+    """What evaluate.generate_replies asks of an example: its prompt."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def prompt(self) -> str:
+        return self.text
+
+
+def _sharded_evaluation_worker(rank, folder):
+    """The evaluation on the FSDP2-sharded model (each rank a slice of the batches, the ranks in lockstep:
+    3 batches of 1, so rank 1 runs a dropped one) against the whole model in one process: the same
+    replies (beam search and greedy) and log-likelihoods. The eos token is the second prompt's first
+    greedy token, so rank 1's batch stops early while rank 0's go on: the ranks must keep stepping."""
+    from gallop_kernels.finetune import evaluate, models, parallel
+
+    sharded = parallel.load_sharded(Path(folder), torch.float32, torch.device("cpu"))
+    plain, tok = models.load(Path(folder))
+    prompts = [_Prompt(" ".join(f"w{(7 * i + 5 * j) % 67}" for j in range(2 + 3 * i))) for i in range(3)]
+    first = plain.generate(tok(prompts[1].text, return_tensors="pt")["input_ids"], max_new_tokens=1,
+                           do_sample=False)[0, -1]
+    for model in (sharded, plain):
+        model.generation_config.eos_token_id = int(first)
+    forwards = [0]
+    sharded.model.layers[0].register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    pairs = [(p.text, " w3 w4") for p in prompts]
+    for decode in ("beam", "greedy"):
+        kw = dict(batch_size=1, max_new_tokens=6, decode=decode, progress=False)
+        got = evaluate.generate_replies(sharded, tok, prompts, **kw)
+        with _alone():  # one process: no split, no merge
+            want = evaluate.generate_replies(plain, tok, prompts, **kw)
+        assert got == want and got[1] == "w" + str(int(first)), (decode, got, want)  # batch 1 stopped at once
+    got = evaluate.continuation_logprobs(sharded, tok, pairs, batch_size=1, progress=False)
+    with _alone():
+        want = evaluate.continuation_logprobs(plain, tok, pairs, batch_size=1, progress=False)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    every = [None] * WORLD
+    dist.all_gather_object(every, forwards[0])
+    assert every == [every[0]] * WORLD, every  # lockstep: as many forward calls on every rank
+
+
+def _alone():
+    """The gallop command's rank helpers as in one process (parallel.world() 1, rank 0, no merge)."""
+    from unittest import mock
+
+    from gallop_kernels.finetune import parallel
+
+    return mock.patch.object(parallel, "_dist", lambda: None)
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    _spawn(_sharded_evaluation_worker, tmp_path, str(_llama_folder(tmp_path / "m", tied=False)))

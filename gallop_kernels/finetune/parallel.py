@@ -5,8 +5,10 @@ the CPU, NCCL with one GPU per rank). Training is sharded with FSDP2 (:func:`sha
 fsdp``, the default), data-parallel with DDP (:func:`data_parallel`), or replicated (``none``);
 the first two give each rank its rows of every batch (:func:`my_rows`). The evaluation, the
 slowest stage, gives each rank every world-th batch of questions and gathers the answers, so the
-accuracies are those of one process; after FSDP2 training it runs on a plain copy of the tuned
-model on every rank (:func:`unshard_into`). Only rank 0 prints and writes the output folder.
+accuracies are those of one process. Under FSDP2 the model is loaded into its shards
+(:func:`load_sharded`) and evaluated sharded, the ranks in lockstep; LoRA's model is loaded whole
+and, after training, its adapters are gathered into a plain copy (:func:`unshard_into`) to merge.
+Only rank 0 prints and writes the output folder.
 Torch is imported only on use, so the command line stays fast.
 """
 
@@ -205,6 +207,13 @@ def total(n: int) -> int:
 def _base(model):
     """The transformers model inside a peft wrapper (``model`` itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are DTensor shards (FSDP2)."""
+    from ..distributed import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def decoder_layers(model) -> list:
