@@ -137,15 +137,19 @@ def _fingerprint(values: dict[str, torch.Tensor], indices: dict[str, torch.Tenso
 
 
 def make_delta(model: torch.nn.Module, selection, base_values: dict[str, torch.Tensor],
-               info: dict | None = None) -> Delta:
-    """The delta of ``model`` (tuned) from ``base_values`` (:func:`selected_values` before training) over ``selection``."""
+               info: dict | None = None, tuned_values: dict[str, torch.Tensor] | None = None) -> Delta:
+    """The delta of ``model`` (tuned) from ``base_values`` (:func:`selected_values` before training) over ``selection``.
+
+    ``tuned_values`` ({name: values at ``selection[name]``}) replaces reading them from ``model``, whose
+    parameters then give only their shapes and dtypes: for a sharded model (FSDP2) whose selected
+    values were gathered from every rank."""
     params = _selected_params(model, base_values)
-    tensors, tuned_values = {}, {}
+    tensors, tuned_at = {}, {}
     for name, base in base_values.items():
         p = params[name].detach()
-        idx = selection[name].to(p.device)
-        tuned = gather(p, idx)
-        base = base.to(p.device)  # base values and indices may be kept in host memory
+        idx = selection[name]
+        tuned = gather(p, idx.to(p.device)) if tuned_values is None else tuned_values[name]
+        base = base.to(tuned.device)  # base values, indices and tuned values may be kept in host memory
         work = _compute_dtype(p.dtype)
         diff = (tuned.to(work) - base.to(work)).float()
         forward = (base.to(work) + diff.to(work)).to(p.dtype)
@@ -154,10 +158,10 @@ def make_delta(model: torch.nn.Module, selection, base_values: dict[str, torch.T
         at = inexact.nonzero().reshape(-1)
         tensors[name] = TensorDelta(tuple(p.shape), idx.to(torch.int64).cpu(), diff.cpu(), at.cpu(),
                                     base[at].cpu(), tuned[at].cpu())
-        tuned_values[name] = tuned
+        tuned_at[name] = tuned
     indices = {n: t.indices for n, t in tensors.items()}
     shapes = {n: t.shape for n, t in tensors.items()}
-    return Delta(tensors, _fingerprint(base_values, indices, shapes), _fingerprint(tuned_values, indices, shapes),
+    return Delta(tensors, _fingerprint(base_values, indices, shapes), _fingerprint(tuned_at, indices, shapes),
                  dict(info or {}))
 
 

@@ -110,8 +110,9 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype =
 
 @dataclass
 class MemoryRow:
-    """Bytes held by one method on one device; ``peak`` = weights + activations + the larger of estimation
-    and training."""
+    """Bytes held by one method on one device in each phase of a run; ``peak`` = the largest phase's
+    (:attr:`phases`): weights + activations + estimation, weights + activations + training, evaluation,
+    gathering."""
 
     method: str
     trainable: int
@@ -128,6 +129,13 @@ class MemoryRow:
     reselection: int = 0
     """What a Reselector keeps during training (re-selecting methods): its float32 gradient sum and the
     trained weights' base values (and, for GaLLoP re-selection, the trained set's indices)."""
+    evaluation: int = 0
+    """Loading and evaluating the model (the vanilla and the tuned one): the whole model on the device, or
+    under FSDP2 the sharded model's ``weights`` (LoRA: the whole merged model); after a sparse method the
+    selection and values its report keeps. Evaluation activations are left out."""
+    gathering: int = 0
+    """LoRA under FSDP2 only: the adapters gathered into a reloaded whole copy while the shards, the
+    sharded adapters' state and one all-gathered tensor still exist."""
 
     @property
     def training(self) -> int:
@@ -135,8 +143,23 @@ class MemoryRow:
         return self.gradients + self.optimizer_state + self.master_weights + self.index_lists + self.reselection
 
     @property
+    def phases(self) -> dict[str, int]:
+        """{phase: bytes held on the device at its peak}, in the order the run goes through them
+        (evaluation: of the vanilla model before training, of the tuned one after)."""
+        held = self.weights + self.activations
+        return {"estimation": held + self.estimation, "training": held + self.training,
+                "gathering": self.gathering, "evaluation": self.evaluation}
+
+    @property
     def peak(self) -> int:
-        return self.weights + self.activations + max(self.training, self.estimation)
+        """The most bytes the device holds at once: the largest of :attr:`phases`."""
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that holds :attr:`peak` (training over estimation on a tie: both hold it)."""
+        phases = self.phases
+        return max(("training", "estimation", "gathering", "evaluation"), key=phases.__getitem__)
 
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, lora_rank: int, dtype: torch.dtype,
@@ -266,8 +289,19 @@ def memory_plan(
       ``estimation``). Offloaded estimation then holds on the device that peak and a group's
       gradient shard, and in host memory per rank the shard's sums and theta's shard.
     - Activations: :func:`activation_bytes` when ``batch_size`` (per device) and ``seq_len`` are given, else 0.
+    - Evaluation (``evaluation``): the ``gallop`` command evaluates the vanilla and the tuned model
+      whole in one process; under FSDP2 on the sharded model itself (``weights``: the shards and the
+      groups gathered for a forward), read shard by shard from the checkpoint, except LoRA's, whose
+      model is loaded whole on every rank and evaluated whole after the merge. Sparse methods keep for
+      the report the selection and its base values (under FSDP2 gathered from every rank into host
+      memory: int64 indices, base and tuned values, none of it on the device).
+    - Gathering (``gathering``, LoRA under FSDP2): after training each rank loads the whole base
+      model again and gathers the tuned adapters into it (one all-gathered tensor at a time) while
+      the sharded model holds its shards and its adapters with their AdamW state, and the reloaded
+      copy its whole float32 adapters.
+    - ``peak``: the largest of the phases (:attr:`MemoryRow.phases`).
 
-    Per-parameter step counters and the selection's scoring workspace are left out.
+    Per-parameter step counters, the selection's scoring workspace and evaluation activations are left out.
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -307,14 +341,24 @@ def memory_plan(
     if reselect is not None:
         resel = STATE_BYTES * shard + b * kr + (index if reselect == "gallop" else 0)
     lora_r = per_rank(lora)
+    whole = n * b
+    # the report's selection: one process, the optimizer's indices and the base values on the device;
+    # FSDP2 gathers it from every rank into host memory once training is over
+    kept = 0 if world_size > 1 else index_bytes(shapes, k) + b * k
+    evaluated = weights if world_size > 1 else whole  # FSDP2 evaluates the sharded model
+    lora_gather = 0
+    if world_size > 1:  # the reloaded model, its float32 adapters; the shards, one tensor all-gathered (padded),
+        # the sharded adapters and their AdamW state
+        lora_gather = whole + STATE_BYTES * lora + (shard + world_size * fsdp.largest_shard) * b + \
+            (STATE_BYTES + opt) * lora_r
     return [
-        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act),
+        MemoryRow("full FT (AdamW)", n, weights, dense_grads, 2 * b * shard, 0, 0, 0, act, evaluation=evaluated),
         MemoryRow(f"LoRA r={lora_rank}", lora, weights + STATE_BYTES * lora_r, STATE_BYTES * lora_r, opt * lora_r, 0, 0,
-                  0, lora_act),
+                  0, lora_act, evaluation=whole, gathering=lora_gather),
         MemoryRow(f"GaLLoP rho={rho:g}", k, weights, dense_grads, opt * kr, master * kr, index, estimation, act, host,
-                  resel),
+                  resel, evaluation=evaluated + kept),
         MemoryRow(f"GaLLoP rho={rho:g}, compact grads", k, weights, compact, opt * kr, master * kr, index, estimation,
-                  act, host, resel),
+                  act, host, resel, evaluation=evaluated + kept),
     ]  # fmt: skip
 
 
@@ -331,9 +375,10 @@ def markdown(rows: list[MemoryRow], title: str = "") -> str:
     """The rows as a Markdown table in GiB."""
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
     cols = ["weights", "gradients", "optimizer_state", "master_weights", "index_lists", "reselection", "estimation",
-            "activations", "host_estimation"]
-    head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)"]
-    return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak)] for r in rows])
+            "activations", "host_estimation", "evaluation", "gathering"]
+    head = [title or "method", "trainable", *(c.replace("_", " ") for c in cols), "peak (GiB)", "peak in"]
+    return table(head, [[r.method, f"{r.trainable:,}", *(gib(asdict(r)[c]) for c in cols), gib(r.peak), r.peak_phase]
+                        for r in rows])
 
 
 def main() -> None:

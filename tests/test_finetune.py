@@ -1386,7 +1386,8 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     """2 gloo ranks. --parallel none (training replicated, evaluation split by batches): the report
     (accuracies, replies, losses) and the delta are those of one process, bit for bit. --parallel ddp
     (each batch and the gradient's batches split, DDP averaging) and fsdp, the default (FSDP2 shards per
-    decoder layer, each batch's rows and the gradient batches' rows split, the delta gathered to rank 0):
+    decoder layer, each batch's rows and the gradient batches' rows split, the model read into its shards
+    and evaluated sharded, the delta gathered to rank 0):
     the same selection (indices exact), the losses and the delta within float32 rounding of the other
     summation order (rtol 1e-4, atol 1e-6), the same accuracies. Only rank 0 prints and writes."""
     common = ["finetune", "--model", str(tiny_dir), "--task", "piqa", "--rho", "0.05", "--eval-tasks", "piqa,boolq",
@@ -1400,6 +1401,7 @@ def test_finetune_under_torchrun_equals_one_process(tiny_dir, tmp_path):
         proc = _gallop([*common, *extra, "--out", str(out)], ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("| gallop |") == 2 and proc.stdout.count("elapsed") == 1  # one table per mode, rank 0
+        assert ("read into the shards of 2 ranks" in proc.stdout) == name.startswith("fsdp")  # never whole
         runs[name] = (json.loads((out / "report.json").read_text()), _tensors(out / "delta.safetensors"))
     (one, delta1), (two, delta2) = runs["one"], runs["none"]
     assert two["summary"] == one["summary"] and two["tuned"] == one["tuned"] and two["vanilla"] == one["vanilla"]
@@ -1509,14 +1511,20 @@ def test_compare_under_torchrun_equals_one_process(tiny_dir, tmp_path):
 
 
 def test_evaluation_batches_are_cut_as_in_one_process_then_dealt_to_ranks(monkeypatch):
+    """Each rank's batches, each with whether its results are kept; in lockstep (a sharded model) every
+    rank runs as many batches, a short rank repeating the first batch with its results dropped."""
     from gallop_kernels.finetune import parallel
 
     order = [5, 3, 0, 6, 1, 2, 4]
-    assert evaluate._my_batches(order, 2) == [[5, 3], [0, 6], [1, 2], [4]]
-    monkeypatch.setattr(parallel, "world", lambda: 2)
-    for rank, want in ((0, [[5, 3], [1, 2]]), (1, [[0, 6], [4]])):
+    kept = lambda batches: [(b, True) for b in batches]  # noqa: E731
+    assert evaluate._my_batches(order, 2) == kept([[5, 3], [0, 6], [1, 2], [4]])
+    assert evaluate._my_batches(order, 2, lockstep=True) == kept([[5, 3], [0, 6], [1, 2], [4]])
+    monkeypatch.setattr(parallel, "world", lambda: 3)
+    for rank, want in ((0, kept([[5, 3], [4]])), (1, kept([[0, 6]])), (2, kept([[1, 2]]))):
         monkeypatch.setattr(parallel, "rank", lambda rank=rank: rank)
         assert evaluate._my_batches(order, 2) == want
+        assert evaluate._my_batches(order, 2, lockstep=True) == want + [([5, 3], False)] * (2 - len(want))
+    assert evaluate._my_batches([], 2, lockstep=True) == []
 
 
 class _Stop(Exception):

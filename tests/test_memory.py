@@ -239,6 +239,57 @@ def test_fsdp2_shards_state_and_counts_what_the_wrapping_gathers():
             memory_plan(cfg, world_size=bad)
 
 
+def test_whole_model_phases_count_what_loading_evaluating_and_gathering_hold():
+    """The phases outside training, by hand on _tiny_config in bf16 (k = 5% of n). One process loads and
+    evaluates the whole model (2n); sparse methods keep the report's selection (int32 indices) and base
+    values. Under FSDP2 the model is evaluated sharded (its ``weights``) and the report's selection is
+    gathered (int64 indices, base and tuned values); LoRA's model is whole, and its adapters are
+    gathered into a reloaded whole copy while the shards (``shard``), one all-gathered tensor (the
+    embedding or head, padded to 102 rows) and the sharded adapters' AdamW state exist."""
+    cfg = _tiny_config()
+    n = 3 * LAYER + 2 * VOCAB + NORM
+    shard = (3 * LAYER + 2 * VOCAB_PADDED + NORM) // 2
+    k = round(0.05 * n)
+    one = memory_plan(cfg, rho=0.05, lora_rank=8, dtype=torch.bfloat16)
+    lora = one[1].trainable
+    assert [r.evaluation for r in one] == [2 * n, 2 * n, 2 * n + 4 * k + 2 * k, 2 * n + 4 * k + 2 * k]
+    assert [r.gathering for r in one] == [0] * 4  # one process trains the model it loaded
+    assert [r.peak_phase for r in one] == ["training", "training", "training", "estimation"]
+    full, lo, gallop, compact = memory_plan(cfg, rho=0.05, lora_rank=8, dtype=torch.bfloat16, world_size=2)
+    sharded = 2 * (shard + NORM + 2 * LAYER)  # the shards, the root and a layer gathered (the training weights)
+    assert full.weights == gallop.weights == sharded
+    # the selection, base and tuned values are gathered into host memory: nothing of them on the device
+    assert [r.evaluation for r in (full, lo, gallop, compact)] == [sharded, 2 * n, sharded, sharded]
+    assert full.gathering == gallop.gathering == compact.gathering == 0  # evaluated on the shards
+    # the reloaded model and its float32 adapters; the shards, the head all-gathered; the sharded adapters
+    # and AdamW's two moments (their gradients freed after training)
+    assert lo.gathering == 2 * n + 4 * lora + 2 * shard + 2 * VOCAB_PADDED + (4 + 8) * -(-lora // 2)
+    assert lo.peak == lo.gathering and lo.peak_phase == "gathering"
+    for row in (full, lo, gallop, compact):
+        held = row.weights + row.activations
+        assert row.phases == {"estimation": held + row.estimation, "training": held + row.training,
+                              "gathering": row.gathering, "evaluation": row.evaluation}
+        assert row.peak == max(row.phases.values())
+    assert "| gathering |" in markdown([lo]) and "peak in" in markdown([lo])
+
+
+def test_preflight_refuses_a_run_whose_gathering_does_not_fit(monkeypatch):
+    """Under FSDP2 a budget that holds LoRA's training phase but not the reloaded whole model is refused,
+    and the message names the phase; the plan per GPU says where the peak is."""
+    from gallop_kernels.errors import GallopError
+    from gallop_kernels.finetune import plan
+    from gallop_kernels.finetune.train import TrainConfig
+
+    cfg, dtype, cpu = _tiny_config(), torch.bfloat16, torch.device("cpu")
+    run = TrainConfig(lora_rank=8, batch_size=2, max_len=2)
+    row = plan.plan_row(cfg, "lora", run, dtype, world_size=2)
+    training = max(row.phases["training"], row.phases["estimation"])
+    assert training < row.gathering == row.peak
+    with pytest.raises(GallopError, match=r"does not fit on cpu: .*gathering the adapters .*; peak in gathering"):
+        plan.preflight(cfg, "lora", run, dtype, cpu, budget=training, world_size=2)
+    assert "(peak in gathering)" in plan.preflight(cfg, "lora", run, dtype, cpu, budget=row.peak, world_size=2)
+
+
 def test_fsdp2_plan_where_the_head_outweighs_the_layers():
     """A 1001-token vocabulary (1002 rows padded) over 2 small layers (2,592 weights, even rows):
     the peaks fall on the embedding and the head; offloaded estimation holds the head's output shard."""
@@ -368,8 +419,12 @@ def test_llama3_8b_whole_run_fits_in_lora_plus_ten_percent(world_size):
     config = preset_config("llama3-8b")
     shape = dict(dtype=torch.bfloat16, batch_size=4, seq_len=512, gradient_checkpointing=True, world_size=world_size)
     _, lora, _, compact = memory_plan(config, offload_grads=True, **shape)
+    # the training phases; under FSDP2 LoRA's whole run peaks when its adapters are gathered into a whole copy
+    trained = lambda row: max(row.phases["estimation"], row.phases["training"])  # noqa: E731
     assert compact.peak <= 1.10 * lora.peak, (compact.peak / 2**30, lora.peak / 2**30)
-    assert memory_plan(config, **shape)[3].peak > 1.2 * lora.peak
+    assert trained(compact) <= 1.10 * trained(lora)
+    assert trained(memory_plan(config, **shape)[3]) > 1.2 * trained(lora)
+    assert (compact.peak_phase, lora.peak_phase) == ("training", "gathering" if world_size > 1 else "training")
 
 
 def test_plan_command_options_for_offload_and_world_size(capsys):

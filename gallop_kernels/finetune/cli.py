@@ -521,7 +521,7 @@ def cmd_finetune(args) -> None:
             return
         info = {"base": report["model"], "task": report["task"], "criterion": args.criterion,
                 "rho": train_cfg.rho, "eps": train_cfg.eps, "seed": train_cfg.seed, "dtype": report["dtype"]}
-        delta = make_delta(job.model, result.selection, result.base_values, info)
+        delta = make_delta(job.model, result.selection, result.base_values, info, result.tuned_values)
         with out.writing("delta.safetensors") as path:
             report["delta_bytes"] = save_delta(path, delta)
         report["delta_exact_weights"] = sum(int(t.exact_at.numel()) for t in delta.tensors.values())

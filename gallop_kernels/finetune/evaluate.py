@@ -96,26 +96,34 @@ def generate_replies(model, tokenizer, examples: list[Example], *, batch_size: i
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     replies = {}
     pad = tokenizer.pad_token_id
-    chunks = _my_batches(order, batch_size)
-    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="question", disable=not progress, leave=False)
-    for chunk in chunks:
+    sharded = parallel.is_sharded(model)
+    chunks = _my_batches(order, batch_size, lockstep=sharded)
+    bar = tqdm(total=sum(len(c) for c, keep in chunks if keep), desc=desc, unit="question", disable=not progress,
+               leave=False)
+    for chunk, keep in chunks:
         input_ids, mask = (t.to(device) for t in _left_pad([ids[i] for i in chunk], pad))
+        # sharded: every forward is a collective, so every rank steps until the last one's batch is done
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=BEAMS[decode], pad_token_id=pad)
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-        replies.update(zip(chunk, texts))
-        bar.update(len(chunk))
+                             do_sample=False, num_beams=BEAMS[decode], pad_token_id=pad, synced_gpus=sharded)
+        if keep:
+            texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+            replies.update(zip(chunk, texts))
+            bar.update(len(chunk))
     bar.close()
     replies = parallel.merge(replies)
     return [replies[i] for i in range(len(ids))]
 
 
-def _my_batches(order: list[int], batch_size: int) -> list[list[int]]:
-    """This rank's batches of ``order`` (every world-th; all of them in one process). Batches are cut
-    the same way whatever the number of ranks, so each question is scored in the same batch as in
-    one process and gets the same answer."""
+def _my_batches(order: list[int], batch_size: int, lockstep: bool = False) -> list[tuple[list[int], bool]]:
+    """This rank's batches of ``order`` (every world-th; all of them in one process), each with whether
+    its results are kept. Batches are cut the same way whatever the number of ranks, so each question
+    is scored in the same batch as in one process and gets the same answer. With ``lockstep`` (a
+    sharded model: each forward is a collective) every rank runs as many batches: a rank short of one
+    repeats the first batch, its results dropped."""
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    return [batches[b] for b in parallel.mine(len(batches))]
+    mine = [(batches[b], True) for b in parallel.mine(len(batches))]
+    short = -(-len(batches) // parallel.world()) - len(mine) if lockstep else 0  # 0 too without any batch
+    return mine + ([(batches[0], False)] * short if short else [])
 
 
 def accuracy_generate(model, tokenizer, examples: list[Example], *, extract: str = "protocol", **kw) -> dict:
@@ -142,9 +150,10 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         seqs.append(((c + t)[-max_len:], min(len(t), max_len - 1)))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = {}
-    chunks = _my_batches(order, batch_size)
-    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="choice", disable=not progress, leave=False)
-    for chunk in chunks:
+    chunks = _my_batches(order, batch_size, lockstep=parallel.is_sharded(model))
+    bar = tqdm(total=sum(len(c) for c, keep in chunks if keep), desc=desc, unit="choice", disable=not progress,
+               leave=False)
+    for chunk, keep in chunks:
         width = max(len(seqs[i][0]) for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -154,6 +163,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
             mask[row, :len(s)] = 1
         ids = ids.to(device)
         logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+        if not keep:  # a sharded model's lockstep batch
+            continue
         for row, i in enumerate(chunk):  # log-softmax at the continuation's positions only: no B x L x V float32 copy
             s, n_cont = seqs[i]
             pos = torch.arange(len(s) - n_cont, len(s), device=device)
@@ -195,9 +206,12 @@ def evaluate_tasks(model, tokenizer, tests: dict[str, list[Example]], modes=MODE
         "loglik": dict(target=target),
     }
     run = {"generate": accuracy_generate, "loglik": accuracy_loglik}
-    return {
+    results = {
         mode: {name: run[mode](model, tokenizer, exs, batch_size=batch_size, progress=progress,
                                desc=f"{mode} {name}", **options[mode])
                for name, exs in tests.items()}
         for mode in modes
     }
+    if parallel.is_sharded(model):  # FSDP2 keeps the root's parameters gathered after a forward: shard them again
+        model.reshard()
+    return results

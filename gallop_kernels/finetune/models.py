@@ -204,7 +204,23 @@ def load(path: str | Path, dtype=None, device="cpu"):
     """(model in eval mode on ``device``, tokenizer) from a checkpoint folder or hub id, float32 unless ``dtype``
     (a torch dtype) says otherwise; the tokenizer pads on the left for generation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    with _hub_access(path) as note:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_one_line(e)}{note}") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint folder or hub id, padding on the left for generation (the eos token
+    pads when it names no pad token)."""
+    from transformers import AutoTokenizer
 
     with _hub_access(path) as note:
         try:
@@ -212,16 +228,28 @@ def load(path: str | Path, dtype=None, device="cpu"):
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the tokenizer of {str(path)!r}{_no_tokenizer_files(path)}: "
                              f"{_one_line(e)}{note}") from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load a causal LM from {str(path)!r}: {_one_line(e)}{note}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return tokenizer
+
+
+def safetensors_files(path: str | Path) -> dict[str, Path]:
+    """{tensor name: the file that holds it} of the safetensors checkpoint in the folder ``path``
+    (one ``model.safetensors`` or the files a ``model.safetensors.index.json`` maps); ModelError
+    when ``path`` is not a folder with one."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ModelError(f"--parallel fsdp reads each rank's shard from a local folder's safetensors checkpoint, "
+                     f"and {str(path)!r} has no model.safetensors or model.safetensors.index.json "
+                     f"(download a hub model into a folder first, or use --parallel ddp)")
 
 
 def _no_tokenizer_files(path: Path | str) -> str:

@@ -5,8 +5,10 @@ the CPU, NCCL with one GPU per rank). Training is sharded with FSDP2 (:func:`sha
 fsdp``, the default), data-parallel with DDP (:func:`data_parallel`), or replicated (``none``);
 the first two give each rank its rows of every batch (:func:`my_rows`). The evaluation, the
 slowest stage, gives each rank every world-th batch of questions and gathers the answers, so the
-accuracies are those of one process; after FSDP2 training it runs on a plain copy of the tuned
-model on every rank (:func:`unshard_into`). Only rank 0 prints and writes the output folder.
+accuracies are those of one process. Under FSDP2 the model is loaded into its shards
+(:func:`load_sharded`) and evaluated sharded, the ranks in lockstep; LoRA's model is loaded whole
+and, after training, its adapters are gathered into a plain copy (:func:`unshard_into`) to merge.
+Only rank 0 prints and writes the output folder.
 Torch is imported only on use, so the command line stays fast.
 """
 
@@ -217,6 +219,13 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are DTensor shards (FSDP2)."""
+    from ..distributed import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 def decoder_layers(model) -> list:
     """The decoder layers of a Hugging Face ``model`` (the classes its ``_no_split_modules`` names),
     innermost first; GallopError when it names none, since FSDP2 would then gather the whole model."""
@@ -229,10 +238,11 @@ def decoder_layers(model) -> list:
     return layers[::-1]  # modules() lists outer before inner; FSDP2 wraps from the inside out
 
 
-def shard(model):
+def shard(model, device_type: str | None = None):
     """``model`` sharded in place with FSDP2 over a 1-D mesh of all ranks: one group per decoder layer,
     the input embedding and the output head one each when they are not tied (tied, they stay in the
-    root's group with the rest), then the root. Returns ``model``."""
+    root's group with the rest), then the root. The mesh is on ``device_type`` (default: where the
+    parameters are; a model on the meta device must name it). Returns ``model``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -241,11 +251,91 @@ def shard(model):
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     ends = [] if tied else [m for m in (embed, head) if m is not None]
-    mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
+    mesh = init_device_mesh(device_type or next(model.parameters()).device.type, (world(),))
     for module in [*layers, *ends]:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def load_sharded(path, dtype, device):
+    """The causal LM of the checkpoint folder ``path`` in ``dtype``, sharded as :func:`shard` shards it,
+    each rank's shards on ``device``: the weights are never whole on one device. The model is built
+    with its parameters on the meta device (buffers real, as the model's constructor makes them),
+    sharded, and each rank reads only its rows of every tensor from the safetensors files (memory
+    mapped), cast to ``dtype`` as ``models.load`` casts them; buffers the checkpoint holds come from it.
+    Tied weights stay tied. ModelError, before any weight is read, when the folder has no safetensors
+    checkpoint or lacks a parameter or holds it in another shape."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+
+    files = models.safetensors_files(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(models.load_config(path), dtype=dtype)
+    model.tie_weights()  # init_empty_weights puts a new meta Parameter where the constructor tied one
+    _check_checkpoint(model, files, path)
+    model.generation_config = _generation_config(path, model.generation_config)
+    buffers = dict(model.named_buffers())
+    saved = {n: _read(files, n) if n in files else b.clone() for n, b in buffers.items()}
+    shard(model, device.type)
+    model.to_empty(device=device)  # each rank's shards allocated, not filled; buffers too: refilled below
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[name])
+        _fill_shards(model, files)
+    model.eval()
+    return model
+
+
+def _check_checkpoint(model, files: dict, path) -> None:
+    """ModelError unless ``files`` ({tensor name: file}) holds every parameter of ``model`` in its shape."""
+    from safetensors import safe_open
+
+    from .models import ModelError
+
+    for name, p in model.named_parameters():  # tied weights are listed once, under the input embedding's name
+        if name not in files:
+            raise ModelError(f"the checkpoint in {str(path)!r} has no tensor {name!r}, a parameter of "
+                             f"{type(model).__name__}: --parallel fsdp loads tensors by the model's own names")
+        with safe_open(files[name], framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != tuple(p.shape):
+            raise ModelError(f"the checkpoint in {str(path)!r} holds {name!r} in shape {list(shape)}, "
+                             f"the model's parameter is {list(p.shape)}")
+
+
+def _generation_config(path, default):
+    """The generation config of the folder ``path`` (as ``from_pretrained`` reads it), else ``default``."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one made from the model config
+        return default
+
+
+def _read(files: dict, name: str, rows: slice = slice(None)):
+    """The rows ``rows`` of tensor ``name`` read from its safetensors file (only those rows: memory mapped)."""
+    from safetensors import safe_open
+
+    with safe_open(files[name], framework="pt") as f:
+        return f.get_slice(name)[rows]
+
+
+def _fill_shards(model, files: dict) -> None:
+    """Copy into each of this rank's parameter shards of the FSDP2-sharded ``model`` its rows read from
+    ``files``, cast to the shard's dtype by ``copy_`` (what ``from_pretrained``'s ``to(dtype)`` does)."""
+    from ..distributed import dtensor_group, local, shard_starts
+
+    params = list(model.named_parameters())
+    starts = shard_starts([p for _, p in params], dtensor_group([p for _, p in params]))
+    for (name, p), start in zip(params, starts):
+        shard = local(p)
+        row = start // (p.numel() // p.shape[0]) if p.shape[0] else 0
+        shard.copy_(_read(files, name, slice(row, row + shard.shape[0])))
 
 
 def unshard_into(sharded, plain):
@@ -263,11 +353,12 @@ def unshard_into(sharded, plain):
     return plain
 
 
-def full_selection(model, selection, values: dict) -> tuple[dict, dict]:
-    """({name: sorted flat indices into the full parameter, int64}, {name: ``values`` at them}) in host
-    memory, on every rank, from an FSDP2 ``selection`` of each rank's shards of ``model`` and ``values`` (per name, one
-    per local index; a name may be missing where a rank selected nothing); names nobody selected in
-    are left out, as a one-process selected_values leaves them."""
+def full_selection(model, selection, *values: dict) -> tuple[dict, ...]:
+    """({name: sorted flat indices into the full parameter, int64}, then per dict of ``values`` {name:
+    its values at them}) in host memory, on every rank, from an FSDP2 ``selection`` of each rank's
+    shards of ``model`` and ``values`` (per name, one per local index; a name may be missing where a
+    rank selected nothing); names nobody selected in are left out, as a one-process selected_values
+    leaves them."""
     import torch
 
     from ..distributed import GroupComm, local, shard_starts
@@ -275,13 +366,16 @@ def full_selection(model, selection, values: dict) -> tuple[dict, dict]:
     params = dict(model.named_parameters())
     names = list(selection.keys())
     comm = GroupComm()
-    indices, gathered = {}, {}
+    indices, gathered = {}, [{} for _ in values]
     for name, start in zip(names, shard_starts([params[n] for n in names], None)):
         shard = local(params[name])
         idx = comm.all_cat(selection[name].to(device=shard.device, dtype=torch.int64) + start)
-        mine = values.get(name, torch.empty(0, dtype=shard.dtype, device=shard.device))
-        vals = comm.all_cat(mine.to(shard.device))
+        order = torch.argsort(idx)  # the shards lie in rank order: already sorted, kept so by a stable rule
+        for into, per_name in zip(gathered, values):
+            mine = per_name.get(name, torch.empty(0, dtype=shard.dtype, device=shard.device))
+            vals = comm.all_cat(mine.to(shard.device))
+            if idx.numel():
+                into[name] = vals[order].cpu()  # host: only the delta needs them
         if idx.numel():
-            order = torch.argsort(idx)  # the shards lie in rank order: already sorted, kept so by a stable rule
-            indices[name], gathered[name] = idx[order].cpu(), vals[order].cpu()  # host: only the delta needs them
-    return indices, gathered
+            indices[name] = idx[order].cpu()
+    return indices, *gathered

@@ -170,15 +170,19 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     path = models.resolve(cfg.model, log)  # first; the other ranks find it converted
     job_data = load_job_data(id_task, data, cfg)
     train_cfg = with_epochs(train_cfg, len(job_data.train))  # a recipe's epochs, now that the examples are known
-    model, tokenizer = models.load(path, dtype, device)
+    if sharded_run(method, train_cfg):  # each rank reads its shards: the model is never whole on one device
+        model, tokenizer = parallel.load_sharded(path, dtype, device), models.load_tokenizer(path)
+    else:
+        model, tokenizer = models.load(path, dtype, device)
     weights = f"{sum(p.numel() for p in model.parameters()):,} weights, {str(dtype).removeprefix('torch.')} on {device}"
+    weights += f", read into the shards of {parallel.world()} ranks" if parallel.is_sharded(model) else ""
     clock.stage(f"loaded {path} ({weights}) "
                 f"and task {job_data.name} "
                 f"({len(job_data.train)} training examples; {len(job_data.tests)} tasks x {cfg.n_eval} test questions)",
                 f"next: evaluate the vanilla model, fine-tune ({train_cfg.steps} steps), evaluate the tuned model"
                 if vanilla is None else f"next: fine-tune ({train_cfg.steps} steps), evaluate")
-    if train_cfg.parallel == "fsdp":
-        parallel.decoder_layers(model)  # a model FSDP2 cannot shard by layers stops before the evaluation
+    if train_cfg.parallel == "fsdp" and not sharded_run(method, train_cfg):
+        parallel.decoder_layers(model)  # LoRA's whole model: one FSDP2 cannot shard by layers stops here
     eval_seconds = None
     saving = checkpoint.current()  # gallop finetune --save-every / --resume: a resumed run's results are saved
     if vanilla is None and saving is not None:
@@ -190,7 +194,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     if saving is not None:
         saving.vanilla = vanilla
     log(f"fine-tuning with {method}: {train_cfg.steps} steps of {train_cfg.batch_size}")
-    # under FSDP2 the tuned values are gathered into a fresh plain copy: evaluation holds the whole model per rank
+    # LoRA under FSDP2: the adapters are gathered into a fresh plain copy, evaluated whole on every rank
     model, result = finetune(model, tokenizer, job_data.train, method, train_cfg, log, cfg.progress,
                              plain=lambda: models.load(path, dtype, device)[0])
     result.seconds = clock.stage(f"fine-tuned with {method}",
@@ -221,6 +225,12 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
         "seconds": time.perf_counter() - clock.start,
     }
     return JobResult(report, model, tokenizer, result, vanilla)
+
+
+def sharded_run(method: str, train_cfg: TrainConfig) -> bool:
+    """Whether ``method`` loads, trains and is evaluated on FSDP2 shards (``parallel="fsdp"``, every method
+    but LoRA and DoRA, which peft wraps before the model is sharded)."""
+    return train_cfg.parallel == "fsdp" and method not in ("lora", "dora")
 
 
 def run_key(task: str, method: str, rho: float | None, seed: int) -> tuple:

@@ -152,13 +152,16 @@ def preflight(config, method: str, cfg: TrainConfig, dtype: torch.dtype, device:
         budget, source = device_budget(device)
     gib = lambda x: f"{x / GIB:.2f} GiB"  # noqa: E731
     host = f", estimation in host memory {gib(row.host_estimation)}" if row.host_estimation else ""
+    gathering = f", gathering the adapters {gib(row.gathering)}" if row.gathering else ""
     parts = f"weights {gib(row.weights)}, estimation {gib(row.estimation)}, training state {gib(row.training)}, " \
-            f"activations ~{gib(row.activations)}{host}"
+            f"activations ~{gib(row.activations)}{host}, evaluation {gib(row.evaluation)}{gathering}; " \
+            f"peak in {row.peak_phase}"
     need = needed(row, device)
     if budget is None:
         return f"memory check skipped ({source}); {row.method} plans {gib(need)} ({parts})"
     if need <= budget:
-        return f"memory plan: {row.method} needs ~{gib(need)} of {gib(budget)} ({source}) on {device.type}{host}"
+        return f"memory plan: {row.method} needs ~{gib(need)} (peak in {row.peak_phase}) of {gib(budget)} " \
+               f"({source}) on {device.type}{host}"
     fixes, tried = _fixes(config, method, cfg, dtype, device, budget, world_size, ranks)
     if fixes:
         hint = "it would fit with " + " or ".join(fixes)
@@ -273,8 +276,11 @@ def report(model: str, cfg: TrainConfig, device: torch.device, dtype: torch.dtyp
     rows = plan_rows(config, cfg, dtype, world_size)
     budget, source = device_budget(device)
     free = f"{budget / GIB:.2f} GiB ({source})" if budget is not None else f"unknown ({source})"
+    evaluated = "the sharded model (LoRA: whole)" if world_size > 1 else "the whole model"
+    gathering = "; gathering: LoRA's adapters gathered into a reloaded whole copy" if world_size > 1 else ""
     parts = [f"### memory plan: {model}, {dname}, {shape}\n", markdown(rows, title="method"),
-             f"\nactivations are an estimate (memory.activation_bytes); free on {device.type}: {free}"]
+             f"\nactivations are an estimate (memory.activation_bytes); evaluation: {evaluated} loaded and "
+             f"evaluated{gathering}; peak in: the phase that holds the peak; free on {device.type}: {free}"]
     if measure_steps:
         results = measure(config, device, dtype, cfg, measure_steps)
         parts += [f"\n### measured: {measure_steps} steps after a warm-up, random init, {device.type}, {dname}, {shape}\n",

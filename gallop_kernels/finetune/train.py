@@ -101,6 +101,9 @@ class TrainResult:
     """How many selected weights were exactly 0 in the base model (sparse methods)."""
     base_values: dict | None = None
     """The selected weights' values before training (sparse methods): what a delta is the difference from."""
+    tuned_values: dict | None = None
+    """Under ``parallel="fsdp"`` (sparse methods): the selected weights' values after training, gathered from
+    every rank's shards, since the tuned model stays sharded (delta.make_delta's ``tuned_values``)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -190,7 +193,8 @@ def checkpointing(model, on: bool) -> None:
 def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg: TrainConfig, log=print,
                progress: bool = True, desc: str = "train",
                after_step: Callable[[], object] | None = None) -> list[float]:
-    """Train for one step per batch with the shared schedule; returns the loss of every step.
+    """Train for one step per batch with the shared schedule; returns the loss of every step. The
+    gradients are freed at the end.
 
     ``after_step`` runs after every optimizer step, while the step's gradients are still there."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, len(batches)))
@@ -222,6 +226,7 @@ def train_loop(model, opt, clip: Callable[[], object], batches: list[dict], cfg:
         saving.release()
     if cfg.gradient_checkpointing:
         checkpointing(model, False)
+    model.zero_grad(set_to_none=True)  # the last step's gradients: not kept through the evaluation
     model.eval()
     return losses
 
@@ -297,11 +302,13 @@ def _train_selected(model, batches, grad_batches, method, cfg, log, progress) ->
     opt.remove_hooks()
     # what the delta covers: the selection, or every weight trained (gallop re-selection), the final set (spiel)
     trained, trained_base = (sel, base) if resel is None else (resel.trained, resel.base_values)
-    if cfg.parallel == "fsdp":  # each rank's shards, gathered into host memory once training is over
-        trained, trained_base = parallel.full_selection(model, trained, trained_base)
     result = TrainResult(method, losses, n_selected, selection=trained, selected_zero=zeros, base_values=trained_base)
     if resel is not None:
         result.extra["reselections"] = [_whole_model(h, cfg) for h in resel.history]  # a resumed run's too
+    if cfg.parallel == "fsdp":  # each rank's shards, gathered into host memory once training is over; the
+        # tuned model stays sharded, so the delta's tuned values are gathered with them
+        result.selection, result.base_values, result.tuned_values = parallel.full_selection(
+            model, trained, trained_base, selected_values(model, trained))
     return result
 
 
@@ -420,14 +427,9 @@ def train_lora(model, batches: list[dict], cfg: TrainConfig, log=print, progress
 
 
 def _sharded(model, cfg: TrainConfig):
-    """``model`` sharded with FSDP2 (parallel.shard) under ``parallel="fsdp"``, else ``model``."""
-    return parallel.shard(model) if cfg.parallel == "fsdp" else model
-
-
-def _gathered(model, cfg: TrainConfig, plain: Callable[[], torch.nn.Module] | None):
-    """Under ``parallel="fsdp"``: ``plain()`` (a fresh copy of the base model) holding the sharded ``model``'s
-    full values, on every rank, for the evaluation; else ``model``."""
-    return parallel.unshard_into(model, plain()) if cfg.parallel == "fsdp" else model
+    """``model`` sharded with FSDP2 (parallel.shard) under ``parallel="fsdp"`` unless it is already
+    (parallel.load_sharded), else ``model``."""
+    return parallel.shard(model) if cfg.parallel == "fsdp" and not parallel.is_sharded(model) else model
 
 
 def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConfig, log=print, progress: bool = True,
@@ -436,13 +438,15 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
 
     The gradient of the sparse criteria is estimated on the first ``grad_fraction``
     of the training examples, in batches of ``batch_size``. Under ``cfg.parallel="fsdp"``
-    ``model`` is sharded for training and ``plain`` (required there) returns a fresh copy of the
-    base model, not sharded: the tuned model returned is that copy with the tuned values, whole
-    on every rank. The TrainResult's selection and base values are then the whole model's, as
-    {name: tensor} in host memory (gathered after training).
+    ``model`` is sharded for training (unless parallel.load_sharded sharded it already) and the
+    tuned model returned is the sharded one; the TrainResult's selection, base and tuned values are
+    then the whole model's, as {name: tensor} in host memory (gathered after training). LoRA and
+    DoRA there train a whole ``model`` sharded after peft wraps it, and ``plain`` (required for
+    them) returns a fresh copy of the base model, not sharded: the tuned model returned is that copy
+    with the adapters gathered and merged, whole on every rank.
     """
-    if cfg.parallel == "fsdp" and plain is None:
-        raise ValueError("parallel='fsdp' needs plain: a function that loads the base model again")
+    if cfg.parallel == "fsdp" and method in ("lora", "dora") and plain is None:
+        raise ValueError("parallel='fsdp' with lora or dora needs plain: a function that loads the base model again")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if cfg.target not in TARGETS:
@@ -471,4 +475,4 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
         grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
                                     cfg.max_len, cfg.seed + 1, cfg.target)
         result = train_sparse(model, batches, grad_batches, method, cfg, log, progress)
-    return _gathered(model, cfg, plain), result
+    return model, result
