@@ -666,6 +666,28 @@ def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
         parallel.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+@needs_data
+def test_ddp_without_a_gradient_batch_per_rank_is_refused_before_the_model_loads(monkeypatch):
+    """--parallel ddp deals the gradient batches whole: fewer batches than ranks is one GallopError, found
+    by finetune_job before it loads the model (and so before the vanilla evaluation)."""
+    from gallop_kernels.finetune import parallel
+
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    ddp = train.TrainConfig(parallel="ddp", batch_size=4, grad_fraction=0.25)
+    with pytest.raises(GallopError, match=r"needs at least one gradient batch per rank \(2 ranks, 1 batches"):
+        train.check_split(ddp, "gallop", 16)  # 4 examples: one batch
+    train.check_split(ddp, "gallop", 32)  # two batches
+    for method in ("lora", "fft", "magnitude"):  # no gradient estimated
+        train.check_split(ddp, method, 16)
+    with pytest.raises(GallopError):
+        train.check_split(ddp, "spiel", 16)
+    train.check_split(train.TrainConfig(parallel="fsdp", batch_size=4, grad_fraction=0.25), "gallop", 16)  # rows split
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    job = pipeline.JobConfig(n_train=16, n_eval=1, eval_tasks=["piqa"], modes=("loglik",), progress=False)
+    with pytest.raises(GallopError, match="needs at least one gradient batch per rank"):
+        pipeline.finetune_job("piqa", None, "gallop", ddp, job, log=lambda *_: None)
+
+
 def test_process_group_backend_follows_the_device(monkeypatch):
     """Under torchrun NCCL only when the run uses a GPU that torch sees: --device cpu on a GPU machine
     joins gloo (NCCL cannot reduce the CPU tensors of a CPU run)."""

@@ -158,7 +158,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     """
     from . import checkpoint
     from .choices import BASELINES
-    from .train import finetune, with_epochs
+    from .train import check_split, finetune, with_epochs
 
     clock = Clock(log)
     device, dtype = models.resolve_device(cfg.device, cfg.dtype)
@@ -170,6 +170,7 @@ def finetune_job(id_task: str, data: str | None, method: str, train_cfg: TrainCo
     path = models.resolve(cfg.model, log)  # first; the other ranks find it converted
     job_data = load_job_data(id_task, data, cfg)
     train_cfg = with_epochs(train_cfg, len(job_data.train))  # a recipe's epochs, now that the examples are known
+    check_split(train_cfg, method, len(job_data.train))  # before the model loads and the vanilla evaluation
     if sharded_run(method, train_cfg):  # each rank reads its shards: the model is never whole on one device
         model, tokenizer = parallel.load_sharded(path, dtype, device), models.load_tokenizer(path)
     else:

@@ -352,6 +352,22 @@ def _log_reselection(h: dict, log) -> None:
         f"({h['added']:,} in, {h['dropped']:,} out), {h['seconds']:.2f} s")
 
 
+def grad_examples(cfg: TrainConfig, n_examples: int) -> int:
+    """How many of ``n_examples`` training examples the mean gradient is estimated on (d_s of them, at least 1)."""
+    return max(1, round(cfg.grad_fraction * n_examples))
+
+
+def check_split(cfg: TrainConfig, method: str, n_examples: int) -> None:
+    """GallopError, before any slow work, when ``parallel="ddp"`` would leave a rank without a batch of
+    the gradient estimation (it deals the batches whole to the ranks); the same test on every rank."""
+    if cfg.parallel != "ddp" or method not in GRADIENT_CRITERIA and method != "spiel":
+        return
+    batches = math.ceil(grad_examples(cfg, n_examples) / cfg.batch_size)
+    if batches < parallel.world():
+        raise GallopError(f"--parallel ddp needs at least one gradient batch per rank ({parallel.world()} ranks, "
+                          f"{batches} batches of --batch-size {cfg.batch_size}): raise --grad-fraction or --n-train")
+
+
 def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: bool) -> dict[str, torch.Tensor]:
     """estimate_gradients over ``grad_batches``; under ``parallel="ddp"`` each rank takes every world-th
     batch and the ranks' means are averaged, weighted by their batch counts; under ``"fsdp"`` each rank
@@ -365,9 +381,6 @@ def _mean_gradient(model, grad_batches: list[dict], cfg: TrainConfig, progress: 
     if cfg.parallel != "ddp":
         return estimate_gradients(model, grad_batches, accum_dtype=accum_dtype(cfg.grad_accum_dtype),
                                   offload=cfg.offload_grads, progress=progress)
-    if len(grad_batches) < parallel.world():  # the same test on every rank: they all stop
-        raise GallopError(f"--parallel ddp needs at least one gradient batch per rank ({parallel.world()} ranks, "
-                          f"{len(grad_batches)} batches): raise --grad-fraction or --n-train")
     mine = [grad_batches[i] for i in parallel.mine(len(grad_batches))]
     grads = estimate_gradients(model, mine, accum_dtype=accum_dtype(cfg.grad_accum_dtype), offload=cfg.offload_grads,
                                progress=progress)
@@ -463,6 +476,7 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
         raise ValueError(f"reselect_every={cfg.reselect_every} needs method 'gallop', compact_grads=False and "
                          f"1 <= reselect_batches <= reselect_every; got method {method!r}, compact_grads="
                          f"{cfg.compact_grads}, reselect_batches={cfg.reselect_batches}")
+    check_split(cfg, method, len(train))
     torch.manual_seed(cfg.seed)  # LoRA's adapter init; the data order has its own seeded RNG
     batches = make_batches(tokenizer, train, cfg.batch_size, cfg.steps, cfg.max_len, cfg.seed, cfg.target)
     if method in ("lora", "dora"):
@@ -471,7 +485,7 @@ def finetune(model, tokenizer, train: list[Example], method: str, cfg: TrainConf
     if method == "fft":
         result = train_full(model, batches, cfg, log, progress)
     else:
-        n_grad = max(1, round(cfg.grad_fraction * len(train)))
+        n_grad = grad_examples(cfg, len(train))
         grad_batches = make_batches(tokenizer, train[:n_grad], cfg.batch_size, math.ceil(n_grad / cfg.batch_size),
                                     cfg.max_len, cfg.seed + 1, cfg.target)
         result = train_sparse(model, batches, grad_batches, method, cfg, log, progress)
