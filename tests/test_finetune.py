@@ -669,7 +669,8 @@ def test_fsdp_finds_the_decoder_layers_or_refuses_the_model():
 @needs_data
 def test_ddp_without_a_gradient_batch_per_rank_is_refused_before_the_model_loads(monkeypatch):
     """--parallel ddp deals the gradient batches whole: fewer batches than ranks is one GallopError, found
-    by finetune_job before it loads the model (and so before the vanilla evaluation)."""
+    by finetune_job before it loads the model (and so before the vanilla evaluation); fsdp and ddp need a
+    row per rank of each batch, checked before the data is known."""
     from gallop_kernels.finetune import parallel
 
     monkeypatch.setattr(parallel, "world", lambda: 2)
@@ -682,6 +683,10 @@ def test_ddp_without_a_gradient_batch_per_rank_is_refused_before_the_model_loads
     with pytest.raises(GallopError):
         train.check_split(ddp, "spiel", 16)
     train.check_split(train.TrainConfig(parallel="fsdp", batch_size=4, grad_fraction=0.25), "gallop", 16)  # rows split
+    for mode in ("fsdp", "ddp"):  # every rank a row of each batch, whatever the method, before the data is known
+        with pytest.raises(GallopError, match=rf"--parallel {mode} splits each batch .* --batch-size \(1\) must be"):
+            train.check_split(train.TrainConfig(parallel=mode, batch_size=1), "lora")
+    train.check_split(train.TrainConfig(parallel="none", batch_size=1), "gallop", 1)
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     job = pipeline.JobConfig(n_train=16, n_eval=1, eval_tasks=["piqa"], modes=("loglik",), progress=False)
     with pytest.raises(GallopError, match="needs at least one gradient batch per rank"):

@@ -311,7 +311,7 @@ def _preset_train(args, method: str | None = None) -> dict:
 
 
 def _train_config(args, method: str, rho: float | None, seed: int):
-    from .train import TrainConfig
+    from .train import TrainConfig, check_split
 
     given = _given(steps=args.steps, batch_size=args.batch_size, grad_fraction=args.grad_fraction, eps=args.eps,
                    max_len=args.max_len, lora_rank=args.lora_rank, rho=rho, grad_accum_dtype=args.grad_accum_dtype,
@@ -329,7 +329,7 @@ def _train_config(args, method: str, rho: float | None, seed: int):
     cfg = TrainConfig(**{**preset, **given}, lr=lr, seed=seed, compact_grads=args.compact_grads,
                       gradient_checkpointing=args.gradient_checkpointing, offload_grads=args.offload_grads == "on",
                       parallel=_parallel_mode(args))
-    _check_split(cfg)
+    check_split(cfg, method)  # every rank a row of each batch; ddp's gradient batches once the data is loaded
     return cfg
 
 
@@ -345,15 +345,6 @@ def _parallel_mode(args) -> str:
         raise UsageError("--compact-grads does not work with --parallel ddp yet (DDP averages .grad after the "
                          "compacting hooks ran): use --parallel fsdp, or drop --compact-grads")
     return mode
-
-
-def _check_split(cfg) -> None:
-    """UsageError when --parallel fsdp or ddp cannot give every rank a row of each batch."""
-    from . import parallel
-
-    if cfg.parallel != "none" and cfg.batch_size < parallel.world():
-        raise UsageError(f"--parallel {cfg.parallel} splits each batch across the ranks: --batch-size "
-                         f"({cfg.batch_size}) must be at least the number of ranks ({parallel.world()})")
 
 
 def _model(args) -> str:

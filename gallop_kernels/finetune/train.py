@@ -357,10 +357,17 @@ def grad_examples(cfg: TrainConfig, n_examples: int) -> int:
     return max(1, round(cfg.grad_fraction * n_examples))
 
 
-def check_split(cfg: TrainConfig, method: str, n_examples: int) -> None:
-    """GallopError, before any slow work, when ``parallel="ddp"`` would leave a rank without a batch of
-    the gradient estimation (it deals the batches whole to the ranks); the same test on every rank."""
-    if cfg.parallel != "ddp" or method not in GRADIENT_CRITERIA and method != "spiel":
+def check_split(cfg: TrainConfig, method: str, n_examples: int | None = None) -> None:
+    """GallopError, before any slow work, when ``parallel="fsdp"`` or ``"ddp"`` cannot give every rank its
+    share: a row of each batch (training's and the gradient estimation's have ``batch_size`` rows each),
+    and under ddp, which deals the gradient estimation's batches whole, one of those batches (checked
+    once ``n_examples``, the training examples, is known). The same test on every rank: they all stop."""
+    if cfg.parallel == "none":
+        return
+    if cfg.batch_size < parallel.world():
+        raise GallopError(f"--parallel {cfg.parallel} splits each batch across the ranks: --batch-size "
+                          f"({cfg.batch_size}) must be at least the number of ranks ({parallel.world()})")
+    if n_examples is None or cfg.parallel != "ddp" or method not in GRADIENT_CRITERIA and method != "spiel":
         return
     batches = math.ceil(grad_examples(cfg, n_examples) / cfg.batch_size)
     if batches < parallel.world():
