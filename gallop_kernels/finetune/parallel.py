@@ -274,35 +274,44 @@ def load_sharded(path, dtype, device):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(models.load_config(path), dtype=dtype)
     model.tie_weights()  # init_empty_weights puts a new meta Parameter where the constructor tied one
-    _check_checkpoint(model, files, path)
-    model.generation_config = _generation_config(path, model.generation_config)
-    buffers = dict(model.named_buffers())
-    saved = {n: _read(files, n) if n in files else b.clone() for n, b in buffers.items()}
-    shard(model, device.type)
-    model.to_empty(device=device)  # each rank's shards allocated, not filled; buffers too: refilled below
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(saved[name])
-        _fill_shards(model, files)
+    with _slices(files) as slices:
+        _check_checkpoint(model, slices, path)
+        model.generation_config = _generation_config(path, model.generation_config)
+        buffers = dict(model.named_buffers())
+        saved = {n: slices[n][:] if n in slices else b.clone() for n, b in buffers.items()}
+        shard(model, device.type)
+        model.to_empty(device=device)  # each rank's shards allocated, not filled; buffers too: refilled below
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+            _fill_shards(model, slices)
     model.eval()
     return model
 
 
-def _check_checkpoint(model, files: dict, path) -> None:
-    """ModelError unless ``files`` ({tensor name: file}) holds every parameter of ``model`` in its shape."""
-    from safetensors import safe_open
-
+def _check_checkpoint(model, slices: dict, path) -> None:
+    """ModelError unless ``slices`` (:func:`_slices`) holds every parameter of ``model`` in its shape."""
     from .models import ModelError
 
     for name, p in model.named_parameters():  # tied weights are listed once, under the input embedding's name
-        if name not in files:
+        if name not in slices:
             raise ModelError(f"the checkpoint in {str(path)!r} has no tensor {name!r}, a parameter of "
                              f"{type(model).__name__}: --parallel fsdp loads tensors by the model's own names")
-        with safe_open(files[name], framework="pt") as f:
-            shape = tuple(f.get_slice(name).get_shape())
+        shape = tuple(slices[name].get_shape())
         if shape != tuple(p.shape):
             raise ModelError(f"the checkpoint in {str(path)!r} holds {name!r} in shape {list(shape)}, "
                              f"the model's parameter is {list(p.shape)}")
+
+
+@contextlib.contextmanager
+def _slices(files: dict) -> Iterator[dict]:
+    """{tensor name: its safetensors slice} for ``files`` ({tensor name: file}), each file opened once
+    (memory mapped): indexing a slice reads only those rows."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        opened = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
+        yield {name: opened[f].get_slice(name) for name, f in files.items()}
 
 
 def _generation_config(path, default):
@@ -315,17 +324,10 @@ def _generation_config(path, default):
         return default
 
 
-def _read(files: dict, name: str, rows: slice = slice(None)):
-    """The rows ``rows`` of tensor ``name`` read from its safetensors file (only those rows: memory mapped)."""
-    from safetensors import safe_open
-
-    with safe_open(files[name], framework="pt") as f:
-        return f.get_slice(name)[rows]
-
-
-def _fill_shards(model, files: dict) -> None:
+def _fill_shards(model, slices: dict) -> None:
     """Copy into each of this rank's parameter shards of the FSDP2-sharded ``model`` its rows read from
-    ``files``, cast to the shard's dtype by ``copy_`` (what ``from_pretrained``'s ``to(dtype)`` does)."""
+    ``slices`` (:func:`_slices`), cast to the shard's dtype by ``copy_`` (what ``from_pretrained``'s
+    ``to(dtype)`` does)."""
     from ..distributed import dtensor_group, local, shard_starts
 
     params = list(model.named_parameters())
@@ -333,7 +335,7 @@ def _fill_shards(model, files: dict) -> None:
     for (name, p), start in zip(params, starts):
         shard = local(p)
         row = start // (p.numel() // p.shape[0]) if p.shape[0] else 0
-        shard.copy_(_read(files, name, slice(row, row + shard.shape[0])))
+        shard.copy_(slices[name][row:row + shard.shape[0]])
 
 
 def unshard_into(sharded, plain):
