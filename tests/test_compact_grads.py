@@ -162,25 +162,34 @@ def _amp_run(compact: bool):
     return model, opt, scaler, torch.Generator().manual_seed(4)
 
 
+def _amp_steps(compact: bool, step) -> tuple[list, list[torch.Tensor]]:
+    """Six steps of :func:`_amp_run` (step 2's loss overflows): after each scaled backward,
+    ``step(model, opt, scaler)`` steps and returns what to record. Checks that the overflow step was
+    skipped; returns (the records, the final weights)."""
+    model, opt, scaler, gen = _amp_run(compact)
+    records = []
+    for i in range(6):
+        loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
+        scaler.scale(loss).backward()
+        records.append(step(model, opt, scaler))
+    assert all(float(st["step"]) == 5 for st in opt.state.values()), "the overflow step was not skipped"
+    return records, [p.detach().clone() for p in model.parameters()]
+
+
 def test_grad_scaler_dense_and_compact_agree():
     """torch.amp.GradScaler drives SparseAdamW through grad_scale/found_inf; with compact
     gradients through opt.amp_step(scaler). An overflow step is skipped in both."""
-    out = {}
-    for compact in (False, True):
-        model, opt, scaler, gen = _amp_run(compact)
-        scales = []
-        for i in range(6):
-            loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
-            scaler.scale(loss).backward()
-            if compact:
-                opt.amp_step(scaler)  # steps and updates the scale
-            else:
-                scaler.step(opt)
-                scaler.update()
-            scales.append(scaler.get_scale())
-            opt.zero_grad()
-        assert all(float(st["step"]) == 5 for st in opt.state.values()), "the overflow step was not skipped"
-        out[compact] = scales, [p.detach().clone() for p in model.parameters()]
+
+    def step(model, opt, scaler):
+        if opt._compact is not None:
+            opt.amp_step(scaler)  # steps and updates the scale
+        else:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        return scaler.get_scale()
+
+    out = {compact: _amp_steps(compact, step) for compact in (False, True)}
     assert out[False][0] == out[True][0] and out[False][0][2] < out[False][0][1]
     for p, q in zip(out[False][1], out[True][1]):
         assert torch.equal(p, q)
@@ -274,21 +283,17 @@ def test_torch_clip_grad_norm_clips_the_compact_grads(foreach):
 def test_grad_scaler_unscale_and_step_see_compact_grads():
     """Trainer's fp16 path: scaler.unscale_(opt), torch clip, scaler.step(opt), scaler.update() with
     compact gradients equals the same calls with dense ones, overflow step skipped in both."""
-    out = {}
-    for compact in (False, True):
-        model, opt, scaler, gen = _amp_run(compact)
-        norms = []
-        for i in range(6):
-            loss = model(torch.randn(4, 32, generator=gen)).pow(2).mean() * (1e38 if i == 2 else 1.0)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            norms.append(float(opt.clip_grad_norm_(10.0) if not compact else
-                               torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)))
-            scaler.step(opt)
-            scaler.update()
-            model.zero_grad()
-        assert all(float(st["step"]) == 5 for st in opt.state.values()), "the overflow step was not skipped"
-        out[compact] = norms, [p.detach().clone() for p in model.parameters()]
+
+    def step(model, opt, scaler):
+        scaler.unscale_(opt)
+        norm = float(opt.clip_grad_norm_(10.0) if opt._compact is None else
+                     torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0))
+        scaler.step(opt)
+        scaler.update()
+        model.zero_grad()
+        return norm
+
+    out = {compact: _amp_steps(compact, step) for compact in (False, True)}
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0, equal_nan=True)  # step 2 overflows
     for p, q in zip(out[False][1], out[True][1]):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
